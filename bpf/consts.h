@@ -1,0 +1,109 @@
+/* Constants shared by the data path and, through hyperplane/verdicts.py, by Python.
+ * Keep in sync: hyperplane/verdicts.py mirrors every enum here (a unit test checks). */
+#ifndef HP_CONSTS_H
+#define HP_CONSTS_H
+
+/* Sizes: the loader overrides these with -D flags (hyperplane/loader.py). */
+#ifndef HP_MAX_FLOWS
+#define HP_MAX_FLOWS 262144        /* flow table entries (two per flow) */
+#endif
+#ifndef HP_MAX_RESERVATIONS
+#define HP_MAX_RESERVATIONS 131072 /* NAT port reservations (one per NAT flow) */
+#endif
+#ifndef HP_MAX_GATEWAYS
+#define HP_MAX_GATEWAYS 16         /* NAT gateways per node */
+#endif
+#ifndef HP_MAX_NAT_IPS
+#define HP_MAX_NAT_IPS 8           /* public IPs per gateway (AWS: up to 8) */
+#endif
+#ifndef HP_MAX_INSIDE_PREFIXES
+#define HP_MAX_INSIDE_PREFIXES 256 /* inside CIDRs over all gateways */
+#endif
+#ifndef HP_PORT_PROBES
+#define HP_PORT_PROBES 32          /* candidates tried per new NAT flow */
+#endif
+#ifndef HP_MAX_FRAGS
+#define HP_MAX_FRAGS 4096          /* UDP datagrams in flight as fragments */
+#endif
+#ifndef HP_RINGBUF_PAGES
+#define HP_RINGBUF_PAGES 256       /* flow event ring buffer, in pages */
+#endif
+#ifndef HP_MAX_LISTENERS
+#define HP_MAX_LISTENERS 64        /* NLB listeners per node */
+#endif
+#ifndef HP_MAGLEV_SIZE
+#define HP_MAGLEV_SIZE 65537       /* Maglev table entries per listener (prime) */
+#endif
+#ifndef HP_MAX_TARGETS
+#define HP_MAX_TARGETS 1024        /* NLB targets per node */
+#endif
+#ifndef HP_MAX_LBS
+#define HP_MAX_LBS 16              /* load balancers per node */
+#endif
+
+/* Verdicts: every packet ends in exactly one (invariant 2). Keep in sync: verdicts.py */
+enum hp_verdict {
+	V_TX_NAT_OUT = 0,        /* inside -> outside, source translated, redirected */
+	V_TX_NAT_IN = 1,         /* reply to a NAT IP, destination translated back */
+	V_TX_NLB_IN = 2,         /* client -> listener, destination set to a target */
+	V_TX_NLB_OUT = 3,        /* target -> client, source set back to the listener */
+	V_TX_ICMP_ERROR = 4,     /* ICMP error about a known flow, outer+embedded translated */
+	V_TX_FRAGMENT = 5,       /* non-first UDP fragment of a translated datagram */
+	V_TX_RST = 6,            /* TCP from inside with no live flow: RST sent back */
+	V_PASS_NON_IP = 7,       /* ARP, IPv6 and other non-IPv4: to the kernel */
+	V_PASS_NO_RESOURCE = 8,  /* IPv4 not for any NAT gateway or listener: kernel */
+	V_PASS_LOCAL = 9,        /* ping to a NAT IP or VIP: the node answers */
+	V_PASS_TTL = 10,         /* TTL <= 1: kernel sends Time Exceeded (untranslated) */
+	V_PASS_FIB = 11,         /* route needs the kernel (no neighbour, MTU): untranslated */
+	V_DROP_MALFORMED = 12,   /* truncated or inconsistent header */
+	V_DROP_IP_OPTIONS = 13,  /* IPv4 header with options toward a resource */
+	V_DROP_FRAGMENT = 14,    /* TCP/ICMP fragment, or UDP fragment with no first part */
+	V_DROP_UNKNOWN_PROTO = 15, /* not TCP, UDP or ICMP, toward a resource */
+	V_DROP_NO_FLOW = 16,     /* to a NAT IP, no flow (and no owner to hand it to) */
+	V_DROP_PORT_ALLOC = 17,  /* no free NAT port for this destination */
+	V_DROP_TABLE_FULL = 18,  /* flow or reservation table refused an insert */
+	V_DROP_NO_ROUTE = 19,    /* FIB says unreachable / blackhole / prohibited */
+	V_DROP_ICMP_UNSUPPORTED = 20, /* ICMP type we do not translate */
+	V_DROP_NO_TARGET = 21,   /* listener has no target in its table */
+	V_DROP_NO_LISTENER = 22, /* to a VIP on a port/proto with no listener */
+	V_DROP_TCP_NOT_SYN = 23, /* to a listener, no flow, not a SYN */
+	V_MAX = 24,
+};
+
+/* Flow events on the ring buffer. Keep in sync: verdicts.py FlowEventType */
+enum hp_event_type {
+	EV_FLOW_CREATED = 1,
+	EV_FLOW_CLOSED = 2,      /* FIN both ways or RST */
+	EV_FLOW_EXPIRED = 3,     /* found idle past its timeout */
+};
+
+/* What a flow entry is for. Keep in sync: verdicts.py FlowKind */
+enum hp_flow_kind {
+	KIND_NAT_OUT = 1,        /* key is inside -> outside */
+	KIND_NAT_IN = 2,         /* key is outside -> NAT IP (reply direction) */
+	KIND_NLB_IN = 3,         /* key is client -> VIP */
+	KIND_NLB_OUT = 4,        /* key is target -> client (reply direction) */
+};
+
+/* TCP state of a flow (both entries carry it). Keep in sync: verdicts.py TcpState */
+enum hp_tcp_state {
+	TCP_S_NONE = 0,          /* UDP / ICMP */
+	TCP_S_SYN_SENT = 1,      /* SYN seen, no answer yet: half-open timeout */
+	TCP_S_ESTABLISHED = 2,   /* SYN-ACK seen */
+	TCP_S_FIN_WAIT = 3,      /* a FIN seen from one side */
+	TCP_S_CLOSED = 4,        /* FIN from both sides or RST: closing timeout */
+};
+
+/* Indexes into hp_config.timeout_s. Keep in sync: verdicts.py Timeout */
+enum hp_timeout {
+	TO_TCP_ESTABLISHED = 0,  /* 350 s (AWS NAT gateway / NLB idle timeout) */
+	TO_TCP_SYN = 1,          /* half-open */
+	TO_TCP_CLOSING = 2,      /* after FIN or RST */
+	TO_UDP = 3,
+	TO_ICMP = 4,
+	TO_MAX = 5,
+};
+
+#define HP_NSEC 1000000000ULL
+
+#endif

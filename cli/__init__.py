@@ -1,0 +1,1 @@
+"""hpctl: the command-line interface to hyperplane (installed from the cli/ folder)."""

@@ -1,0 +1,19 @@
+"""Errors that reach the user as one clear sentence (hpctl prints them without traceback)."""
+
+
+class HyperplaneError(Exception):
+    exit_status = 1
+
+
+class EnvironmentProblem(HyperplaneError):
+    """The machine lacks something (root, BPF, headers, bcc). The message says how to fix it."""
+    exit_status = 3
+
+
+class ConfigError(HyperplaneError):
+    """A bad flag, config file or value."""
+    exit_status = 2
+
+
+class NotFound(HyperplaneError):
+    exit_status = 4
