@@ -183,7 +183,8 @@ def add_neighbour(ns: str, ifname: str, ip_addr: str, mac: str) -> None:
 
 
 def links(ns: str) -> list[dict]:
-    """Interfaces of a namespace: name, index, MAC, state, MTU, IPv4 addresses, XDP."""
+    """Interfaces of a namespace: name, index, MAC, state, MTU, IPv4 addresses, XDP,
+    rx/tx packet counts."""
     out = []
     with ipr(ns) as ip:
         addrs: dict[int, list[str]] = {}
@@ -202,6 +203,7 @@ def links(ns: str) -> list[dict]:
                                          "xdpoffload": "offload", "xdpmulti": "multi"}
                                 .get(attached, str(attached)),
                                 "prog_id": xdp.get_attr("IFLA_XDP_PROG_ID")}
+            stats = link.get_attr("IFLA_STATS64") or {}
             out.append({
                 "ifname": link.get_attr("IFLA_IFNAME"),
                 "index": idx,
@@ -210,8 +212,16 @@ def links(ns: str) -> list[dict]:
                 "mtu": link.get_attr("IFLA_MTU"),
                 "addresses": addrs.get(idx, []),
                 "xdp": xdp_info,
+                "rx_packets": stats.get("rx_packets"),
+                "tx_packets": stats.get("tx_packets"),
             })
     return out
+
+
+def rx_packets(ns: str, ifnames: Sequence[str]) -> dict[str, int]:
+    """Packets received so far on each of ifnames in the namespace."""
+    got = {l["ifname"]: l["rx_packets"] for l in links(ns)}
+    return {i: got[i] for i in ifnames}
 
 
 def neighbours(ns: str) -> list[dict]:

@@ -1,0 +1,215 @@
+"""Traffic tools for the lab tests: servers and clients whose sockets live in lab
+namespaces (created on a thread that setns'es, then driven from this process), plus a
+tiny ICMP echo client. Every loop here is bounded in count and time."""
+from __future__ import annotations
+
+import os
+import random
+import resource
+import selectors
+import socket
+import struct
+import threading
+import time
+
+from hyperplane import netns
+
+
+def raise_nofile(want: int = 16384) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def wait_tcp(ns: str, host: str, port: int, timeout: float = 10.0) -> None:
+    """Wait until something listens on host:port, probing from inside ns."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        s = netns.socket_in(ns)
+        s.settimeout(0.5)
+        try:
+            s.connect((host, port))
+            return
+        except OSError as exc:
+            last = exc
+            time.sleep(0.05)
+        finally:
+            s.close()
+    raise TimeoutError(f"nothing listens on {host}:{port} in {ns} after {timeout}s ({last})")
+
+
+# --- UDP ---------------------------------------------------------------------------------
+
+class UdpEcho:
+    """A UDP echo server in a namespace that records every peer address it saw."""
+
+    def __init__(self, ns: str, host: str, port: int, *, echo: bool = True):
+        self.sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.settimeout(0.2)
+        self.echo = echo
+        self.peers: list[tuple[str, int]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(5)
+        self.sock.close()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.peers.append(peer)
+            if self.echo:
+                self.sock.sendto(data, peer)
+
+
+def udp_exchange(sock: socket.socket, dst: tuple[str, int], n: int,
+                 timeout: float = 1.0, size: int = 32) -> int:
+    """n request/response rounds on one socket; returns how many answers came back."""
+    sock.settimeout(timeout)
+    ok = 0
+    for i in range(n):
+        msg = struct.pack("!I", i) + os.urandom(max(0, size - 4))
+        sock.sendto(msg, dst)
+        try:
+            data, _ = sock.recvfrom(65535)
+        except socket.timeout:
+            continue
+        ok += data == msg
+    return ok
+
+
+# --- TCP ---------------------------------------------------------------------------------
+
+class TcpCollector:
+    """A TCP server in a namespace that accepts connections, keeps them open and records
+    each peer address (until stopped)."""
+
+    def __init__(self, ns: str, host: str, port: int, backlog: int = 4096):
+        self.lsock = netns.socket_in(ns)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind((host, port))
+        self.lsock.listen(backlog)
+        self.lsock.setblocking(False)
+        self.peers: list[tuple[str, int]] = []
+        self.conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(5)
+        for c in self.conns:
+            c.close()
+        self.lsock.close()
+
+    def _run(self):
+        sel = selectors.DefaultSelector()
+        sel.register(self.lsock, selectors.EVENT_READ)
+        while not self._stop.is_set():
+            for _key, _ in sel.select(0.1):
+                while True:
+                    try:
+                        c, peer = self.lsock.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    self.conns.append(c)
+                    self.peers.append(peer)
+        sel.close()
+
+    def wait_for(self, n: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while len(self.peers) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return len(self.peers)
+
+
+def open_concurrent(ns: str, dst: tuple[str, int], n: int, timeout: float) -> tuple[list, int]:
+    """Open n TCP connections from ns to dst at once (non-blocking connects, all kept open).
+    Returns (sockets, how many connected within timeout). The caller closes the sockets."""
+    socks = netns.sockets_in(ns, n)
+    sel = selectors.DefaultSelector()
+    pending = {}
+    for s in socks:
+        s.setblocking(False)
+        err = s.connect_ex(dst)
+        if err not in (0, 115):           # EINPROGRESS
+            raise OSError(err, os.strerror(err))
+        sel.register(s, selectors.EVENT_WRITE)
+        pending[s.fileno()] = s
+    connected = 0
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for key, _ in sel.select(0.2):
+            s = key.fileobj
+            sel.unregister(s)
+            del pending[s.fileno()]
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                connected += 1
+    sel.close()
+    return socks, connected
+
+
+# --- ICMP --------------------------------------------------------------------------------
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+
+
+def ping(ns: str, dst: str, count: int = 3, timeout: float = 2.0) -> list[float]:
+    """ICMP echo from inside ns (raw socket); returns the round-trip times (s) of the replies
+    that came back, matched on identifier, sequence and payload."""
+    s = netns.socket_in(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident = random.randint(1, 0xFFFF)
+    rtts = []
+    try:
+        for seq in range(1, count + 1):
+            payload = os.urandom(24)
+            hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+            pkt = struct.pack("!BBHHH", 8, 0, _csum(hdr + payload), ident, seq) + payload
+            t0 = time.monotonic()
+            s.sendto(pkt, (dst, 0))
+            deadline = t0 + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                s.settimeout(left)
+                try:
+                    data, (src, _) = s.recvfrom(65535)
+                except socket.timeout:
+                    break
+                ihl = (data[0] & 0x0F) * 4
+                icmp = data[ihl:]
+                if len(icmp) < 8 or src != dst:
+                    continue
+                typ, _code, _ck, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
+                if typ == 0 and rid == ident and rseq == seq and icmp[8:] == payload:
+                    if _csum(icmp) != 0:
+                        raise AssertionError("ICMP echo reply with a bad checksum")
+                    rtts.append(time.monotonic() - t0)
+                    break
+    finally:
+        s.close()
+    return rtts
