@@ -77,6 +77,17 @@ enum hp_event_type {
 	EV_FLOW_EXPIRED = 3,     /* found idle past its timeout */
 };
 
+/* Counted events that are not packet verdicts. Keep in sync: verdicts.py Stat */
+enum hp_stat {
+	S_FLOW_CREATED = 0,
+	S_FLOW_CLOSED = 1,
+	S_FLOW_EXPIRED = 2,
+	S_EVENT_LOST = 3,        /* ring buffer full: the controller missed an event */
+	S_RESV_RECLAIMED = 4,    /* a stale port reservation taken over by a new flow */
+	S_FIB_LOOKUP = 5,        /* next hop looked up (cache miss or refresh) */
+	S_MAX = 6,
+};
+
 /* What a flow entry is for. Keep in sync: verdicts.py FlowKind */
 enum hp_flow_kind {
 	KIND_NAT_OUT = 1,        /* key is inside -> outside */
@@ -105,5 +116,8 @@ enum hp_timeout {
 };
 
 #define HP_NSEC 1000000000ULL
+#ifndef HP_NH_REFRESH_NS
+#define HP_NH_REFRESH_NS (1 * HP_NSEC) /* re-check a cached next hop this often */
+#endif
 
 #endif

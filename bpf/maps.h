@@ -1,0 +1,53 @@
+/* Every map of the data path, declared once. With -DHP_PIN_DIR="/run/hyperplane/bpf/<node>"
+ * the state maps are pinned there (and reused if present), so restarting the agent or
+ * loading a new program keeps every flow. */
+#ifndef HP_MAPS_H
+#define HP_MAPS_H
+
+#ifdef HP_PIN_DIR
+#define HP_MAP(type, key, leaf, name, size, flags) \
+	BPF_TABLE_PINNED7(type, key, leaf, name, size, HP_PIN_DIR "/" #name, flags)
+#else
+#define HP_MAP(type, key, leaf, name, size, flags) \
+	BPF_F_TABLE(type, key, leaf, name, size, flags)
+#endif
+
+/* Flow table: two entries per flow (original and reply direction). */
+HP_MAP("lru_hash", struct flow_key, struct flow_value, flows, HP_MAX_FLOWS, 0);
+/* NAT ports taken per destination; a plain hash so a live reservation is never evicted. */
+HP_MAP("hash", struct nat_resv_key, struct nat_resv_value, nat_resv, HP_MAX_RESERVATIONS, 0);
+/* NAT gateways by id. */
+HP_MAP("array", u32, struct gw_config, gateways, HP_MAX_GATEWAYS, 0);
+/* NAT IP -> gateway id. */
+HP_MAP("hash", __be32, struct nat_ip_value, nat_ips, HP_MAX_GATEWAYS * HP_MAX_NAT_IPS, 0);
+/* Inside networks -> gateway id. */
+HP_MAP("lpm_trie", struct inside_key, u32, inside_nets, HP_MAX_INSIDE_PREFIXES, BPF_F_NO_PREALLOC);
+/* Node-wide settings, index 0. */
+HP_MAP("array", u32, struct hp_config, config, 1, 0);
+/* Packets per verdict (enum hp_verdict), per CPU. */
+HP_MAP("percpu_array", u32, u64, verdicts, V_MAX, 0);
+/* Per-gateway metrics, per CPU. */
+HP_MAP("percpu_array", u32, struct gw_metrics, gw_stats, HP_MAX_GATEWAYS, 0);
+/* First-fragment translations of UDP datagrams, for their later fragments. */
+HP_MAP("lru_hash", struct frag_key, struct frag_value, frags, HP_MAX_FRAGS, 0);
+/* NLB VIPs: any address with a listener, to tell "no such listener" from "not ours". */
+HP_MAP("hash", __be32, struct vip_value, vips, HP_MAX_LISTENERS, 0);
+/* NLB listeners. */
+HP_MAP("hash", struct listener_key, struct listener_value, listeners, HP_MAX_LISTENERS, 0);
+/* NLB Maglev tables: row listener_id, HP_MAGLEV_SIZE entries each, value = target index. */
+HP_MAP("array", u32, u32, maglev, HP_MAX_LISTENERS * HP_MAGLEV_SIZE, 0);
+/* NLB targets by index. */
+HP_MAP("array", u32, struct target_value, targets, HP_MAX_TARGETS, 0);
+/* Per-listener NLB metrics, per CPU. */
+HP_MAP("percpu_array", u32, struct lb_metrics, lb_stats, HP_MAX_LISTENERS, 0);
+/* Per-target processed packets, per CPU (for per-target metrics). */
+HP_MAP("percpu_array", u32, u64, target_packets, HP_MAX_TARGETS, 0);
+
+/* Events and housekeeping that are not packet verdicts (enum hp_stat), per CPU. */
+HP_MAP("percpu_array", u32, u64, stats, S_MAX, 0);
+
+/* Flow created / closed / expired events for the controller (not pinned: a reader
+ * attaches to the running program's ring). */
+BPF_RINGBUF_OUTPUT(flow_events, HP_RINGBUF_PAGES);
+
+#endif

@@ -1,0 +1,175 @@
+/* Map keys and values. Python reads them through bcc's table.Key / table.Leaf, which bcc
+ * derives from these definitions: nothing here is redefined in Python. */
+#ifndef HP_STRUCTS_H
+#define HP_STRUCTS_H
+
+/* A packet's 5-tuple in the direction it travels. For ICMP echo the identifier stands in
+ * for a port: src_port on requests, dst_port on replies (so a reply's key mirrors its
+ * request's, like TCP/UDP). All fields in network byte order. */
+struct flow_key {
+	__be32 src_ip;
+	__be32 dst_ip;
+	__be16 src_port;
+	__be16 dst_port;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* Where a translated packet leaves: refreshed every HP_NH_REFRESH_NS and whenever a
+ * packet is longer than the MTU seen at the last lookup. */
+struct next_hop {
+	__u32 ifindex;            /* 0 = not resolved yet */
+	__u16 mtu;
+	__u8 smac[6];
+	__u8 dmac[6];
+	__u16 pad;
+	__u64 checked_ns;
+};
+
+/* One direction of a flow. Both entries of a flow carry the TCP state; each carries the
+ * key of its twin so rare events (state change, close, expiry check) can reach it. */
+struct flow_value {
+	struct flow_key twin;     /* the other direction's key */
+	__be32 new_src_ip;        /* the tuple after translation */
+	__be32 new_dst_ip;
+	__be16 new_src_port;
+	__be16 new_dst_port;
+	__u64 created_ns;
+	__u64 last_seen_ns;       /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 packets;
+	__u64 bytes;
+	__u8 kind;                /* enum hp_flow_kind */
+	__u8 tcp_state;           /* enum hp_tcp_state */
+	__u8 fin_seen;            /* bit 0: FIN from this entry's direction, bit 1: from twin's */
+	__u8 pad;
+	__u16 resource;           /* gateway id (NAT) or listener id (NLB) */
+	__u16 target;             /* NLB target index, else 0 */
+	/* Next hop cached from bpf_fib_lookup so the established path skips the FIB. */
+	struct next_hop nh;
+};
+
+/* A NAT port taken for one destination: (NAT IP, NAT port, proto, dst IP, dst port).
+ * Laid out as the reply direction's flow key, so the reservation of a port is found from
+ * a reply's key. */
+struct nat_resv_key {
+	__be32 dst_ip;            /* remote destination */
+	__be32 nat_ip;
+	__be16 dst_port;
+	__be16 nat_port;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct nat_resv_value {
+	struct flow_key orig;     /* the inside flow that holds the port */
+	__u64 taken_ns;
+};
+
+/* A NAT gateway. */
+struct gw_config {
+	__be32 nat_ips[HP_MAX_NAT_IPS];
+	__u32 n_nat_ips;          /* 0 = gateway slot unused */
+	__u16 port_min;           /* host byte order, inclusive */
+	__u16 port_max;
+};
+
+/* Which gateway a NAT IP belongs to. */
+struct nat_ip_value {
+	__u32 gw_id;
+};
+
+/* Longest-prefix key for inside networks. */
+struct inside_key {
+	__u32 prefixlen;
+	__be32 addr;
+};
+
+/* Node-wide settings (array index 0). */
+struct hp_config {
+	__u32 timeout_s[TO_MAX];  /* enum hp_timeout */
+	__u32 flags;              /* HP_F_* */
+	__u32 hash_seed;          /* random per cluster: NAT ports are not predictable */
+};
+#define HP_F_RST_ON_NO_FLOW 1 /* TCP from inside without a live flow gets a RST (AWS) */
+
+/* Per-gateway metrics, per CPU; AWS NAT gateway names (REFERENCE.md). */
+struct gw_metrics {
+	__u64 connection_attempt;     /* ConnectionAttemptCount: new outbound flows (TCP SYN, UDP, ICMP) */
+	__u64 connection_established; /* ConnectionEstablishedCount: TCP SYN-ACK from the destination */
+	__u64 error_port_allocation;  /* ErrorPortAllocation */
+	__u64 idle_timeout;           /* IdleTimeoutCount: flows found expired */
+	__u64 packets_drop;           /* PacketsDropCount */
+	__u64 bytes_in_from_source;
+	__u64 bytes_out_to_destination;
+	__u64 bytes_in_from_destination;
+	__u64 bytes_out_to_source;
+	__u64 packets_in_from_source;
+	__u64 packets_out_to_destination;
+	__u64 packets_in_from_destination;
+	__u64 packets_out_to_source;
+};
+
+/* Remembers how the first fragment of a UDP datagram was translated, for the rest. */
+struct frag_key {
+	__be32 src_ip;
+	__be32 dst_ip;
+	__be16 ip_id;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct frag_value {
+	__be32 new_src_ip;
+	__be32 new_dst_ip;
+	__u16 resource;
+	__u8 kind;
+	__u8 pad;
+};
+
+/* A flow event for the controller (ring buffer). */
+struct flow_event {
+	__u32 type;               /* enum hp_event_type */
+	__u32 pad;
+	__u64 ts_ns;
+	struct flow_key key;      /* the original direction */
+	struct flow_value value;
+};
+
+/* NLB: an address that is a listener VIP (any port). */
+struct vip_value {
+	__u32 lb_id;
+};
+
+/* NLB: a listener (VIP, port, proto). */
+struct listener_key {
+	__be32 vip;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct listener_value {
+	__u32 listener_id;        /* row of the Maglev table */
+	__u32 lb_id;
+};
+
+/* NLB: a target (index into the targets array). */
+struct target_value {
+	__be32 ip;
+	__be16 port;
+	__u16 flags;              /* TARGET_F_* */
+	__u32 lb_id;
+};
+#define TARGET_F_ACTIVE 1
+
+/* Per-listener NLB metrics (AWS names), per CPU. */
+struct lb_metrics {
+	__u64 new_flow;           /* NewFlowCount */
+	__u64 processed_bytes;    /* ProcessedBytes */
+	__u64 processed_packets;  /* ProcessedPackets */
+	__u64 tcp_client_reset;   /* TCP_Client_Reset_Count */
+	__u64 tcp_target_reset;   /* TCP_Target_Reset_Count */
+	__u64 tcp_elb_reset;      /* TCP_ELB_Reset_Count */
+};
+
+#endif

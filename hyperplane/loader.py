@@ -1,0 +1,177 @@
+"""Compile the data path with bcc, pin its maps, attach it to interfaces, detach it."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+from dataclasses import dataclass, fields
+from importlib import resources
+
+from .errors import ConfigError, EnvironmentProblem
+
+PIN_ROOT = "/run/hyperplane/bpf"
+PROGRAM = "xdp_hyperplane"
+XDP_MODES = {"generic": 1 << 1, "native": 1 << 2}  # XDP_FLAGS_SKB_MODE / XDP_FLAGS_DRV_MODE
+
+
+def bpf_dir() -> str:
+    """Absolute path of the C sources, from a checkout or an installed wheel alike."""
+    return str(resources.files("hyperplane.bpf"))
+
+
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
+
+
+def program_text(main: str = "hyperplane.bpf.c") -> str:
+    """The program as one text, with our own headers inlined (#line keeps error positions).
+
+    bcc rewrites map method calls (flows.lookup(...)) only in the main file it is given,
+    not in headers it includes, so the headers are spliced in before compiling."""
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        if name in seen:  # the headers have include guards; splice each once
+            return ""
+        seen.add(name)
+        with open(os.path.join(bpf_dir(), name)) as f:
+            text = f.read()
+        return _LOCAL_INCLUDE.sub(
+            lambda m: f'#line 1 "{m.group(1)}"\n{expand(m.group(1))}\n#line 1 "{name}"', text)
+
+    return expand(main)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Map sizes, passed to the C as -D flags (bpf/consts.h holds the same defaults)."""
+    max_flows: int = 262144
+    max_reservations: int = 131072
+    max_gateways: int = 16
+    max_nat_ips: int = 8
+    max_inside_prefixes: int = 256
+    port_probes: int = 32
+    max_frags: int = 4096
+    ringbuf_pages: int = 256
+    max_listeners: int = 64
+    maglev_size: int = 65537
+    max_targets: int = 1024
+    max_lbs: int = 16
+
+    def cflags(self) -> list[str]:
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"size {f.name} must be a positive integer, not {value!r}")
+            out.append(f"-DHP_{f.name.upper()}={value}")
+        return out
+
+
+def _import_bcc():
+    try:
+        import bcc  # noqa: F401  (Debian's python3-bpfcc)
+    except ImportError as exc:
+        raise EnvironmentProblem(
+            "bcc is not importable; install Debian's python3-bpfcc and use a venv made with "
+            "--system-site-packages (scripts/setup.sh does both).") from exc
+    return bcc
+
+
+class Datapath:
+    """One compiled instance of bpf/hyperplane.bpf.c and its maps.
+
+    With pin_dir set, the state maps live there and survive this process: a new Datapath
+    with the same pin_dir finds every flow again."""
+
+    def __init__(self, sizes: Sizes | None = None, pin_dir: str | None = None,
+                 extra_cflags: list[str] | None = None):
+        if os.geteuid() != 0:
+            raise EnvironmentProblem("loading XDP programs needs root; run as root (sudo).")
+        bcc = _import_bcc()
+        self.sizes = sizes or Sizes()
+        self.pin_dir = pin_dir
+        cflags = [f"-I{bpf_dir()}", *self.sizes.cflags(), *(extra_cflags or [])]
+        if pin_dir:
+            _ensure_bpffs_dir(pin_dir)
+            cflags.append(f'-DHP_PIN_DIR="{pin_dir}"')
+        try:
+            self.bpf = bcc.BPF(text=program_text().encode(), cflags=cflags)
+        except Exception as exc:
+            if "headers" in str(exc).lower() or not os.path.exists(
+                    f"/lib/modules/{os.uname().release}/build"):
+                raise EnvironmentProblem(
+                    f"bcc cannot compile: kernel headers are missing at /lib/modules/"
+                    f"{os.uname().release}/build; run scripts/setup.sh.") from exc
+            raise
+        self.fn = self.bpf.load_func(PROGRAM, bcc.BPF.XDP)
+        self.attached: list[tuple[str, int]] = []
+
+    @property
+    def prog_fd(self) -> int:
+        return self.fn.fd
+
+    def table(self, name: str):
+        return self.bpf[name.encode()]
+
+    def attach(self, ifname: str, mode: str = "generic") -> None:
+        if mode not in XDP_MODES:
+            raise ConfigError(f"XDP mode must be one of {', '.join(XDP_MODES)}, not {mode!r}")
+        import bcc
+        try:
+            self.bpf.attach_xdp(ifname, self.fn, XDP_MODES[mode])
+        except Exception as exc:
+            raise ConfigError(f"cannot attach XDP ({mode}) to {ifname}: {exc}") from exc
+        self.attached.append((ifname, XDP_MODES[mode]))
+
+    def detach_all(self) -> None:
+        import bcc
+        while self.attached:
+            ifname, flags = self.attached.pop()
+            try:
+                bcc.BPF.remove_xdp(ifname, flags)
+            except Exception:
+                pass  # the interface is gone (namespace deleted): nothing attached
+
+    def close(self) -> None:
+        self.detach_all()
+        self.bpf.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _ensure_bpffs_dir(pin_dir: str) -> None:
+    root = os.path.dirname(pin_dir.rstrip("/"))
+    os.makedirs(root, exist_ok=True)
+    if not _is_bpffs(root):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.mount(b"bpf", root.encode(), b"bpf", 0, None) != 0:
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        except OSError as exc:
+            raise EnvironmentProblem(
+                f"cannot mount a bpffs at {root} for pinning ({exc}); "
+                f"run: mount -t bpf bpf {root}") from exc
+    os.makedirs(pin_dir, exist_ok=True)
+
+
+def _is_bpffs(path: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == path and line.split()[2] == "bpf" for line in f)
+
+
+def remove_pins(pin_dir: str) -> None:
+    """Unpin every map of a node (the maps die with their last user)."""
+    if not os.path.isdir(pin_dir):
+        return
+    for name in os.listdir(pin_dir):
+        try:
+            os.unlink(os.path.join(pin_dir, name))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+    os.rmdir(pin_dir)

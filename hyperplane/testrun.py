@@ -1,0 +1,101 @@
+"""BPF_PROG_TEST_RUN: run a loaded XDP program on a packet in the kernel, without a NIC.
+
+bcc has no binding for it, so this calls libbpf's bpf_prog_test_run_opts (libbpf1 is a
+dependency of Debian's bcc)."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from dataclasses import dataclass
+
+from .errors import EnvironmentProblem
+
+XDP_ACTIONS = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"}
+
+
+class _TestRunOpts(ctypes.Structure):
+    # struct bpf_test_run_opts (libbpf/bpf.h)
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", ctypes.c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
+class _XdpMd(ctypes.Structure):
+    # struct xdp_md as test_run's ctx_in: only ingress_ifindex / rx_queue_index may be set
+    _fields_ = [
+        ("data", ctypes.c_uint32),
+        ("data_end", ctypes.c_uint32),
+        ("data_meta", ctypes.c_uint32),
+        ("ingress_ifindex", ctypes.c_uint32),
+        ("rx_queue_index", ctypes.c_uint32),
+        ("egress_ifindex", ctypes.c_uint32),
+    ]
+
+
+_lib = None
+
+
+def _libbpf():
+    global _lib
+    if _lib is None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+        except OSError as exc:
+            raise EnvironmentProblem(
+                "libbpf is missing; install Debian's libbpf1 (apt-get install libbpf1).") from exc
+        lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
+        lib.bpf_prog_test_run_opts.restype = ctypes.c_int
+        _lib = lib
+    return _lib
+
+
+@dataclass
+class RunResult:
+    retval: int            # the XDP action
+    data: bytes            # the packet after the program
+    duration_ns: int       # mean per repeat, as the kernel measured it
+
+    @property
+    def action(self) -> str:
+        return XDP_ACTIONS.get(self.retval, str(self.retval))
+
+
+def test_run(prog_fd: int, packet: bytes, *, repeat: int = 1, ingress_ifindex: int = 0) -> RunResult:
+    """Run the program once (or `repeat` times) on `packet`."""
+    lib = _libbpf()
+    data_in = ctypes.create_string_buffer(bytes(packet), len(packet))
+    out_size = len(packet) + 512
+    data_out = ctypes.create_string_buffer(out_size)
+    opts = _TestRunOpts()
+    opts.sz = ctypes.sizeof(_TestRunOpts)
+    opts.data_in = ctypes.cast(data_in, ctypes.c_void_p)
+    opts.data_size_in = len(packet)
+    opts.data_out = ctypes.cast(data_out, ctypes.c_void_p)
+    opts.data_size_out = out_size
+    opts.repeat = repeat
+    ctx = None
+    if ingress_ifindex:
+        ctx = _XdpMd(ingress_ifindex=ingress_ifindex)
+        opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
+        opts.ctx_size_in = ctypes.sizeof(ctx)
+    rc = lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_PROG_TEST_RUN failed: {os.strerror(err)}")
+    return RunResult(opts.retval, data_out.raw[:opts.data_size_out], opts.duration)
