@@ -84,7 +84,7 @@ class Datapath:
     with the same pin_dir finds every flow again."""
 
     def __init__(self, sizes: Sizes | None = None, pin_dir: str | None = None,
-                 extra_cflags: list[str] | None = None):
+                 extra_cflags: list[str] | None = None, load_program: bool = True):
         if os.geteuid() != 0:
             raise EnvironmentProblem("loading XDP programs needs root; run as root (sudo).")
         bcc = _import_bcc()
@@ -103,7 +103,8 @@ class Datapath:
                     f"bcc cannot compile: kernel headers are missing at /lib/modules/"
                     f"{os.uname().release}/build; run scripts/setup.sh.") from exc
             raise
-        self.fn = self.bpf.load_func(PROGRAM, bcc.BPF.XDP)
+        # load_program=False only opens the (pinned) maps, e.g. for hpctl's read commands
+        self.fn = self.bpf.load_func(PROGRAM, bcc.BPF.XDP) if load_program else None
         self.attached: list[tuple[str, int]] = []
 
     @property

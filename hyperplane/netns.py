@@ -316,11 +316,12 @@ def popen_in(ns: str, argv: Sequence[str], *, preexec: Callable[[], None] | None
 
 
 def run_in(ns: str, argv: Sequence[str], *, check: bool = True, timeout: float | None = 60,
+           preexec: Callable[[], None] | None = None,
            **kwargs: Any) -> subprocess.CompletedProcess:
     """subprocess.run of argv inside the namespace; check=True raises on a non-zero exit."""
     fd = _ns_fd(ns)
     try:
-        return subprocess.run(list(argv), preexec_fn=_preexec(fd), check=check,
+        return subprocess.run(list(argv), preexec_fn=_preexec(fd, preexec), check=check,
                               timeout=timeout, **kwargs)
     except FileNotFoundError as exc:
         raise EnvironmentProblem(f"{argv[0]} is not installed ({exc})") from None

@@ -1,26 +1,112 @@
-"""One hyperplane node: load the datapath into a namespace, attach it, configure resources.
+"""One hyperplane node: load the data path (into a namespace), attach it, configure it.
 
-This is the API the lab and hpctl use. (Being written: signatures are fixed.)
-"""
+The program stays attached and its maps stay pinned after this process exits; a node's
+description (sizes, interfaces, gateways) is kept in NODE_STATE_DIR so that later commands
+(hpctl flows, counters, a restart) open the same maps."""
 from __future__ import annotations
 
-PIN_ROOT = "/run/hyperplane/bpf"
+import json
+import os
+from dataclasses import asdict
+
+from . import netns as _netns
+from .errors import NotFound
+from .loader import PIN_ROOT, Datapath, Sizes, remove_pins
+from .nat import GatewayConfig, apply_gateway
+from .settings import Timeouts, write_config
+
+NODE_STATE_DIR = "/run/hyperplane/nodes"
 
 
-def start_nat_node(node: str, ifnames: list[str], gateways: list, *, netns: str | None = None,
-                   mode: str = "generic", pin_root: str = PIN_ROOT, timeouts: dict | None = None) -> None:
-    """Compile and load the XDP program, pin its maps under pin_root/node, write the gateways
-    (hyperplane.nat.GatewayConfig) into them and attach to ifnames (inside netns if given).
-    Returns once attached; the program stays attached after this process exits."""
-    raise NotImplementedError
+def _state_file(node: str) -> str:
+    return os.path.join(NODE_STATE_DIR, f"{node}.json")
 
 
-def stop_node(node: str, ifnames: list[str], *, netns: str | None = None,
+def node_state(node: str) -> dict:
+    try:
+        with open(_state_file(node)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise NotFound(f"no node {node!r} is running here (no {_state_file(node)}); "
+                       f"start one with hpctl nat up or hpctl lab up") from None
+
+
+def _in(netns: str | None, fn, *args, **kwargs):
+    return _netns.call_in(netns, fn, *args, **kwargs) if netns else fn(*args, **kwargs)
+
+
+def start_nat_node(node: str, ifnames: list[str], gateways: list[GatewayConfig], *,
+                   netns: str | None = None, mode: str = "generic", pin_root: str = PIN_ROOT,
+                   timeouts: Timeouts | dict | None = None, sizes: Sizes | None = None) -> Datapath:
+    """Compile and load the program, pin its maps under pin_root/node (reusing any already
+    there: a restart keeps every flow), write the settings and gateways, attach to ifnames."""
+    if isinstance(timeouts, dict) or timeouts is None:
+        timeouts = Timeouts.from_dict(timeouts)
+    sizes = sizes or Sizes()
+    pin_dir = os.path.join(pin_root, node)
+
+    def load_and_attach():
+        dp = Datapath(sizes, pin_dir)
+        try:
+            write_config(dp, timeouts)
+            for gw in gateways:
+                apply_gateway(dp, gw)
+            for ifname in ifnames:
+                dp.attach(ifname, mode)
+        except BaseException:
+            dp.detach_all()
+            raise
+        return dp
+
+    dp = _in(netns, load_and_attach)
+    os.makedirs(NODE_STATE_DIR, exist_ok=True)
+    with open(_state_file(node), "w") as f:
+        json.dump({"node": node, "netns": netns, "ifnames": ifnames, "mode": mode,
+                   "pin_dir": pin_dir, "sizes": asdict(sizes), "timeouts": asdict(timeouts),
+                   "gateways": [g.to_dict() for g in gateways]}, f, indent=2)
+    dp.attached.clear()  # stays attached after we exit
+    return dp
+
+
+def stop_node(node: str, ifnames: list[str] | None = None, *, netns: str | None = None,
               pin_root: str = PIN_ROOT) -> None:
-    """Detach from ifnames and remove the node's pinned maps."""
-    raise NotImplementedError
+    """Detach from the node's interfaces and remove its pinned maps and state."""
+    import bcc
+    try:
+        state = node_state(node)
+        ifnames = ifnames or state["ifnames"]
+        netns = netns or state["netns"]
+    except NotFound:
+        state = None
+    if netns and not _netns.exists(netns):
+        netns = None
+        ifnames = []
+
+    def detach():
+        for ifname in ifnames or []:
+            for flags in (1 << 1, 1 << 2):
+                try:
+                    bcc.BPF.remove_xdp(ifname, flags)
+                except Exception:
+                    pass
+
+    _in(netns, detach)
+    remove_pins(os.path.join(pin_root, node))
+    try:
+        os.unlink(_state_file(node))
+    except FileNotFoundError:
+        pass
+
+
+def open_node(node: str) -> Datapath:
+    """The running node's maps (a fresh compile that opens the pinned maps)."""
+    state = node_state(node)
+    if not os.path.isdir(state["pin_dir"]):
+        raise NotFound(f"node {node!r} has no pinned maps at {state['pin_dir']}")
+    return Datapath(Sizes(**state["sizes"]), state["pin_dir"], load_program=False)
 
 
 def read_counters(node: str, *, pin_root: str = PIN_ROOT) -> dict[str, int]:
     """Verdict name -> packets, summed over CPUs, from the node's pinned counters."""
-    raise NotImplementedError
+    from .metrics import verdict_counts
+    return verdict_counts(open_node(node))

@@ -1,0 +1,134 @@
+"""Reading the flow table, and garbage collection of expired flows and reservations."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from .codec import PROTOCOL_NAMES, be16_to_port, be32_to_ip, proto_number
+from .verdicts import FlowKind, TcpState
+
+NSEC = 1_000_000_000
+
+
+@dataclass
+class Flow:
+    """One direction of a flow as the data path holds it."""
+    kind: str
+    proto: str
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    new_src: str
+    new_sport: int
+    new_dst: str
+    new_dport: int
+    tcp_state: str
+    resource: int
+    target: int
+    packets: int
+    bytes: int
+    age_s: float
+    idle_s: float
+    live: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def now_ns() -> int:
+    # bpf_ktime_get_ns() is CLOCK_MONOTONIC
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def _timeout_s(timeouts: list[int], proto: int, state: int) -> int:
+    if proto == 6:
+        if state == TcpState.ESTABLISHED:
+            return timeouts[0]
+        return timeouts[1] if state == TcpState.SYN_SENT else timeouts[2]
+    return timeouts[3] if proto == 17 else timeouts[4]
+
+
+def _timeouts(dp) -> list[int]:
+    cfg = dp.table("config")
+    return list(cfg[cfg.Key(0)].timeout_s)
+
+
+def decode(key, value, timeouts: list[int], now: int) -> Flow:
+    idle = max(0, now - value.last_seen_ns)
+    return Flow(
+        kind=FlowKind(value.kind).name if value.kind in iter(FlowKind) else str(value.kind),
+        proto=PROTOCOL_NAMES.get(key.proto, str(key.proto)),
+        src=be32_to_ip(key.src_ip), sport=be16_to_port(key.src_port),
+        dst=be32_to_ip(key.dst_ip), dport=be16_to_port(key.dst_port),
+        new_src=be32_to_ip(value.new_src_ip), new_sport=be16_to_port(value.new_src_port),
+        new_dst=be32_to_ip(value.new_dst_ip), new_dport=be16_to_port(value.new_dst_port),
+        tcp_state=TcpState(value.tcp_state).name, resource=value.resource, target=value.target,
+        packets=value.packets, bytes=value.bytes,
+        age_s=round(max(0, now - value.created_ns) / NSEC, 3), idle_s=round(idle / NSEC, 3),
+        live=idle <= _timeout_s(timeouts, key.proto, value.tcp_state) * NSEC)
+
+
+def list_flows(dp, *, address: str | None = None, port: int | None = None,
+               proto: str | int | None = None, kind: str | None = None) -> list[Flow]:
+    """Every flow entry (both directions), optionally filtered: address matches any of the
+    four addresses, port any of the four ports."""
+    timeouts, now = _timeouts(dp), now_ns()
+    want_proto = proto_number(proto) if proto is not None else None
+    out = []
+    for k, v in dp.table("flows").items():
+        if want_proto is not None and k.proto != want_proto:
+            continue
+        f = decode(k, v, timeouts, now)
+        if address and address not in (f.src, f.dst, f.new_src, f.new_dst):
+            continue
+        if port is not None and port not in (f.sport, f.dport, f.new_sport, f.new_dport):
+            continue
+        if kind and f.kind != kind.upper():
+            continue
+        out.append(f)
+    return out
+
+
+@dataclass
+class GcResult:
+    flows_removed: int = 0
+    reservations_removed: int = 0
+
+
+def collect_garbage(dp) -> GcResult:
+    """Delete expired flows (both keys) and reservations whose flow is gone or expired.
+
+    The data path already treats an expired flow as absent; this frees the memory and the
+    NAT ports for good. Deletions are batched by key."""
+    timeouts, now = _timeouts(dp), now_ns()
+    flows = dp.table("flows")
+    dead = []
+    for k, v in flows.items():
+        idle = now - v.last_seen_ns
+        if idle > _timeout_s(timeouts, k.proto, v.tcp_state) * NSEC:
+            twin = flows.get(v.twin)  # alive in the other direction keeps both
+            if twin is not None and now - twin.last_seen_ns <= \
+                    _timeout_s(timeouts, k.proto, twin.tcp_state) * NSEC:
+                continue
+            dead.append(k)
+    for k in dead:
+        try:
+            del flows[k]
+        except KeyError:
+            pass
+    result = GcResult(flows_removed=len(dead))
+    resv = dp.table("nat_resv")
+    stale = []
+    for k, v in resv.items():
+        f = flows.get(v.orig)
+        if f is None or (now - f.last_seen_ns > _timeout_s(timeouts, k.proto, f.tcp_state) * NSEC
+                         and now - v.taken_ns > NSEC):
+            stale.append(k)
+    for k in stale:
+        try:
+            del resv[k]
+        except KeyError:
+            pass
+    result.reservations_removed = len(stale)
+    return result

@@ -1,0 +1,59 @@
+"""Node-wide data path settings: timeouts and behaviour flags (the `config` map)."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+from .errors import ConfigError
+from .verdicts import Timeout
+
+F_RST_ON_NO_FLOW = 1  # bpf/structs.h HP_F_RST_ON_NO_FLOW (keep in sync)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Idle timeouts in seconds. Defaults: AWS NAT gateway / NLB (REFERENCE.md)."""
+    tcp_established: int = 350   # AWS: 350 s idle, then the connection is gone
+    tcp_syn: int = 60            # half-open: SYN seen, no SYN-ACK
+    tcp_closing: int = 30        # after a FIN or RST
+    udp: int = 120               # AWS NLB's UDP idle timeout
+    icmp: int = 30
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or not 1 <= value <= 7 * 24 * 3600:
+                raise ConfigError(f"timeout {name} must be whole seconds from 1 to 604800, "
+                                  f"not {value!r}")
+
+    def by_index(self) -> list[int]:
+        order = {Timeout.TCP_ESTABLISHED: self.tcp_established, Timeout.TCP_SYN: self.tcp_syn,
+                 Timeout.TCP_CLOSING: self.tcp_closing, Timeout.UDP: self.udp,
+                 Timeout.ICMP: self.icmp}
+        return [order[t] for t in sorted(order)]
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Timeouts":
+        data = dict(data or {})
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown timeout(s): {', '.join(sorted(unknown))}; known: "
+                              f"{', '.join(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+def write_config(dp, timeouts: Timeouts | None = None, *, rst_on_no_flow: bool = True,
+                 hash_seed: int | None = None) -> None:
+    """Write the node-wide settings. Keeps the existing hash seed of a pinned map, so a
+    restarted node keeps choosing the same ports and targets."""
+    timeouts = timeouts or Timeouts()
+    table = dp.table("config")
+    key = table.Key(0)
+    leaf = table[key]
+    for i, value in enumerate(timeouts.by_index()):
+        leaf.timeout_s[i] = value
+    leaf.flags = F_RST_ON_NO_FLOW if rst_on_no_flow else 0
+    if hash_seed is not None:
+        leaf.hash_seed = hash_seed
+    elif leaf.hash_seed == 0:
+        leaf.hash_seed = int.from_bytes(os.urandom(4), "little") or 1
+    table[key] = leaf
