@@ -121,9 +121,10 @@ def collect_garbage(dp) -> GcResult:
     resv = dp.table("nat_resv")
     stale = []
     for k, v in resv.items():
+        if now - v.taken_ns <= NSEC:  # its flow may be being created right now
+            continue
         f = flows.get(v.orig)
-        if f is None or (now - f.last_seen_ns > _timeout_s(timeouts, k.proto, f.tcp_state) * NSEC
-                         and now - v.taken_ns > NSEC):
+        if f is None or now - f.last_seen_ns > _timeout_s(timeouts, k.proto, f.tcp_state) * NSEC:
             stale.append(k)
     for k in stale:
         try:

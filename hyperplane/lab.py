@@ -306,9 +306,11 @@ def _stop_node(topo: dict) -> list[str]:
     ns = topo["node"]["netns"]
     try:
         from . import node
-        node.stop_node(topo["node"]["name"], list(NODE_IFNAMES),
-                       netns=ns if netns.exists(ns) else None,
-                       pin_root=topo["node"]["pin_root"])
+        # Without its namespace there is nothing to detach (and the interface names must
+        # never be looked up in the root namespace): only the pins are removed.
+        here = netns.exists(ns)
+        node.stop_node(topo["node"]["name"], list(NODE_IFNAMES) if here else [],
+                       netns=ns if here else None, pin_root=topo["node"]["pin_root"])
     except NotImplementedError:
         return []
     except (HyperplaneError, OSError, KeyError, ValueError) as exc:

@@ -19,7 +19,7 @@ def bpf_dir() -> str:
     return str(resources.files("hyperplane.bpf"))
 
 
-_LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$')
 
 
 def program_text(main: str = "hyperplane.bpf.c") -> str:
@@ -34,9 +34,16 @@ def program_text(main: str = "hyperplane.bpf.c") -> str:
             return ""
         seen.add(name)
         with open(os.path.join(bpf_dir(), name)) as f:
-            text = f.read()
-        return _LOCAL_INCLUDE.sub(
-            lambda m: f'#line 1 "{m.group(1)}"\n{expand(m.group(1))}\n#line 1 "{name}"', text)
+            lines = f.read().split("\n")
+        out = [f'#line 1 "{name}"']
+        for number, line in enumerate(lines, start=1):
+            m = _LOCAL_INCLUDE.match(line)
+            if m:
+                out.append(expand(m.group(1)))
+                out.append(f'#line {number + 1} "{name}"')
+            else:
+                out.append(line)
+        return "\n".join(out)
 
     return expand(main)
 

@@ -91,7 +91,8 @@ def test_run(prog_fd: int, packet: bytes, *, repeat: int = 1, ingress_ifindex: i
     opts.repeat = repeat
     ctx = None
     if ingress_ifindex:
-        ctx = _XdpMd(ingress_ifindex=ingress_ifindex)
+        # the kernel wants data_end == the packet size when a ctx is given
+        ctx = _XdpMd(data_end=len(packet), ingress_ifindex=ingress_ifindex)
         opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
         opts.ctx_size_in = ctypes.sizeof(ctx)
     rc = lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
