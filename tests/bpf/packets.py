@@ -46,3 +46,13 @@ def assert_checksums(data: bytes) -> None:
 def tcp_syn(sport=40000, dport=80, src="10.10.0.10", dst="198.18.0.2", seq=1000, payload=b""):
     return from_client(IP(src=src, dst=dst, ttl=64, id=1) /
                        TCP(sport=sport, dport=dport, flags="S", seq=seq, window=64240) / payload)
+
+
+def inet_sum(data: bytes) -> int:
+    """The folded one's complement sum: 0 when a checksum over `data` is right."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xffff) + (total >> 16)
+    return (~total) & 0xffff
