@@ -16,6 +16,20 @@ def emit_json(data) -> None:
 
 
 def node_option(f):
-    """Which node's pinned datapath to talk to."""
-    return click.option("--node", default="node1", show_default=True,
-                        help="Node name; its maps are pinned under the pin root.")(f)
+    """Which node's pinned data path to talk to (default: the only one running here)."""
+    return click.option("--node", default=None, envvar="HPCTL_NODE",
+                        help="Node name (default: the only node running on this machine; "
+                             "the lab's is hp-node1).")(f)
+
+
+def resolve_node(node: str | None) -> str:
+    from hyperplane.errors import NotFound
+    from hyperplane.node import running_nodes
+    if node:
+        return node
+    nodes = running_nodes()
+    if len(nodes) == 1:
+        return nodes[0]
+    if not nodes:
+        raise NotFound("no node is running here; start one with hpctl lab up or hpctl nat up")
+    raise click.UsageError(f"several nodes run here ({', '.join(nodes)}); pick one with --node")

@@ -31,6 +31,13 @@ def node_state(node: str) -> dict:
                        f"start one with hpctl nat up or hpctl lab up") from None
 
 
+def running_nodes() -> list[str]:
+    try:
+        return sorted(n[:-5] for n in os.listdir(NODE_STATE_DIR) if n.endswith(".json"))
+    except FileNotFoundError:
+        return []
+
+
 def _in(netns: str | None, fn, *args, **kwargs):
     return _netns.call_in(netns, fn, *args, **kwargs) if netns else fn(*args, **kwargs)
 

@@ -1,0 +1,47 @@
+"""hpctl counters: verdict counters, events and per-gateway metrics (AWS names)."""
+from __future__ import annotations
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .options import emit_json, json_option, node_option, resolve_node
+
+
+@click.command("counters", epilog="\b\nExamples:\n  hpctl counters\n  hpctl counters --json")
+@node_option
+@click.option("--nonzero/--all", default=True, help="Hide counters that are zero.")
+@json_option
+def command(node, nonzero, as_json):
+    """Packets per verdict (every packet ends in exactly one), events, gateway metrics."""
+    from hyperplane.metrics import gateway_metrics, stat_counts, verdict_counts
+    from hyperplane.node import node_state, open_node
+    node = resolve_node(node)
+    dp = open_node(node)
+    state = node_state(node)
+    data = {
+        "node": node,
+        "verdicts": verdict_counts(dp),
+        "events": stat_counts(dp),
+        "gateways": {gw["name"]: gateway_metrics(dp, gw["gw_id"]) for gw in state["gateways"]},
+    }
+    data["packets"] = sum(data["verdicts"].values())
+    if as_json:
+        emit_json(data)
+        return
+    console = Console()
+    t = Table(title=f"node {node}: {data['packets']} packets")
+    t.add_column("verdict")
+    t.add_column("packets", justify="right")
+    for name, n in data["verdicts"].items():
+        if n or not nonzero:
+            t.add_row(name, str(n))
+    console.print(t)
+    for gw, metrics in data["gateways"].items():
+        m = Table(title=f"gateway {gw}")
+        m.add_column("metric")
+        m.add_column("value", justify="right")
+        for name, n in metrics.items():
+            if n or not nonzero:
+                m.add_row(name, str(n))
+        console.print(m)

@@ -1,0 +1,40 @@
+"""hpctl flows: list the flow table of a node."""
+from __future__ import annotations
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .options import emit_json, json_option, node_option, resolve_node
+
+
+@click.command("flows", epilog="\b\nExamples:\n  hpctl flows --proto tcp\n"
+                               "  hpctl flows --address 10.10.0.10 --json\n"
+                               "  hpctl flows --kind nat_out --port 80")
+@node_option
+@click.option("--address", help="Only flows with this address (either side, before or after NAT).")
+@click.option("--port", type=int, help="Only flows with this port (any side).")
+@click.option("--proto", type=click.Choice(["tcp", "udp", "icmp"]))
+@click.option("--kind", type=click.Choice(["nat_out", "nat_in", "nlb_in", "nlb_out"]),
+              help="Only one direction / kind of entry.")
+@click.option("--all", "show_all", is_flag=True, help="Include entries already past their timeout.")
+@json_option
+def command(node, address, port, proto, kind, show_all, as_json):
+    """List flows (each flow has two entries: its original and its reply direction)."""
+    from hyperplane.flows import list_flows
+    from hyperplane.node import open_node
+    flows = list_flows(open_node(resolve_node(node)), address=address, port=port, proto=proto,
+                       kind=kind)
+    if not show_all:
+        flows = [f for f in flows if f.live]
+    if as_json:
+        emit_json([f.to_dict() for f in flows])
+        return
+    table = Table(title=f"{len(flows)} flow entries")
+    for col in ("kind", "proto", "from", "to", "becomes", "state", "packets", "bytes", "idle s"):
+        table.add_column(col)
+    for f in sorted(flows, key=lambda f: (f.kind, f.src, f.sport)):
+        table.add_row(f.kind, f.proto, f"{f.src}:{f.sport}", f"{f.dst}:{f.dport}",
+                      f"{f.new_src}:{f.new_sport} -> {f.new_dst}:{f.new_dport}", f.tcp_state,
+                      str(f.packets), str(f.bytes), f"{f.idle_s:.1f}")
+    Console().print(table)

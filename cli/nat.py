@@ -1,0 +1,108 @@
+"""hpctl nat: bring a NAT gateway up on a node's interfaces, show it, take it down."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from hyperplane.errors import ConfigError
+from hyperplane.nat import GatewayConfig
+from hyperplane.settings import Timeouts
+
+from .options import emit_json, json_option, node_option, resolve_node
+
+command = click.Group(
+    "nat", help="NAT gateways on a node (XDP on the node's interfaces). Needs root.",
+    epilog="\b\nExamples:\n"
+           "  hpctl nat up --node gw1 --if eth1 --if eth2 --nat-ip 198.18.0.100 \\\n"
+           "               --inside 10.10.0.0/24\n"
+           "  hpctl nat up --node gw1 --config gw1.json\n"
+           "  hpctl nat show --json\n"
+           "  hpctl nat down --node gw1")
+
+
+def _load_config_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+
+
+@command.command("up")
+@click.option("--node", required=True, help="Name of this node (its maps are pinned under it).")
+@click.option("--if", "ifnames", multiple=True, help="Interface to attach XDP to (repeat).")
+@click.option("--netns", default=None, help="Network namespace the interfaces are in.")
+@click.option("--nat-ip", "nat_ips", multiple=True, help="Public NAT IP (repeat, up to 8).")
+@click.option("--inside", "inside", multiple=True, help="Inside network CIDR (repeat).")
+@click.option("--ports", default="1024-65535", show_default=True, help="NAT port range.")
+@click.option("--xdp-mode", type=click.Choice(["generic", "native"]), default="generic",
+              show_default=True)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help='JSON: {"ifnames": [...], "netns": ..., "xdp_mode": ..., "timeouts": {...}, '
+                   '"gateways": [{"name", "nat_ips", "inside_cidrs", "port_min", "port_max"}]}')
+def up_cmd(node, ifnames, netns, nat_ips, inside, ports, xdp_mode, config_file):
+    """Load the data path, configure the gateway(s) and attach. Flows survive a re-run."""
+    from hyperplane.node import start_nat_node
+    cfg = _load_config_file(config_file) if config_file else {}
+    ifnames = list(ifnames) or cfg.get("ifnames", [])
+    if not ifnames:
+        raise click.UsageError("give at least one --if (or ifnames in --config)")
+    if cfg.get("gateways"):
+        gws = [GatewayConfig.from_dict({"gw_id": i, **g}) for i, g in enumerate(cfg["gateways"])]
+    else:
+        try:
+            lo, hi = (int(x) for x in ports.split("-"))
+        except ValueError:
+            raise click.BadParameter("use FIRST-LAST, e.g. 1024-65535", param_hint="--ports")
+        gws = [GatewayConfig(name=f"{node}-gw", gw_id=0, nat_ips=list(nat_ips),
+                             inside_cidrs=list(inside), port_min=lo, port_max=hi)]
+    start_nat_node(node, ifnames, gws, netns=netns or cfg.get("netns"),
+                   mode=cfg.get("xdp_mode", xdp_mode),
+                   timeouts=Timeouts.from_dict(cfg.get("timeouts")))
+    click.echo(f"node {node}: NAT up on {', '.join(ifnames)}", err=True)
+
+
+@command.command("show")
+@node_option
+@json_option
+def show_cmd(node, as_json):
+    """The node's gateways, interfaces and settings."""
+    from hyperplane.node import node_state
+    state = node_state(resolve_node(node))
+    if as_json:
+        emit_json(state)
+        return
+    click.echo(f"node {state['node']} (netns {state['netns'] or '-'}, {state['mode']} XDP on "
+               f"{', '.join(state['ifnames'])})")
+    for gw in state["gateways"]:
+        click.echo(f"  gateway {gw['name']} [{gw['gw_id']}]: NAT IPs {', '.join(gw['nat_ips'])}; "
+                   f"inside {', '.join(gw['inside_cidrs'])}; ports {gw['port_min']}-{gw['port_max']}")
+    click.echo("  timeouts: " + ", ".join(f"{k} {v}s" for k, v in state["timeouts"].items()))
+
+
+@command.command("down")
+@node_option
+def down_cmd(node):
+    """Detach and remove the node's maps (every flow is forgotten)."""
+    from hyperplane.node import stop_node
+    node = resolve_node(node)
+    stop_node(node)
+    click.echo(f"node {node}: stopped", err=True)
+
+
+@command.command("gc")
+@node_option
+@json_option
+def gc_cmd(node, as_json):
+    """Delete expired flows and stale port reservations now."""
+    from hyperplane.flows import collect_garbage
+    from hyperplane.node import open_node
+    res = collect_garbage(open_node(resolve_node(node)))
+    if as_json:
+        emit_json(vars(res))
+    else:
+        click.echo(f"removed {res.flows_removed} flow entries, "
+                   f"{res.reservations_removed} port reservations")
