@@ -10,7 +10,7 @@ from importlib import resources
 from .errors import ConfigError, EnvironmentProblem
 
 PIN_ROOT = "/run/hyperplane/bpf"
-PROGRAM = "xdp_hyperplane"
+PROGRAM = b"xdp_hyperplane"
 XDP_MODES = {"generic": 1 << 1, "native": 1 << 2}  # XDP_FLAGS_SKB_MODE / XDP_FLAGS_DRV_MODE
 
 
