@@ -64,6 +64,10 @@ class LabConfig:
     prefix: str = "hp"
     mode: str = "xdp"             # xdp | kernel | nft
     xdp_mode: str = "generic"     # generic | native (only for mode xdp)
+    # Mode xdp only, passed to hyperplane.node.start_nat_node: timeouts (e.g.
+    # {"tcp_closing": 10}) and map sizes (hyperplane.loader.Sizes fields); None = defaults.
+    timeouts: dict | None = None
+    sizes: dict | None = None
 
     def validate(self) -> "LabConfig":
         if not _PREFIX_RE.match(self.prefix):
@@ -265,10 +269,14 @@ def _start_node(cfg: LabConfig, topo: dict) -> None:
     from . import node
     from .nat import GatewayConfig
     gws = [GatewayConfig(**g) for g in topo["gateways"]]
+    extra = {}
+    if cfg.sizes:
+        from .loader import Sizes
+        extra["sizes"] = Sizes(**cfg.sizes)
     try:
         node.start_nat_node(topo["node"]["name"], list(NODE_IFNAMES), gws,
                             netns=topo["node"]["netns"], mode=cfg.xdp_mode,
-                            pin_root=topo["node"]["pin_root"])
+                            pin_root=topo["node"]["pin_root"], timeouts=cfg.timeouts, **extra)
     except NotImplementedError:
         raise HyperplaneError("lab mode xdp needs the XDP datapath, which is not implemented "
                               "yet (hyperplane.node.start_nat_node); use --mode kernel or "

@@ -3,7 +3,7 @@ with a unique prefix, and how to build one so it is always torn down."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -28,6 +28,7 @@ def lab_prefix(tag: str) -> str:
 @dataclass
 class Lab:
     cfg: lab.LabConfig
+    _dp: object = field(default=None, repr=False)
 
     @property
     def mode(self) -> str:
@@ -58,9 +59,17 @@ class Lab:
         return lab.forward_packets(self.cfg)
 
     def counters(self) -> dict[str, int]:
+        """Verdict name -> packets of the lab's node. The node's maps are opened once per
+        lab (opening compiles the program, ~1 s) and read again on each call."""
         from hyperplane import node
-        return node.read_counters(lab.node_name(self.cfg),
-                                  pin_root=lab.topology(self.cfg)["node"]["pin_root"])
+        name = lab.node_name(self.cfg)
+        try:
+            from hyperplane.metrics import verdict_counts
+        except ImportError:
+            return node.read_counters(name, pin_root=lab.topology(self.cfg)["node"]["pin_root"])
+        if self._dp is None:
+            self._dp = node.open_node(name)
+        return verdict_counts(self._dp)
 
 
 def build_lab(request, cfg: lab.LabConfig) -> Lab:
