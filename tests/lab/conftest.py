@@ -14,7 +14,12 @@ import pytest
 
 from hyperplane import lab, netns
 
-from lab_harness import LAB_MODE, XDP_MODE, Lab, build_lab, lab_prefix
+from lab_harness import LAB_MODE, XDP_MODE, Lab, build_lab, lab_prefix, require_root
+
+
+@pytest.fixture(autouse=True)
+def _root():
+    require_root()
 
 
 @pytest.fixture(scope="module")
