@@ -117,6 +117,57 @@ static __always_inline void flow_delete(struct flow_key *k, struct flow_value *v
 	flows.delete(&key);
 }
 
+/* Create both entries of a new flow whose original direction (p->key) is translated to
+ * (nsrc:nsport -> ndst:ndport). The reply key is that tuple reversed, and the reply entry
+ * translates back to p->key reversed. Returns the original entry, or 0 when the table
+ * refused an insert (nothing is left behind then). */
+static __always_inline struct flow_value *flow_create(struct pkt *p, __be32 nsrc, __be16 nsport,
+						      __be32 ndst, __be16 ndport, __u8 kind,
+						      __u8 reply_kind, __u16 resource, __u16 target)
+{
+	struct flow_key reply = {};
+	reply.src_ip = ndst;
+	reply.dst_ip = nsrc;
+	reply.src_port = ndport;
+	reply.dst_port = nsport;
+	reply.proto = p->key.proto;
+
+	struct flow_value v = {};
+	v.created_ns = p->now;
+	v.last_seen_ns = p->now;
+	v.resource = resource;
+	v.target = target;
+	v.tcp_state = p->key.proto == IPPROTO_TCP ? TCP_S_SYN_SENT : TCP_S_NONE;
+
+	v.twin = p->key;
+	v.kind = reply_kind;
+	v.new_src_ip = p->key.dst_ip;
+	v.new_src_port = p->key.dst_port;
+	v.new_dst_ip = p->key.src_ip;
+	v.new_dst_port = p->key.src_port;
+	if (flows.update(&reply, &v) != 0)
+		return 0;
+
+	v.twin = reply;
+	v.kind = kind;
+	v.new_src_ip = nsrc;
+	v.new_src_port = nsport;
+	v.new_dst_ip = ndst;
+	v.new_dst_port = ndport;
+	if (flows.update(&p->key, &v) != 0) {
+		flows.delete(&reply);
+		return 0;
+	}
+	struct flow_value *out = flows.lookup(&p->key);
+	if (!out) {
+		flows.delete(&reply);
+		return 0;
+	}
+	stat_inc(S_FLOW_CREATED);
+	emit_event(EV_FLOW_CREATED, &p->key, &v, p->now);
+	return out;
+}
+
 /* Follow SYN / FIN / RST. Returns 1 when this packet closed the flow. State changes are
  * rare, so only then is the twin entry looked up and kept in step. */
 static __always_inline int tcp_track(struct flow_value *v, __u8 flags, int *established)

@@ -83,48 +83,13 @@ static __always_inline int nat_new_flow(struct pkt *p, struct hp_config *cfg, __
 		return full ? V_DROP_TABLE_FULL : V_DROP_PORT_ALLOC;
 	}
 
-	struct flow_key reply = {};
-	reply.src_ip = p->key.dst_ip;
-	reply.dst_ip = rk.nat_ip;
-	reply.src_port = p->key.dst_port;
-	reply.dst_port = rk.nat_port;
-	reply.proto = p->key.proto;
-
-	struct flow_value v = {};
-	v.created_ns = p->now;
-	v.last_seen_ns = p->now;
-	v.resource = gw_id;
-	v.tcp_state = p->key.proto == IPPROTO_TCP ? TCP_S_SYN_SENT : TCP_S_NONE;
-
-	/* reply direction: back to the inside host */
-	v.twin = p->key;
-	v.kind = KIND_NAT_IN;
-	v.new_src_ip = p->key.dst_ip;
-	v.new_src_port = p->key.dst_port;
-	v.new_dst_ip = p->key.src_ip;
-	v.new_dst_port = p->key.src_port;
-	if (flows.update(&reply, &v) != 0)
-		goto full;
-
-	/* original direction: source becomes the NAT IP and port */
-	v.twin = reply;
-	v.kind = KIND_NAT_OUT;
-	v.new_src_ip = rk.nat_ip;
-	v.new_src_port = rk.nat_port;
-	v.new_dst_ip = p->key.dst_ip;
-	v.new_dst_port = p->key.dst_port;
-	if (flows.update(&p->key, &v) != 0) {
-		flows.delete(&reply);
-		goto full;
-	}
-	*out = flows.lookup(&p->key);
+	*out = flow_create(p, rk.nat_ip, rk.nat_port, p->key.dst_ip, p->key.dst_port,
+			   KIND_NAT_OUT, KIND_NAT_IN, gw_id, 0);
 	if (!*out)
 		goto full;
 	struct gw_metrics *m = gw_stats.lookup(&gw_id);
 	if (m)
 		m->connection_attempt++;
-	stat_inc(S_FLOW_CREATED);
-	emit_event(EV_FLOW_CREATED, &p->key, &v, p->now);
 	return 0;
 full:
 	nat_resv.delete(&rk);

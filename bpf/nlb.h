@@ -20,49 +20,14 @@ static __always_inline int nlb_new_flow(struct pkt *p, struct hp_config *cfg,
 	if (!t || !(t->flags & TARGET_F_ACTIVE))
 		return V_DROP_NO_TARGET;
 
-	struct flow_key reply = {};
-	reply.src_ip = t->ip;
-	reply.dst_ip = p->key.src_ip;
-	reply.src_port = t->port;
-	reply.dst_port = p->key.src_port;
-	reply.proto = p->key.proto;
-
-	struct flow_value v = {};
-	v.created_ns = p->now;
-	v.last_seen_ns = p->now;
-	v.resource = lid;
-	v.target = tid;
-	v.tcp_state = p->key.proto == IPPROTO_TCP ? TCP_S_SYN_SENT : TCP_S_NONE;
-
-	/* reply direction: the target answers the client from the listener's address */
-	v.twin = p->key;
-	v.kind = KIND_NLB_OUT;
-	v.new_src_ip = p->key.dst_ip;
-	v.new_src_port = p->key.dst_port;
-	v.new_dst_ip = p->key.src_ip;
-	v.new_dst_port = p->key.src_port;
-	if (flows.update(&reply, &v) != 0)
-		return V_DROP_TABLE_FULL;
-
-	/* original direction: destination becomes the target; the client IP is kept */
-	v.twin = reply;
-	v.kind = KIND_NLB_IN;
-	v.new_src_ip = p->key.src_ip;
-	v.new_src_port = p->key.src_port;
-	v.new_dst_ip = t->ip;
-	v.new_dst_port = t->port;
-	if (flows.update(&p->key, &v) != 0) {
-		flows.delete(&reply);
-		return V_DROP_TABLE_FULL;
-	}
-	*out = flows.lookup(&p->key);
+	/* the client IP is kept; the target answers from the listener's address */
+	*out = flow_create(p, p->key.src_ip, p->key.src_port, t->ip, t->port, KIND_NLB_IN,
+			   KIND_NLB_OUT, lid, tid);
 	if (!*out)
 		return V_DROP_TABLE_FULL;
 	struct lb_metrics *m = lb_stats.lookup(&lid);
 	if (m)
 		m->new_flow++;
-	stat_inc(S_FLOW_CREATED);
-	emit_event(EV_FLOW_CREATED, &p->key, &v, p->now);
 	return 0;
 }
 
