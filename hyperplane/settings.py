@@ -15,7 +15,7 @@ class Timeouts:
     """Idle timeouts in seconds. Defaults: AWS NAT gateway / NLB (REFERENCE.md)."""
     tcp_established: int = 350   # AWS: 350 s idle, then the connection is gone
     tcp_syn: int = 60            # half-open: SYN seen, no SYN-ACK
-    tcp_closing: int = 30        # after a FIN or RST
+    tcp_closing: int = 10        # after a FIN or RST (Linux conntrack: 10 s after a RST)
     udp: int = 120               # AWS NLB's UDP idle timeout
     icmp: int = 30
 
