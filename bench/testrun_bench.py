@@ -31,9 +31,10 @@ whole ns). Two methods:
             indirect (retpoline) call instead of the dispatcher, and caches cooled by the
             trip through user space; the trivial program timed the same way carries the
             same fixed cost (reported as per_call_overhead).
-Per round each path's value is the mean of its calls without the lowest and highest 5 %
-(the machine is shared); the table gives the median over rounds with min-max, and the
-ratio to the trivial program timed with the same method in the same round. Every
+Per round each path's value is the plain mean of its calls (rare slow calls that belong
+to a path, like LRU free-list refills on new flows, stay in); the table gives the median
+over rounds with min-max (a round disturbed by other work on the machine falls out), and
+the ratio to the trivial program timed with the same method in the same round. Every
 hyperplane measurement checks the verdict counters: all timed packets took the path meant.
 
     sudo .venv/bin/python bench/testrun_bench.py --rounds 5
@@ -47,6 +48,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -206,18 +208,17 @@ def cbuf(data: bytes):
     return ctypes.create_string_buffer(data, len(data))
 
 
-TRIM = 0.05
-
-
 def summary(durations: list[int]) -> dict:
-    """`value`: the mean without the lowest and highest 5 % (the machine is shared: a call
-    that was preempted or took an interrupt is an outlier, not the program's cost)."""
+    """`value` is the plain mean of the calls: it keeps the rare slow call a path really
+    has (a new flow now and then refills the LRU map's per-CPU free list, ~128 nodes at a
+    time); the machine's noise is left to the median over rounds. The median, p99 and a 5 %
+    trimmed mean are kept beside it."""
     d = sorted(durations)
-    cut = int(len(d) * TRIM)
-    kept = d[cut:len(d) - cut] or d
-    return {"value": statistics.fmean(kept), "mean": statistics.fmean(d),
-            "median": statistics.median(d), "p99": d[min(len(d) - 1, int(len(d) * 0.99))],
-            "min": d[0], "n": len(d)}
+    cut = int(len(d) * 0.05)
+    return {"value": statistics.fmean(d), "median": statistics.median(d),
+            "trimmed_mean": statistics.fmean(d[cut:len(d) - cut] or d),
+            "p99": d[min(len(d) - 1, int(len(d) * 0.99))], "min": d[0], "max": d[-1],
+            "n": len(d)}
 
 
 def verdict_delta(dp, before: dict) -> dict:
@@ -427,7 +428,7 @@ def aggregate(rounds: list[dict]) -> dict:
                     "ratio_median": statistics.median(ratio), "ratio_min": min(ratio),
                     "ratio_max": max(ratio), "ns_per_round": ns}
         if "median" in rounds[0][key]:
-            for stat in ("mean", "median", "p99", "min"):
+            for stat in ("median", "trimmed_mean", "p99", "min", "max"):
                 out[key][f"calls_{stat}_ns"] = statistics.median(r[key][stat] for r in rounds)
     # the fixed cost a per-call number carries (timer, bh off/on, cold-ish caches), and
     # the per-call paths without it
@@ -460,8 +461,9 @@ def targets(agg: dict) -> list[str]:
     return [f"established path <= 3x trivial: {'met' if loop <= 3 else 'MISSED'} in the warm "
             f"loop (worse direction {loop:.2f}x); per call {call:.2f}x "
             f"({'met' if call <= 3 else 'missed'})",
-            f"new flow < 500 ns: {'met' if new < 500 else 'MISSED'} ({new:.0f} ns per call; "
-            f"{net:.0f} ns without the per-call overhead)"]
+            f"new flow < 500 ns: {'met' if new < 500 else 'MISSED'} (mean {new:.0f} ns per call, "
+            f"{net:.0f} ns without the per-call overhead; the median call "
+            f"{agg['new_flow_call']['calls_median_ns']:.0f} ns)"]
 
 
 def machine() -> dict:
@@ -504,9 +506,21 @@ def main(argv=None) -> int:
     import bcc
     started = datetime.datetime.now(datetime.timezone.utc)
     syns = [cbuf(p) for p in new_flow_syns(args.new_flows)]
-    build_namespace()
+    # a SIGTERM unwinds like an exception, so the namespace is removed; only in this
+    # process: pyroute2 forks helpers (they inherit the handler) and ends them with SIGTERM
+    main_pid = os.getpid()
+
+    def on_term(signum, _frame):
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
     dp = trivial = lookup = None
     try:
+        build_namespace()
         ifidx = {i: netns.call_in(NS, socket.if_nametoindex, i) for i in ("in0", "out0")}
         trivial = bcc.BPF(text=TRIVIAL_C)
         lookup = bcc.BPF(text=LOOKUP_C)
@@ -547,6 +561,9 @@ def main(argv=None) -> int:
                                             *(argv if argv is not None else sys.argv[1:])])
     print(table(agg))
     print()
+    print("¹ the real entry and its inverse alternate (TTL 255, repeat=254): every repeat is "
+          "a full translation\n² not the established path: one translation, then the "
+          "translated packet missing the flow table N-1 times\n")
     ov = agg["per_call_overhead"]["ns_median"]
     print(f"per-call overhead (trivial per call - trivial loop): {ov:.1f} ns; per call without "
           f"it: est_out {agg['est_out_call']['net_ns_median']:.1f} ns, est_reply "
@@ -557,10 +574,15 @@ def main(argv=None) -> int:
           f"output {tr['output']}")
     for line in targets(agg):
         print("- " + line)
-    commit = subprocess.run(["git", "-C", os.path.dirname(HERE), "rev-parse", "HEAD"],
+    root = os.path.dirname(HERE)
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "bpf",
+                            "hyperplane", "bench/testrun_bench.py"],
+                           capture_output=True, text=True).stdout.split("\n")
     doc = {"meta": {**machine(), "date": started.isoformat(timespec="seconds"),
-                    "command": cmd, "git_commit": commit, "cpu_pinned": cpu, "rounds": args.rounds,
+                    "command": cmd, "git_commit": commit,
+                    "uncommitted": [x[3:] for x in dirty if x.strip()], "cpu_pinned": cpu, "rounds": args.rounds,
                     "repeat": args.repeat, "calls": args.calls, "loop_calls": args.loop_calls,
                     "loop_repeat": LOOP_TTL - 1, "new_flows": args.new_flows,
                     "sizes": {"max_flows": sizes.max_flows,
