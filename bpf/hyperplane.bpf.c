@@ -111,8 +111,10 @@ static __always_inline int forward_flow(struct xdp_md *ctx, struct pkt *p, struc
 		frags.update(&fk, &fv);
 	}
 	v->last_seen_ns = p->now;
-	__sync_fetch_and_add(&v->packets, 1);
-	__sync_fetch_and_add(&v->bytes, p->len);
+	/* plain adds: one direction of a flow is normally handled by one CPU (RSS), and an
+	 * atomic costs ~10 ns per packet; the exact counts are the per-CPU verdicts */
+	v->packets += 1;
+	v->bytes += p->len;
 	if (p->key.proto == IPPROTO_TCP) {
 		int established = 0;
 		if (tcp_track(v, p->tcp_flags, &established)) {
@@ -311,7 +313,9 @@ static __always_inline int process(struct xdp_md *ctx, struct pkt *p)
 	struct hp_config *cfg = get_config();
 	if (!cfg)
 		return V_PASS_NO_RESOURCE;
-	p->now = bpf_ktime_get_ns();
+	/* the coarse clock (jiffy resolution) is plenty for timeouts in seconds and costs
+	 * 20-30 ns less per packet than bpf_ktime_get_ns() on this kind of VM */
+	p->now = bpf_ktime_get_coarse_ns();
 	__u16 frag_off = bpf_ntohs(ip->frag_off);
 	p->frag = (frag_off & (IP_MF | IP_OFFSET)) != 0;
 	p->frag_first = p->frag && !(frag_off & IP_OFFSET);

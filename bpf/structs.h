@@ -35,7 +35,7 @@ struct flow_value {
 	__be16 new_src_port;
 	__be16 new_dst_port;
 	__u64 created_ns;
-	__u64 last_seen_ns;       /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 last_seen_ns;       /* bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC_COARSE) */
 	__u64 packets;
 	__u64 bytes;
 	__u8 kind;                /* enum hp_flow_kind */

@@ -8,6 +8,7 @@ from .codec import PROTOCOL_NAMES, be16_to_port, be32_to_ip, proto_number
 from .verdicts import FlowKind, TcpState
 
 NSEC = 1_000_000_000
+CLOCK_MONOTONIC_COARSE = 6  # linux/time.h; Python's time module does not name it
 
 
 @dataclass
@@ -37,8 +38,8 @@ class Flow:
 
 
 def now_ns() -> int:
-    # bpf_ktime_get_ns() is CLOCK_MONOTONIC
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    # the data path stamps flows with bpf_ktime_get_coarse_ns(): CLOCK_MONOTONIC_COARSE
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 
 def _timeout_s(timeouts: list[int], proto: int, state: int) -> int:
