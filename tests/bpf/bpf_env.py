@@ -24,7 +24,11 @@ INET, INET2 = "198.18.0.2", "198.18.0.3"
 ROUTER = "198.18.0.254"          # an intermediate router that sends ICMP errors
 NAT_IP, NAT_IP2 = "198.18.0.100", "198.18.0.101"
 MAC = {"in0": "02:00:00:00:01:01", "in0p": "02:00:00:00:01:02",
-       "out0": "02:00:00:00:02:01", "out0p": "02:00:00:00:02:02"}
+       "out0": "02:00:00:00:02:01", "out0p": "02:00:00:00:02:02",
+       "tg0": "02:00:00:00:03:01", "tg0p": "02:00:00:00:03:02"}
+VIP = "198.18.0.200"
+TARGETS = ["10.20.1.10", "10.20.2.10", "10.20.3.10"]
+TARGET_MAC = "02:00:00:00:00:20"
 CLIENT_MAC, INET_MAC = "02:00:00:00:00:10", "02:00:00:00:00:02"
 SIZES = Sizes(max_flows=4096, max_reservations=2048, max_listeners=4, maglev_size=251,
               max_targets=16)
@@ -56,7 +60,8 @@ class Env:
         return stat_counts(self.dp)
 
     def reset(self):
-        for name in ("flows", "nat_resv", "frags", "gw_stats", "stats", "lb_stats"):
+        for name in ("flows", "nat_resv", "frags", "gw_stats", "stats", "lb_stats",
+                     "target_packets"):
             self.dp.table(name).clear()
 
     def set_timeouts(self, **kw):
@@ -71,11 +76,16 @@ def _build_namespace():
     netns.create(NS)
     netns.veth(NS, "in0", NS, "in0p", mac_a=MAC["in0"], mac_b=MAC["in0p"])
     netns.veth(NS, "out0", NS, "out0p", mac_a=MAC["out0"], mac_b=MAC["out0p"])
-    for ifname in ("lo", "in0", "in0p", "out0", "out0p"):
+    netns.veth(NS, "tg0", NS, "tg0p", mac_a=MAC["tg0"], mac_b=MAC["tg0p"])
+    for ifname in ("lo", "in0", "in0p", "out0", "out0p", "tg0", "tg0p"):
         netns.set_up(NS, ifname)
     netns.add_address(NS, "in0", "10.10.0.1/24")
     netns.add_address(NS, "out0", "198.18.0.1/24")
     netns.add_address(NS, "out0", f"{NAT_IP}/32")
+    netns.add_address(NS, "out0", f"{VIP}/32")
+    netns.add_address(NS, "tg0", "10.20.0.1/16")
+    for ip in TARGETS:
+        netns.add_neighbour(NS, "tg0", ip, TARGET_MAC)
     for ip in (CLIENT, CLIENT2):
         netns.add_neighbour(NS, "in0", ip, CLIENT_MAC)
     for ip in (INET, INET2, ROUTER):
@@ -93,7 +103,7 @@ def env():
         dp = Datapath(SIZES)
         write_config(dp, Timeouts(), hash_seed=0x12345678)
         apply_gateway(dp, GatewayConfig("gw-test", 0, [NAT_IP], ["10.10.0.0/24"]))
-        ifindex = {i: netns.call_in(NS, socket_ifindex, i) for i in ("in0", "out0")}
+        ifindex = {i: netns.call_in(NS, socket_ifindex, i) for i in ("in0", "out0", "tg0")}
         yield Env(dp, ifindex)
     finally:
         if dp is not None:
