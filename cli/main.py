@@ -24,8 +24,8 @@ def cli():
 
 def _register():
     # Imported here so a broken optional command never hides the others' help.
-    from . import lab, nat, flows, counters  # noqa: F401
-    for mod in (lab, nat, flows, counters):
+    from . import agent, counters, flows, lab, lb, nat  # noqa: F401
+    for mod in (lab, nat, lb, agent, flows, counters):
         cli.add_command(mod.command)
 
 

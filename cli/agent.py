@@ -1,0 +1,22 @@
+"""hpctl agent: run a node's agent in the foreground (health checks, Maglev tables, drains)."""
+from __future__ import annotations
+
+import click
+
+from hyperplane.store import DEFAULT_STORE
+
+from .options import node_option, resolve_node
+
+command = click.Group("agent", help="The node agent.")
+
+
+@command.command("run")
+@node_option
+@click.option("--store", "store_path", default=DEFAULT_STORE, show_default=True,
+              envvar="HPCTL_STORE")
+@click.option("--tick", type=float, default=0.2, show_default=True, help="Seconds between ticks.")
+def run(node, store_path, tick):
+    """Run until SIGTERM / Ctrl-C."""
+    from hyperplane import agent
+    raise SystemExit(agent.main(["--node", resolve_node(node), "--store", store_path,
+                                 "--tick", str(tick)]))
