@@ -14,7 +14,8 @@ from .options import emit_json, json_option, node_option, resolve_node
 @json_option
 def command(node, nonzero, as_json):
     """Packets per verdict (every packet ends in exactly one), events, gateway metrics."""
-    from hyperplane.metrics import gateway_metrics, stat_counts, verdict_counts
+    from hyperplane.metrics import (gateway_metrics, load_balancer_metrics, stat_counts,
+                                    verdict_counts)
     from hyperplane.node import node_state, open_node
     node = resolve_node(node)
     dp = open_node(node)
@@ -24,6 +25,8 @@ def command(node, nonzero, as_json):
         "verdicts": verdict_counts(dp),
         "events": stat_counts(dp),
         "gateways": {gw["name"]: gateway_metrics(dp, gw["gw_id"]) for gw in state["gateways"]},
+        "load_balancers": {str(k): v for k, v in
+                           load_balancer_metrics(dp, _agent_status(node)).items()},
     }
     data["packets"] = sum(data["verdicts"].values())
     if as_json:
@@ -37,11 +40,22 @@ def command(node, nonzero, as_json):
         if n or not nonzero:
             t.add_row(name, str(n))
     console.print(t)
-    for gw, metrics in data["gateways"].items():
-        m = Table(title=f"gateway {gw}")
+    sections = [(f"gateway {gw}", m) for gw, m in data["gateways"].items()] + \
+        [(f"load balancer id {lb}", m) for lb, m in data["load_balancers"].items()]
+    for title, metrics in sections:
+        m = Table(title=title)
         m.add_column("metric")
         m.add_column("value", justify="right")
         for name, n in metrics.items():
             if n or not nonzero:
                 m.add_row(name, str(n))
         console.print(m)
+
+
+def _agent_status(node: str):
+    from hyperplane.agent import read_status
+    from hyperplane.errors import HyperplaneError
+    try:
+        return read_status(node)
+    except HyperplaneError:
+        return None  # no agent: no health counts

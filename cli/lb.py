@@ -115,7 +115,8 @@ command.add_command(tg)
 @click.option("--hc-port", type=int, help="Health check port (default: the traffic port).")
 @click.option("--hc-path", default="/", show_default=True)
 @click.option("--interval", type=float, default=30, show_default=True, help="Seconds (AWS: 5-300).")
-@click.option("--timeout", type=float, default=10, show_default=True)
+@click.option("--timeout", type=float, default=None,
+              help="Seconds per check (default: 10, or the interval if shorter).")
 @click.option("--healthy", type=int, default=5, show_default=True, help="Healthy threshold.")
 @click.option("--unhealthy", type=int, default=2, show_default=True, help="Unhealthy threshold.")
 @click.option("--fast", is_flag=True, help="Allow sub-second intervals (labs).")
@@ -126,7 +127,7 @@ def tg_create(name, hc_protocol, hc_port, hc_path, interval, timeout, healthy, u
               deregistration_delay, reset_on_unhealthy, store_path):
     """Create a target group."""
     hc = {"protocol": hc_protocol, "path": hc_path, "interval_s": interval,
-          "timeout_s": timeout, "healthy_threshold": healthy, "unhealthy_threshold": unhealthy,
+          "timeout_s": timeout if timeout is not None else min(10.0, interval), "healthy_threshold": healthy, "unhealthy_threshold": unhealthy,
           "allow_fast": fast}
     if hc_port:
         hc["port"] = hc_port

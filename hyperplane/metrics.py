@@ -45,3 +45,44 @@ def gateway_metrics(dp, gw_id: int) -> dict[str, int]:
     out["ActiveConnectionCount"] = sum(
         1 for f in list_flows(dp) if f.kind == "NAT_OUT" and f.resource == gw_id and f.live)
     return out
+
+
+# lb_metrics field -> AWS Network Load Balancer metric name (REFERENCE.md)
+NLB_METRICS = {
+    "new_flow": "NewFlowCount",
+    "processed_bytes": "ProcessedBytes",
+    "processed_packets": "ProcessedPackets",
+    "tcp_client_reset": "TCP_Client_Reset_Count",
+    "tcp_target_reset": "TCP_Target_Reset_Count",
+    "tcp_elb_reset": "TCP_ELB_Reset_Count",
+}
+
+
+def load_balancer_metrics(dp, status: dict | None = None) -> dict:
+    """AWS-named metrics per load balancer id, summed over its listeners and CPUs.
+
+    ActiveFlowCount is counted from the live flows; Healthy/UnHealthyHostCount
+    come from the agent's status (the health checks run there)."""
+    from .flows import list_flows
+    table = dp.table("lb_stats")
+    by_lb: dict[int, set] = {}
+    for k, v in dp.table("listeners").items():
+        by_lb.setdefault(v.lb_id, set()).add(v.listener_id)
+    out = {}
+    flows = [f for f in list_flows(dp, kind="NLB_IN") if f.live]
+    for lb_id, lids in sorted(by_lb.items()):
+        m = {aws: 0 for aws in NLB_METRICS.values()}
+        for lid in lids:
+            for cpu in table[table.Key(lid)]:
+                for field, aws in NLB_METRICS.items():
+                    m[aws] += getattr(cpu, field)
+        m["ActiveFlowCount"] = sum(1 for f in flows if f.resource in lids)
+        out[lb_id] = m
+    if status:
+        healthy = sum(1 for tg in status.get("target_groups", {}).values()
+                      for t in tg.values() if t["state"] == "healthy")
+        unhealthy = sum(1 for tg in status.get("target_groups", {}).values()
+                        for t in tg.values() if t["state"] == "unhealthy")
+        for m in out.values():
+            m["HealthyHostCount"], m["UnHealthyHostCount"] = healthy, unhealthy
+    return out

@@ -163,3 +163,14 @@ def test_new_flow_and_reset_metrics(e, nlb):
     assert sum(c.new_flow for c in stats) == 1
     assert sum(c.tcp_elb_reset for c in stats) == 1
     assert sum(c.processed_packets for c in stats) == 1
+
+
+def test_aws_named_load_balancer_metrics(e, nlb):
+    from hyperplane.metrics import load_balancer_metrics
+    for sport in (56000, 56001):
+        e.run(syn(sport=sport), "out0")
+    status = {"target_groups": {"web": {"a": {"state": "healthy"}, "b": {"state": "unhealthy"}}}}
+    m = load_balancer_metrics(e.dp, status)[0]
+    assert m["NewFlowCount"] == 2 and m["ActiveFlowCount"] == 2
+    assert m["ProcessedPackets"] == 2 and m["ProcessedBytes"] == 2 * 54
+    assert (m["HealthyHostCount"], m["UnHealthyHostCount"]) == (1, 1)
