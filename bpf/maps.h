@@ -12,8 +12,10 @@
 	BPF_F_TABLE(type, key, leaf, name, size, flags)
 #endif
 
-/* Flow table: two entries per flow (original and reply direction). */
-HP_MAP("lru_hash", struct flow_key, struct flow_value, flows, HP_MAX_FLOWS, 0);
+/* Flow table: two entries per flow (original and reply direction). A plain hash, not an
+ * LRU: a full table refuses new flows (DROP_TABLE_FULL, counted) instead of silently
+ * evicting live ones; expired flows are deleted when met and by the agent's GC. */
+HP_MAP("hash", struct flow_key, struct flow_value, flows, HP_MAX_FLOWS, 0);
 /* NAT ports taken per destination; a plain hash so a live reservation is never evicted. */
 HP_MAP("hash", struct nat_resv_key, struct nat_resv_value, nat_resv, HP_MAX_RESERVATIONS, 0);
 /* NAT gateways by id. */

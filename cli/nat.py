@@ -40,10 +40,13 @@ def _load_config_file(path: str) -> dict:
 @click.option("--ports", default="1024-65535", show_default=True, help="NAT port range.")
 @click.option("--xdp-mode", type=click.Choice(["generic", "native"]), default="generic",
               show_default=True)
+@click.option("--agent/--no-agent", default=True, show_default=True,
+              help="Start the node agent in the background (garbage collection of expired "
+                   "flows, load balancers from the store).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help='JSON: {"ifnames": [...], "netns": ..., "xdp_mode": ..., "timeouts": {...}, '
                    '"gateways": [{"name", "nat_ips", "inside_cidrs", "port_min", "port_max"}]}')
-def up_cmd(node, ifnames, netns, nat_ips, inside, ports, xdp_mode, config_file):
+def up_cmd(node, ifnames, netns, nat_ips, inside, ports, xdp_mode, agent, config_file):
     """Load the data path, configure the gateway(s) and attach. Flows survive a re-run."""
     from hyperplane.node import start_nat_node
     cfg = _load_config_file(config_file) if config_file else {}
@@ -63,6 +66,11 @@ def up_cmd(node, ifnames, netns, nat_ips, inside, ports, xdp_mode, config_file):
                    mode=cfg.get("xdp_mode", xdp_mode),
                    timeouts=Timeouts.from_dict(cfg.get("timeouts")))
     click.echo(f"node {node}: NAT up on {', '.join(ifnames)}", err=True)
+    if agent:
+        from hyperplane.agent import spawn_agent, stop_agent
+        stop_agent(node)  # a re-run replaces the agent too
+        pid = spawn_agent(node)
+        click.echo(f"node {node}: agent running (pid {pid})", err=True)
 
 
 @command.command("show")

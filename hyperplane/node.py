@@ -77,8 +77,11 @@ def start_nat_node(node: str, ifnames: list[str], gateways: list[GatewayConfig],
 
 def stop_node(node: str, ifnames: list[str] | None = None, *, netns: str | None = None,
               pin_root: str = PIN_ROOT) -> None:
-    """Detach from the node's interfaces and remove its pinned maps and state."""
+    """Stop its agent, detach from the node's interfaces, remove its pinned maps and state."""
     import bcc
+
+    from .agent import stop_agent
+    stop_agent(node)
     try:
         state = node_state(node)
         ifnames = ifnames or state["ifnames"]

@@ -407,3 +407,29 @@ def test_fin_both_ways_closes_the_flow(e):
     states = {f.tcp_state for f in list_flows(e.dp)}
     assert states == {"CLOSED"}
     assert e.stats()["FLOW_CLOSED"] == 1
+
+
+def test_full_flow_table_refuses_new_flows_and_keeps_old_ones(env):
+    """A full table is a clear, counted rejection: nothing live is evicted."""
+    from bpf_env import SIZES, Env
+    from dataclasses import replace
+    from hyperplane.loader import Datapath
+    from hyperplane.settings import write_config
+    small = Datapath(replace(SIZES, max_flows=8))  # room for 4 flows
+    try:
+        write_config(small)
+        apply_gateway(small, GatewayConfig("gw-small", 0, [NAT_IP], ["10.10.0.0/24"]))
+        run = Env(small, env.ifindex)
+        ports = {}
+        for cport in range(47000, 47004):
+            verdict, _, out = run.run(tcp_syn(sport=cport))
+            assert verdict == Verdict.TX_NAT_OUT
+            ports[cport] = Ether(out)[TCP].sport
+        verdict, action, _ = run.run(tcp_syn(sport=47004))
+        assert (verdict, action) == (Verdict.DROP_TABLE_FULL, "XDP_DROP")
+        assert len(list(small.table("nat_resv").items())) == 4, "the refused flow kept its port"
+        for cport, port in ports.items():
+            reply = from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=port, flags="SA"))
+            assert run.run(reply, "out0")[0] == Verdict.TX_NAT_IN
+    finally:
+        small.close()
