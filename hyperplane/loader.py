@@ -110,9 +110,32 @@ class Datapath:
                     f"bcc cannot compile: kernel headers are missing at /lib/modules/"
                     f"{os.uname().release}/build; run scripts/setup.sh.") from exc
             raise
+        if pin_dir:
+            self._check_pins()
         # load_program=False only opens the (pinned) maps, e.g. for hpctl's read commands
         self.fn = self.bpf.load_func(PROGRAM, bcc.BPF.XDP) if load_program else None
         self.attached: list[tuple[str, int]] = []
+
+    PINNED = ("flows", "nat_resv", "gateways", "nat_ips", "inside_nets", "config", "verdicts",
+              "gw_stats", "frags", "vips", "listeners", "maglev", "targets", "lb_stats",
+              "target_packets", "stats")
+
+    def _check_pins(self) -> None:
+        """bcc reuses a pinned map by its path without comparing it to the definition; a map
+        pinned by another version or with other sizes is refused here, clearly."""
+        import ctypes
+        for name in self.PINNED:
+            t = self.table(name)
+            info = map_info(t.map_fd)
+            want = (t.ttype, ctypes.sizeof(t.Key), ctypes.sizeof(t.Leaf), t.max_entries)
+            have = (info.type, info.key_size, info.value_size, info.max_entries)
+            if have != want:
+                raise ConfigError(
+                    f"the pinned map {self.pin_dir}/{name} (type {have[0]}, key {have[1]} B, "
+                    f"value {have[2]} B, {have[3]} entries) does not match this program's "
+                    f"(type {want[0]}, key {want[1]} B, value {want[2]} B, {want[3]} entries): "
+                    f"it was made by another version or with other sizes; stop the node "
+                    f"(hpctl nat down) or remove {self.pin_dir}, then start again")
 
     @property
     def prog_fd(self) -> int:
@@ -149,6 +172,24 @@ class Datapath:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def map_info(fd: int):
+    """struct bpf_map_info of a map fd (libbpf's bpf_obj_get_info_by_fd)."""
+    import ctypes
+
+    class MapInfo(ctypes.Structure):
+        _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                    ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                    ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                    ("name", ctypes.c_char * 16), ("rest", ctypes.c_uint8 * 64)]
+
+    from .testrun import _libbpf
+    info = MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    if _libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) != 0:
+        raise OSError(ctypes.get_errno(), "bpf_obj_get_info_by_fd failed")
+    return info
 
 
 def _ensure_bpffs_dir(pin_dir: str) -> None:

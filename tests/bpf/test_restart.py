@@ -42,3 +42,21 @@ def test_restart_keeps_flows_and_seed(env):
             if dp is not None:
                 dp.close()
         remove_pins(pin_dir)
+
+
+def test_pins_of_other_sizes_are_refused_clearly(env):
+    from dataclasses import replace
+
+    import pytest
+
+    from hyperplane.errors import ConfigError
+    pin_dir = os.path.join(PIN_ROOT, f"hpt-pins-{os.getpid()}")
+    first = None
+    try:
+        first = Datapath(SIZES, pin_dir)
+        with pytest.raises(ConfigError, match="does not match this program"):
+            Datapath(replace(SIZES, max_flows=SIZES.max_flows * 2), pin_dir)
+    finally:
+        if first is not None:
+            first.close()
+        remove_pins(pin_dir)
