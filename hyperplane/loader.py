@@ -127,7 +127,10 @@ class Datapath:
         for name in self.PINNED:
             t = self.table(name)
             info = map_info(t.map_fd)
-            want = (t.ttype, ctypes.sizeof(t.Key), ctypes.sizeof(t.Leaf), t.max_entries)
+            leaf = t.Leaf
+            if t.ttype in PERCPU_TYPES and issubclass(leaf, ctypes.Array):
+                leaf = leaf._type_  # bcc's per-CPU Leaf is one value per possible CPU
+            want = (t.ttype, ctypes.sizeof(t.Key), ctypes.sizeof(leaf), t.max_entries)
             have = (info.type, info.key_size, info.value_size, info.max_entries)
             if have != want:
                 raise ConfigError(
@@ -172,6 +175,9 @@ class Datapath:
 
     def __exit__(self, *exc):
         self.close()
+
+
+PERCPU_TYPES = (5, 6)  # BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY
 
 
 def map_info(fd: int):
