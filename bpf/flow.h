@@ -85,7 +85,9 @@ static __always_inline void emit_event(__u32 type, struct flow_key *k, struct fl
 	e->ts_ns = now;
 	__builtin_memcpy(&e->key, k, sizeof(*k));
 	__builtin_memcpy(&e->value, v, sizeof(*v));
-	flow_events.ringbuf_submit(e, 0);
+	/* no wakeup per event: readers consume on a timer (an irq_work per new flow costs
+	 * more than the rest of the event) */
+	flow_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
 /* The reservation of a NAT flow, built from its reply-direction key. */

@@ -37,8 +37,9 @@ class FlowEventRecord:
 
 
 def subscribe(dp, callback) -> None:
-    """Call callback(FlowEventRecord) for each event; deliver with dp.bpf.ring_buffer_poll()
-    or ring_buffer_consume()."""
+    """Call callback(FlowEventRecord) for each event, delivered by dp.bpf.ring_buffer_consume()
+    (call it on a timer: the data path submits without wakeups, so a blocking poll would
+    not return for new events)."""
     cls = event_class(dp)
 
     def on_event(_ctx, data, _size):
