@@ -21,7 +21,7 @@ from .flows import collect_garbage
 from .health import HealthChecker, TargetHealth
 from .nlb import NlbDataplane
 from .nlb_config import NlbConfig
-from .node import NODE_STATE_DIR, node_state, open_node
+from .node import NODE_STATE_DIR, node_state, open_node, read_state_file
 from .store import DEFAULT_STORE, Store
 
 log = logging.getLogger("hyperplane.agent")
@@ -177,12 +177,8 @@ class Agent:
 # --- running in the background -------------------------------------------------------------
 
 def read_status(node: str) -> dict:
-    try:
-        with open(status_path(node)) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise HyperplaneError(f"no agent status for node {node!r}: is the agent running? "
-                              f"(hpctl agent run --node {node})") from None
+    return read_state_file(status_path(node), f"no agent status for node {node!r}: is the "
+                           f"agent running? (hpctl agent run --node {node})")
 
 
 def spawn_agent(node: str, store_path: str = DEFAULT_STORE, timeout_s: float = 30.0) -> int:

@@ -22,13 +22,18 @@ def _state_file(node: str) -> str:
     return os.path.join(NODE_STATE_DIR, f"{node}.json")
 
 
-def node_state(node: str) -> dict:
+def read_state_file(path: str, missing: str) -> dict:
+    """A JSON state file of a node, or NotFound with the sentence `missing`."""
     try:
-        with open(_state_file(node)) as f:
+        with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise NotFound(f"no node {node!r} is running here (no {_state_file(node)}); "
-                       f"start one with hpctl nat up or hpctl lab up") from None
+        raise NotFound(missing) from None
+
+
+def node_state(node: str) -> dict:
+    return read_state_file(_state_file(node), f"no node {node!r} is running here (no "
+                           f"{_state_file(node)}); start one with hpctl nat up or hpctl lab up")
 
 
 def running_nodes() -> list[str]:
