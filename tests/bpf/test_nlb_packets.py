@@ -174,3 +174,18 @@ def test_aws_named_load_balancer_metrics(e, nlb):
     assert m["NewFlowCount"] == 2 and m["ActiveFlowCount"] == 2
     assert m["ProcessedPackets"] == 2 and m["ProcessedBytes"] == 2 * 54
     assert (m["HealthyHostCount"], m["UnHealthyHostCount"]) == (1, 1)
+
+
+def test_icmp_error_from_client_reaches_the_target(e, nlb):
+    _, _, data = e.run(syn(sport=57000), "out0")
+    target = Ether(data)[IP].dst
+    embedded = IP(src=VIP, dst=INET, ttl=63) / TCP(sport=80, dport=57000, flags="SA")
+    err = from_inet(IP(src=INET, dst=VIP) / ICMP(type=3, code=4, nexthopmtu=1280) / embedded)
+    verdict, _, out = e.run(err, "out0")
+    assert verdict == Verdict.TX_ICMP_ERROR
+    assert_checksums(out)
+    p = Ether(out)
+    assert (p[IP].src, p[IP].dst) == (INET, target)
+    assert (p[IPerror].src, p[IPerror].dst) == (target, INET)
+    from scapy.layers.inet import TCPerror
+    assert (p[TCPerror].sport, p[TCPerror].dport) == (8080, 57000)
