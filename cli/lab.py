@@ -13,16 +13,21 @@ from .options import emit_json, json_option
 
 prefix_option = click.option(
     "--prefix", default="hp", show_default=True, envvar="HPCTL_LAB_PREFIX",
-    help="Name prefix of the lab's namespaces (<prefix>-client, <prefix>-node1, <prefix>-inet).")
+    help="Name prefix of the lab's namespaces (<prefix>-client, <prefix>-node1, <prefix>-inet, "
+         "<prefix>-t1..t3).")
 
 command = click.Group(
     "lab",
-    help="The one-node lab: a client network, a NAT node and an 'internet' in network "
-         "namespaces on this machine (never connected to its real interfaces). Needs root.",
+    help="The one-node lab: a client network, a node, an 'internet' and three NLB target "
+         "hosts in network namespaces on this machine (never connected to its real "
+         "interfaces). Needs root.",
     epilog="\b\nExamples:\n"
-           "  hpctl lab up                          XDP NAT gateway (generic XDP)\n"
+           "  hpctl lab up                          XDP NAT gateway + NLB (generic XDP)\n"
            "  hpctl lab up --mode nft               Linux NAT instead, for comparison\n"
+           "  hpctl lab up --mode haproxy           HAProxy (TCP mode) as the NLB baseline\n"
            "  hpctl lab exec client -- curl -s http://198.18.0.2:8000/\n"
+           "  hpctl lab exec t1 -- python3 -m hyperplane.lab serve --name t1 --ip 10.20.1.10\n"
+           "  hpctl lab exec inet -- curl -s http://198.18.0.200/\n"
            "  hpctl lab status --json\n"
            "  hpctl lab down",
 )
@@ -34,15 +39,19 @@ def _say(msg: str) -> None:
 
 @command.command("up")
 @click.option("--mode", type=click.Choice(_lab.MODES), default="xdp", show_default=True,
-              help="xdp: the hyperplane NAT; kernel: plain forwarding, no NAT (benchmark "
-                   "floor); nft: Linux NAT (nftables snat).")
+              help="xdp: the hyperplane NAT gateway and NLB; kernel: plain forwarding, no NAT "
+                   "(benchmark floor); nft: Linux NAT (nftables snat); haproxy: HAProxy in "
+                   "TCP mode on the VIP (NLB baseline), kernel forwarding otherwise.")
 @click.option("--xdp-mode", type=click.Choice(_lab.XDP_MODES), default="generic",
               show_default=True, help="How XDP attaches to the node's veths (mode xdp).")
+@click.option("--nlb/--no-nlb", default=True, show_default=True,
+              help="Mode xdp: write the lab NLB (VIP 198.18.0.200, listeners TCP 80 and UDP "
+                   "53) to the store and start its agent; mode haproxy: start HAProxy.")
 @prefix_option
 @json_option
-def up_cmd(mode, xdp_mode, prefix, as_json):
-    """Build the lab (and start the NAT node in mode xdp)."""
-    cfg = _lab.LabConfig(prefix=prefix, mode=mode, xdp_mode=xdp_mode).validate()
+def up_cmd(mode, xdp_mode, nlb, prefix, as_json):
+    """Build the lab (and start the node in mode xdp, HAProxy in mode haproxy)."""
+    cfg = _lab.LabConfig(prefix=prefix, mode=mode, xdp_mode=xdp_mode, nlb=nlb).validate()
     _say(f"building lab {prefix!r} in mode {mode}"
          + (f" ({xdp_mode} XDP)" if mode == "xdp" else "") + " ...")
     st = _lab.up(cfg)
@@ -52,6 +61,11 @@ def up_cmd(mode, xdp_mode, prefix, as_json):
         _print_status(st)
     _say(f"lab {prefix!r} is up. Try: hpctl lab exec client -- curl http://198.18.0.2:PORT/ "
          f"(start a server with hpctl lab exec inet -- ...)")
+    if st["nlb"]["enabled"]:
+        _say(f"NLB VIP {_lab.VIP}: start the targets' servers (hpctl lab exec t1 -- python3 -m "
+             f"hyperplane.lab serve --name t1 --ip {_lab.TARGET_IPS[0]} --udp-port "
+             f"{_lab.TARGET_UDP_PORT}; same for t2, t3), then hpctl lab exec inet -- curl -s "
+             f"http://{_lab.VIP}/")
 
 
 @command.command("down")
@@ -93,7 +107,8 @@ def status_cmd(prefix, as_json):
 @command.command("exec", context_settings={"ignore_unknown_options": True,
                                            "allow_interspersed_args": False})
 @prefix_option
-@click.argument("role", type=click.Choice(["client", "node", "node1", "inet"]))
+@click.argument("role", type=click.Choice(["client", "node", "node1", "inet",
+                                           *_lab.TARGET_ROLES]))
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_cmd(prefix, role, argv):
     """Run a command in a lab namespace (stdin/stdout passed through); exits with its status.
@@ -141,9 +156,35 @@ def _print_status(st: dict) -> None:
                   i["peer"], i["state"] or "missing", xdp)
     console.print(t)
     extra = [f"NAT IPs: {', '.join(st['nat_ips']) or '-'}"]
+    nlb = st.get("nlb") or {}
+    if nlb.get("enabled"):
+        lst = ", ".join(f"{l['protocol']} {l['vip']}:{l['port']} -> {l['target_group']} "
+                        f"(targets :{l['target_port']})" for l in nlb["listeners"])
+        extra.append(f"NLB ({nlb['by']}): {lst}")
+    else:
+        extra.append(f"VIP {st.get('vip')} (no NLB in this mode)")
+    extra.append("targets: " + ", ".join(f"{t['name']} {t['ip']}" for t in st.get("targets", [])))
     if st.get("mode") == "xdp":
         extra.append(f"node: {st['node']['name']} "
                      f"(pins {st['node']['pin_root']}/{st['node']['name']})")
     if st.get("nft_forward_packets") is not None:
         extra.append(f"kernel forward counter: {st['nft_forward_packets']} packets")
-    console.print("  ".join(extra))
+    console.print("\n".join(extra))
+    agent = nlb.get("agent")
+    if agent:
+        h = Table(title="NLB agent: target health")
+        for col in ("target group", "target", "state", "active flows", "packets"):
+            h.add_column(col)
+        for group, tgts in sorted(_groups(agent).items()):
+            for ident, info in sorted(tgts.items()):
+                h.add_row(group, ident, str(info.get("state", "?")),
+                          str(info.get("active_flows", "-")), str(info.get("packets", "-")))
+        console.print(h)
+
+
+def _groups(agent_status: dict) -> dict:
+    """Target group -> {target identity -> info}, from the agent's status file (its groups
+    may sit under a "target_groups" key)."""
+    groups = agent_status.get("target_groups", agent_status)
+    return {g: t for g, t in groups.items() if isinstance(t, dict)
+            and all(isinstance(v, dict) for v in t.values())}

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
 
 from hyperplane import lab, netns
 
-from lab_harness import LAB_MODE, XDP_MODE, Lab, build_lab, lab_prefix, require_root
+from lab_harness import LAB_MODE, XDP_MODE, Lab, build_lab, build_nlb_lab, lab_prefix, \
+    require_root
 
 
 @pytest.fixture(autouse=True)
@@ -24,9 +26,11 @@ def _root():
 
 @pytest.fixture(scope="module")
 def nat_lab(request) -> Lab:
-    """The lab in HP_LAB_MODE (default xdp), for the traffic tests of a module."""
+    """The lab in HP_LAB_MODE (default xdp), for the NAT traffic tests of a module. Without
+    the NLB (no agent): then no health-check traffic crosses the node, and every packet it
+    receives is test traffic that the accounting below can count exactly."""
     return build_lab(request, lab.LabConfig(prefix=lab_prefix("n"), mode=LAB_MODE,
-                                            xdp_mode=XDP_MODE))
+                                            xdp_mode=XDP_MODE, nlb=False))
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +38,7 @@ def _node_accounting(request):
     """In mode xdp every test also checks, around its own traffic, that
     - the node's kernel forwarded nothing: XDP redirects bypass netfilter, so a packet
       counted by the forward-drop chain slipped past XDP (and was lost);
-    - every packet received on in0/out0 ended in exactly one counted verdict
+    - every packet received on in0/out0/tg1..tg3 ended in exactly one counted verdict
       (invariant 2): the verdict counters grew by exactly the interfaces' rx packets."""
     if "nat_lab" not in request.fixturenames or LAB_MODE != "xdp":
         yield
@@ -55,6 +59,59 @@ def _node_accounting(request):
     assert sum(verdicts.values()) == rx, (
         f"{rx} packets arrived on {'/'.join(ifnames)} but the verdicts counted "
         f"{sum(verdicts.values())}: {verdicts}")
+
+
+@pytest.fixture(scope="module")
+def nlb_lab(request) -> Lab:
+    """The lab in mode xdp with its NLB (store + agent) and a server on every target, all
+    healthy. (The NLB tests are about the XDP NLB: HP_LAB_MODE other than xdp skips them.)"""
+    if LAB_MODE != "xdp":
+        pytest.skip(f"the NLB lab tests need mode xdp (HP_LAB_MODE={LAB_MODE})")
+    return build_nlb_lab(request, lab.LabConfig(prefix=lab_prefix("l"), mode="xdp",
+                                                xdp_mode=XDP_MODE, nlb=True))
+
+
+def _settled_rx(the_lab: Lab, timeout: float = 3.0) -> tuple[int, int]:
+    """(rx packets on the node's out0, rx packets on inet's inet0) once they stop moving
+    (the last FIN/ACKs of a test may still be on their way)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        now = (netns.rx_packets(the_lab.node, ["out0"])["out0"],
+               netns.rx_packets(the_lab.inet, ["inet0"])["inet0"])
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
+        time.sleep(0.15)
+
+
+@pytest.fixture(autouse=True)
+def _nlb_accounting(request):
+    """Around every test on the NLB lab: the node's kernel forwarded nothing (nft forward
+    counter unchanged), every packet the internet host sent to the node (rx on out0) was
+    a TX_NLB_IN verdict, and every packet it got back (rx on inet0) a TX_NLB_OUT one: so
+    all of the clients' traffic went through the XDP NLB, both ways. (The targets' side
+    also carries the agent's health checks, which end in other verdicts, so the exact sum
+    is taken on the internet side.)"""
+    if "nlb_lab" not in request.fixturenames:
+        yield
+        return
+    the_lab: Lab = request.getfixturevalue("nlb_lab")
+    fwd0 = the_lab.forward_packets()
+    out0, inet0 = _settled_rx(the_lab)
+    v0 = the_lab.counters()
+    yield
+    out1, inet1 = _settled_rx(the_lab)
+    v1 = the_lab.counters()
+    fwd1 = the_lab.forward_packets()
+    assert fwd1 == fwd0, (f"the node's kernel tried to forward {fwd1 - fwd0} packets "
+                          "that XDP did not handle")
+    d = {k: v1[k] - v0.get(k, 0) for k in v1 if v1[k] != v0.get(k, 0)}
+    assert d.get("TX_NLB_IN", 0) == out1 - out0, (
+        f"{out1 - out0} packets came in on out0 but {d.get('TX_NLB_IN', 0)} were TX_NLB_IN: {d}")
+    assert d.get("TX_NLB_OUT", 0) == inet1 - inet0, (
+        f"the internet host received {inet1 - inet0} packets but {d.get('TX_NLB_OUT', 0)} "
+        f"were TX_NLB_OUT: {d}")
 
 
 @pytest.fixture(scope="session", autouse=True)

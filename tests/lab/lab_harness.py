@@ -2,7 +2,9 @@
 with a unique prefix, and how to build one so it is always torn down."""
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -29,6 +31,7 @@ def lab_prefix(tag: str) -> str:
 class Lab:
     cfg: lab.LabConfig
     _dp: object = field(default=None, repr=False)
+    servers: dict = field(default_factory=dict, repr=False)   # target name -> Popen
 
     @property
     def mode(self) -> str:
@@ -72,6 +75,61 @@ class Lab:
         return verdict_counts(self._dp)
 
 
+    # --- the NLB part ------------------------------------------------------------------
+    def ns_of(self, role: str) -> str:
+        return lab.namespaces(self.cfg)[role]
+
+    def start_server(self, name: str) -> None:
+        self.stop_server(name)
+        self.servers[name] = lab.start_target_server(self.cfg, name)
+
+    def stop_server(self, name: str) -> None:
+        proc = self.servers.pop(name, None)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+
+    def stop_servers(self) -> None:
+        for name in list(self.servers):
+            self.stop_server(name)
+
+    @property
+    def store(self):
+        from hyperplane.store import Store
+        return Store(lab.store_path(self.cfg.prefix))
+
+    def agent_status(self) -> dict:
+        from hyperplane.agent import status_path
+        try:
+            with open(status_path(lab.node_name(self.cfg))) as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def target_states(self, group: str = lab.WEB_GROUP) -> dict[str, str]:
+        """Target identity ("ip:port") -> state, from the agent's status file."""
+        tgs = self.agent_status().get("target_groups", {}).get(group, {})
+        return {ident: info.get("state") for ident, info in tgs.items()}
+
+    def wait_states(self, want: dict[str, str | None], group: str = lab.WEB_GROUP,
+                    timeout: float = 10.0) -> float:
+        """Wait until each target identity in `want` has that state (None: gone from the
+        status); returns the seconds it took, raises TimeoutError with the last states."""
+        t0 = time.monotonic()
+        while True:
+            have = self.target_states(group)
+            if all(have.get(k) == v for k, v in want.items()):
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"after {timeout}s the agent reports {have}, wanted {want}")
+            time.sleep(0.02)
+
+    def reset_nlb(self) -> None:
+        """Put the lab's NLB config back into the store (as `lab up` wrote it)."""
+        data = lab.nlb_config(self.cfg).to_dict()
+        self.store.update(lambda _old: data)
+
+
 def build_lab(request, cfg: lab.LabConfig) -> Lab:
     require_root()
     lab.down(cfg)                       # leftovers of a killed run with the same pid
@@ -84,3 +142,15 @@ def build_lab(request, cfg: lab.LabConfig) -> Lab:
                         "HP_LAB_MODE=nft checks the harness meanwhile")
         raise
     return Lab(cfg)
+
+
+def build_nlb_lab(request, cfg: lab.LabConfig) -> Lab:
+    """A lab with the NLB (mode xdp: store + agent) and a server running on every target;
+    waits until the agent reports every target healthy."""
+    the_lab = build_lab(request, cfg)
+    request.addfinalizer(the_lab.stop_servers)
+    for name in lab.TARGET_ROLES:
+        the_lab.start_server(name)
+    healthy = {f"{ip}:{lab.TARGET_HTTP_PORT}": "healthy" for ip in lab.TARGET_IPS}
+    the_lab.wait_states(healthy, timeout=15)
+    return the_lab

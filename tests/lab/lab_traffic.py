@@ -213,3 +213,142 @@ def ping(ns: str, dst: str, count: int = 3, timeout: float = 2.0) -> list[float]
     finally:
         s.close()
     return rtts
+
+
+# --- HTTP to the NLB ---------------------------------------------------------------------
+
+class HttpResult:
+    """One request's outcome: ok, the target's name, the peer it saw, its local port (from
+    the lab target server's "<name> <ip>:<port> <local port>" body), or an error."""
+    __slots__ = ("ok", "target", "peer_ip", "peer_port", "target_port", "src", "error")
+
+    def __init__(self, ok, target=None, peer_ip=None, peer_port=None, target_port=None,
+                 src=None, error=None):
+        self.ok, self.target, self.peer_ip, self.peer_port = ok, target, peer_ip, peer_port
+        self.target_port, self.src, self.error = target_port, src, error
+
+    def __repr__(self):
+        return (f"HttpResult({self.target}:{self.target_port} saw {self.peer_ip}:"
+                f"{self.peer_port} from {self.src})" if self.ok else f"HttpResult({self.error})")
+
+
+def _parse_answer(raw: bytes, src: str) -> HttpResult:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        return HttpResult(False, src=src, error=f"bad answer {raw[:60]!r}")
+    parts = body.decode("latin-1").split()
+    if len(parts) != 3:
+        return HttpResult(False, src=src, error=f"bad body {body[:60]!r}")
+    ip, _, port = parts[1].rpartition(":")
+    return HttpResult(True, parts[0], ip, int(port), int(parts[2]), src)
+
+
+def http_get_many(ns: str, dst: tuple[str, int], n: int, *, sources: list[str],
+                  concurrency: int = 32, timeout: float = 60.0,
+                  per_request: float = 3.0) -> list[HttpResult]:
+    """n HTTP GETs of "/" from ns to dst, each on a fresh TCP connection (Connection:
+    close), `concurrency` at a time, source addresses taken in turn from `sources`. Bounded:
+    n requests, `per_request` seconds each, `timeout` seconds in all."""
+    import asyncio
+
+    raise_nofile(n + 1024)
+    socks = netns.sockets_in(ns, n)
+    req = (f"GET / HTTP/1.1\r\nHost: {dst[0]}\r\nConnection: close\r\n\r\n").encode()
+    results: list[HttpResult | None] = [None] * n
+
+    async def one(i: int, sem: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
+        s, src = socks[i], sources[i % len(sources)]
+        async with sem:
+            try:
+                s.setblocking(False)
+                s.bind((src, 0))
+                await asyncio.wait_for(loop.sock_connect(s, dst), per_request)
+                await loop.sock_sendall(s, req)
+                chunks = []
+                while True:
+                    data = await asyncio.wait_for(loop.sock_recv(s, 65536), per_request)
+                    if not data:
+                        break
+                    chunks.append(data)
+                results[i] = _parse_answer(b"".join(chunks), src)
+            except (OSError, asyncio.TimeoutError) as exc:
+                results[i] = HttpResult(False, src=src, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                s.close()
+
+    async def main() -> None:
+        sem = asyncio.Semaphore(concurrency)
+        await asyncio.wait_for(asyncio.gather(*(one(i, sem) for i in range(n))), timeout)
+
+    try:
+        asyncio.run(main())
+    finally:
+        for s in socks:
+            s.close()
+    return [r or HttpResult(False, error="not run (overall timeout)") for r in results]
+
+
+class StreamDownload:
+    """GET /stream?bytes=N&rate=R&seed=S from ns to dst on one connection, in a thread;
+    hashes what arrives. `.target` is the X-Target header, `.received` the bytes so far."""
+
+    def __init__(self, ns: str, dst: tuple[str, int], nbytes: int, rate: int, seed: int,
+                 *, src: str, timeout: float):
+        import hashlib
+        self.sock = netns.socket_in(ns)
+        self.sock.bind((src, 0))
+        self.dst, self.nbytes, self.rate, self.seed = dst, nbytes, rate, seed
+        self.timeout = timeout
+        self.sha = hashlib.sha256()
+        self.received = 0
+        self.target: str | None = None
+        self.error: str | None = None
+        self.header = threading.Event()
+        self.done = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "StreamDownload":
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        try:
+            self.sock.settimeout(5)
+            self.sock.connect(self.dst)
+            self.sock.sendall(f"GET /stream?bytes={self.nbytes}&rate={self.rate}&seed="
+                              f"{self.seed} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                              .encode())
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ConnectionError("closed before the headers")
+                buf += data
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            for line in head.split(b"\r\n")[1:]:
+                k, _, v = line.partition(b":")
+                if k.strip().lower() == b"x-target":
+                    self.target = v.strip().decode()
+            self.header.set()
+            self.sha.update(rest)
+            self.received += len(rest)
+            while self.received < self.nbytes:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.received} of {self.nbytes} bytes after "
+                                       f"{self.timeout}s")
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    break
+                self.sha.update(data)
+                self.received += len(data)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.header.set()
+            self.sock.close()
+            self.done.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self.done.wait(timeout)

@@ -40,7 +40,9 @@ def test_status_matches_plan(kernel_lab):
         assert sorted(live["addresses"]) == sorted(want["addresses"])
         assert live["xdp"] is None
     assert st["nft_forward_packets"] == 0
-    assert st["node"]["xdp_attached"] == {"in0": False, "out0": False}
+    assert st["node"]["xdp_attached"] == {i: False for i in lab.NODE_IFNAMES}
+    assert st["vip"] == lab.VIP and [t["ip"] for t in st["targets"]] == lab.TARGET_IPS
+    assert all(t["present"] for t in st["targets"]) and not st["nlb"]["enabled"]
 
 
 def test_offloads_off_everywhere(kernel_lab):

@@ -21,11 +21,14 @@ def test_addresses_unique_and_in_their_networks(cfg):
     assert len(ips) == len(set(ips)), "an address is used twice"
     client = ipaddress.ip_network(lab.CLIENT_NET)
     internet = ipaddress.ip_network(lab.INTERNET_NET)
+    targets = ipaddress.ip_network(lab.TARGET_NET)
     for i in t["interfaces"]:
         for a in i["addresses"]:
             ip = _net(a).ip
             if i["role"] == "client" or i.get("side") == "inside":
                 assert ip in client, a
+            elif i["role"] in lab.TARGET_ROLES or i.get("side") == "target":
+                assert ip in targets and ip.is_private, a
             else:
                 assert ip in internet, a            # RFC 2544 benchmark space only
     for ip in t["internet_addresses"]:
@@ -81,9 +84,13 @@ def test_neighbours_match_the_interfaces(cfg):
         for e in entries:
             assert (role, e["ifname"]) in role_of_if
             assert mac_of_ip[e["ip"]] == e["mac"], e
-    # the node resolves every client and every internet host (bpf_fib_lookup needs it)
+    # the node resolves every client, internet host and target (bpf_fib_lookup needs it)
     node_ips = {e["ip"] for e in t["neighbours"]["node"]}
-    assert node_ips == set(lab.CLIENT_IPS) | set(lab.INET_IPS)
+    assert node_ips == set(lab.CLIENT_IPS) | set(lab.INET_IPS) | set(lab.TARGET_IPS)
+    # the internet host reaches the VIP without ARP; each target its gateway
+    assert {"ifname": "inet0", "ip": lab.VIP, "mac": lab.MACS["out0"]} in t["neighbours"]["inet"]
+    for tgt in t["targets"]:
+        assert [e["ip"] for e in t["neighbours"][tgt["name"]]] == [tgt["gateway"]]
 
 
 def test_route_back_to_clients_only_in_kernel_mode():
@@ -104,7 +111,7 @@ def test_nft_ruleset_per_mode():
 
 def test_native_xdp_turns_gro_back_on_at_the_far_ends_only():
     assert lab.topology(lab.LabConfig(mode="xdp", xdp_mode="native"))["gro_on"] == \
-        ["client/cl0", "inet/inet0"]
+        ["client/cl0", "inet/inet0", "t1/eth0", "t2/eth0", "t3/eth0"]
     for c in ALL:
         if not (c.mode == "xdp" and c.xdp_mode == "native"):
             assert lab.topology(c)["gro_on"] == []
@@ -113,14 +120,93 @@ def test_native_xdp_turns_gro_back_on_at_the_far_ends_only():
 def test_names_and_node():
     t = lab.topology(lab.LabConfig(prefix="hpt7n"))
     assert t["namespaces"] == {"client": "hpt7n-client", "node": "hpt7n-node1",
-                               "inet": "hpt7n-inet"}
+                               "inet": "hpt7n-inet", "t1": "hpt7n-t1", "t2": "hpt7n-t2",
+                               "t3": "hpt7n-t3"}
+    assert t["node"]["ifnames"] == ["in0", "out0", "tg1", "tg2", "tg3"]
     assert t["node"]["name"] == "hpt7n-node1"          # never clobbers the user's lab
     assert lab.topology(lab.LabConfig())["node"]["name"] == "node1"
 
 
 @pytest.mark.parametrize("bad", [dict(prefix=""), dict(prefix="Hp"), dict(prefix="a" * 13),
                                  dict(prefix="hp-x"), dict(mode="bridge"),
-                                 dict(xdp_mode="offload")])
+                                 dict(xdp_mode="offload"), dict(nlb="yes")])
 def test_bad_config_is_refused(bad):
     with pytest.raises(ConfigError):
         lab.LabConfig(**bad).validate()
+
+
+# --- the NLB part ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", ALL, ids=lambda c: f"{c.mode}-{c.xdp_mode}")
+def test_targets_each_on_their_own_subnet_behind_the_node(cfg):
+    t = lab.topology(cfg)
+    by = {(i["role"], i["ifname"]): i for i in t["interfaces"]}
+    assert [x["name"] for x in t["targets"]] == list(lab.TARGET_ROLES)
+    for x, tg in zip(t["targets"], lab.TARGET_IFNAMES):
+        mine, node_side = by[(x["name"], "eth0")], by[("node", tg)]
+        assert mine["addresses"] == [f"{x['ip']}/24"] and mine["peer"] == f"node/{tg}"
+        assert node_side["addresses"] == [f"{x['gateway']}/24"]
+        assert _net(mine["addresses"][0]).network == _net(node_side["addresses"][0]).network
+        assert t["routes"][x["name"]] == [{"dst": "default", "gateway": x["gateway"]}]
+        assert {"ifname": tg, "ip": x["ip"], "mac": mine["mac"]} in t["neighbours"]["node"]
+    nets = {_net(a).network for x in t["targets"] for i in t["interfaces"]
+            if i["role"] == x["name"] for a in i["addresses"]}
+    assert len(nets) == 3
+
+
+@pytest.mark.parametrize("cfg", ALL, ids=lambda c: f"{c.mode}-{c.xdp_mode}")
+def test_vip_on_out0_in_every_mode(cfg):
+    t = lab.topology(cfg)
+    out0 = next(i for i in t["interfaces"] if i["ifname"] == "out0")
+    assert f"{lab.VIP}/32" in out0["addresses"], "the kernel must answer ARP for the VIP"
+    assert t["vip"] == lab.VIP and ipaddress.ip_address(lab.VIP) in \
+        ipaddress.ip_network(lab.INTERNET_NET)
+    assert lab.VIP != lab.NAT_IP
+
+
+def test_nlb_per_mode():
+    xdp = lab.topology(lab.LabConfig(mode="xdp"))["nlb"]
+    assert xdp["enabled"] and xdp["by"] == "hyperplane"
+    assert xdp["store"] == "/run/hyperplane/lab/hp-store.json"
+    assert [(l["protocol"], l["port"], l["target_port"]) for l in xdp["listeners"]] == \
+        [("TCP", 80, 8080), ("UDP", 53, 5353)]
+    hap = lab.topology(lab.LabConfig(mode="haproxy"))["nlb"]
+    assert hap["enabled"] and hap["by"] == "haproxy" and hap["store"] is None
+    for mode in ("kernel", "nft"):
+        assert not lab.topology(lab.LabConfig(mode=mode))["nlb"]["enabled"]
+    assert not lab.topology(lab.LabConfig(mode="xdp", nlb=False))["nlb"]["enabled"]
+    # mode haproxy forwards kernel-style; mode xdp drops what XDP did not redirect
+    assert "policy accept;" in lab.nft_ruleset(lab.LabConfig(mode="haproxy"))
+    assert lab.topology(lab.LabConfig(mode="haproxy"))["nat_ips"] == []
+
+
+def test_the_lab_nlb_config():
+    from hyperplane.nlb_config import NlbConfig
+    c = lab.nlb_config(lab.LabConfig())
+    assert NlbConfig.from_dict(c.to_dict()).to_dict() == c.to_dict()     # round-trips
+    assert [(lb.name, lb.lb_id) for lb in c.load_balancers] == [("lab-nlb", 0)]
+    assert [(str(l.vip), l.port, l.protocol, l.target_group) for l in c.listeners] == \
+        [(lab.VIP, 80, "TCP", "web"), (lab.VIP, 53, "UDP", "dns")]
+    web, dns = c.target_group("web"), c.target_group("dns")
+    assert [t.identity for t in web.targets] == [f"{ip}:8080" for ip in lab.TARGET_IPS]
+    assert [t.identity for t in dns.targets] == [f"{ip}:5353" for ip in lab.TARGET_IPS]
+    hc = web.health_check
+    assert (hc.protocol, hc.interval_s, hc.timeout_s, hc.healthy_threshold,
+            hc.unhealthy_threshold, hc.allow_fast) == ("tcp", 0.5, 0.4, 2, 2, True)
+    assert dns.health_check.port == 8080          # UDP targets are checked over TCP
+
+
+def test_haproxy_config_names_every_target():
+    conf = lab.haproxy_config(lab.LabConfig(mode="haproxy"))
+    assert "mode tcp" in conf and "balance roundrobin" in conf
+    assert f"bind {lab.VIP}:80" in conf
+    for ip in lab.TARGET_IPS:
+        assert f"{ip}:8080 check" in conf
+
+
+def test_stream_body_is_deterministic():
+    a = b"".join(lab.stream_chunks(7, 200_000))
+    assert len(a) == 200_000 and a == b"".join(lab.stream_chunks(7, 200_000))
+    assert a != b"".join(lab.stream_chunks(8, 200_000))
+    import hashlib
+    assert lab.stream_sha256(7, 200_000) == hashlib.sha256(a).hexdigest()

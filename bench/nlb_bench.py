@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""NLB benchmark: HTTP requests/s through the lab's XDP network load balancer and through
+HAProxy in TCP mode (Debian's haproxy, lab mode haproxy), same topology, one run.
+
+    internet host (wrk) -> VIP 198.18.0.200:80 on node1 -> targets t1..t3 (:8080)
+
+Both labs are up at once (distinct prefixes). The targets answer with a tiny fixed body;
+they run HAProxy in HTTP mode (`http-request return`), one thread each, because a Python
+server would be slower than either load balancer and measure itself.
+
+Measures, per load balancer:
+  fresh_rps      requests/s, one request per TCP connection (wrk -H "Connection: close":
+                 wrk reconnects after every answer)
+  keepalive_rps  requests/s on keep-alive connections (wrk's default)
+
+Each test runs --repeat times, round-robin over the two labs, and the median is reported
+with the ratio XDP/HAProxy. wrk runs in the internet namespace and shares this machine's
+cores with the load balancer and the targets (2 vCPUs here): the ratio is the result, the
+absolute numbers mostly say how much CPU was left for each part.
+
+    sudo .venv/bin/python bench/nlb_bench.py [--seconds 5] [--repeat 3] [--connections 64]
+
+Writes bench/results/nlb.json and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+LBS = ("xdp", "haproxy")
+# The XDP node sized like the lab bench's: at ~10-20k new connections/s, each flow kept
+# 10 s after its close (Linux conntrack's close timeout), the default table would be the
+# limit, not the data path.
+XDP_NODE = {"timeouts": {"tcp_closing": 10},
+            "sizes": {"max_flows": 1 << 20, "max_reservations": 1 << 17}}
+METRICS = [("fresh_rps", "requests/s, fresh connection per request", "{:,.0f}"),
+           ("keepalive_rps", "requests/s, keep-alive connections", "{:,.0f}")]
+TARGETS_FROM_ISSUE = {"fresh_rps": 1.5, "keepalive_rps": 1.2}
+
+
+def _target_haproxy_cfg(name: str, ip: str, port: int) -> str:
+    return f"""global
+    nbthread 1
+    maxconn 4000
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    maxconn 4000
+
+frontend target
+    bind {ip}:{port}
+    http-request return status 200 content-type text/plain string "{name}"
+"""
+
+
+def start_target_servers(cfg, workdir: str) -> None:
+    """HAProxy HTTP servers on every target (daemons in the target namespaces: lab down
+    ends them with the namespaces)."""
+    from hyperplane import lab, netns
+    for t in lab.targets(cfg):
+        path = os.path.join(workdir, f"{cfg.prefix}-{t['name']}.cfg")
+        with open(path, "w") as f:
+            f.write(_target_haproxy_cfg(t["name"], t["ip"], lab.TARGET_HTTP_PORT))
+        netns.run_in(t["netns"], ["haproxy", "-D", "-q", "-f", path], capture_output=True,
+                     text=True, timeout=30)
+
+
+def wait_ready(cfg, timeout: float = 20.0) -> None:
+    """Until a request through the VIP answers (and, in mode xdp, every target is healthy
+    in the agent's view)."""
+    from hyperplane import lab, netns
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        ok = True
+        if cfg.mode == "xdp":
+            st = (lab.status(cfg)["nlb"].get("agent") or {}).get("target_groups", {})
+            states = [v["state"] for v in st.get(lab.WEB_GROUP, {}).values()]
+            ok = states == ["healthy"] * len(lab.TARGET_IPS)
+            last = f"agent states {states}"
+        if ok:
+            r = netns.run_in(lab.namespaces(cfg)["inet"],
+                             ["curl", "-sS", "--max-time", "2", f"http://{lab.VIP}/"],
+                             check=False, capture_output=True, text=True, timeout=10)
+            if r.returncode == 0 and r.stdout.strip() in lab.TARGET_ROLES:
+                return
+            last = f"curl: {r.returncode} {r.stdout.strip()!r} {r.stderr.strip()}"
+        time.sleep(0.2)
+    raise TimeoutError(f"lab {cfg.prefix} ({cfg.mode}) not ready after {timeout}s: {last}")
+
+
+_UNITS = {"": 1, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6}
+
+
+def parse_wrk(out: str) -> dict:
+    """requests/s, total requests, errors and latency from wrk's text report."""
+    res: dict = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"no Requests/sec in wrk's output: {out[-400:]!r}")
+    res["rps"] = float(m.group(1))
+    m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
+    if m:
+        res["requests"] = int(m.group(1))
+    m = re.search(r"Latency\s+([\d.]+)(us|ms|s)", out)
+    if m:
+        res["latency_avg_ms"] = float(m.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[m.group(2)]
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    res["socket_errors"] = dict(zip(("connect", "read", "write", "timeout"),
+                                    map(int, m.groups()))) if m else {}
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    res["non_2xx"] = int(m.group(1)) if m else 0
+    return res
+
+
+def run_wrk(cfg, seconds: int, connections: int, threads: int, fresh: bool) -> dict:
+    from hyperplane import lab, netns
+    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
+            "--timeout", "2s", "--latency"]
+    if fresh:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"http://{lab.VIP}:{lab.HTTP_PORT}/")
+    r = netns.run_in(lab.namespaces(cfg)["inet"], argv, check=False, capture_output=True,
+                     text=True, timeout=seconds + 30)
+    if r.returncode != 0:
+        raise RuntimeError(f"wrk failed ({r.returncode}): {r.stderr.strip() or r.stdout[-300:]}")
+    return parse_wrk(r.stdout)
+
+
+def _xdp_counters(cfg) -> dict:
+    from hyperplane import lab, node
+    return node.read_counters(lab.node_name(cfg), pin_root=lab.topology(cfg)["node"]["pin_root"])
+
+
+def run(seconds: int, repeat: int, connections: int, threads: int, xdp_mode: str,
+        lbs: list[str], workdir: str) -> list[dict]:
+    from hyperplane import lab, netns
+    pid = os.getpid() % 1000
+    cfgs = {m: lab.LabConfig(prefix=f"hpn{pid}{m[0]}", mode=m, xdp_mode=xdp_mode, nlb=True,
+                             **(XDP_NODE if m == "xdp" else {}))
+            for m in lbs}
+    res = {m: {"lb": m} for m in lbs}
+    samples: dict[str, dict[str, list]] = {m: {} for m in lbs}
+    live: list[str] = []
+    try:
+        for m, cfg in cfgs.items():
+            lab.down(cfg)
+            try:
+                lab.up(cfg)
+                ns = lab.namespaces(cfg)
+                # Connection churn: the full port range for the client (both labs alike).
+                for role in ("inet", "node"):
+                    netns.sysctl(ns[role], "net.ipv4.ip_local_port_range", "1024 65535")
+                start_target_servers(cfg, workdir)
+                wait_ready(cfg)
+            except Exception as exc:  # report and go on with the other one
+                res[m]["error"] = f"{type(exc).__name__}: {exc}"
+                lab.down(cfg)
+                continue
+            res[m]["_fwd0"] = lab.forward_packets(cfg)
+            if m == "xdp":
+                res[m]["_v0"] = _xdp_counters(cfg)
+            live.append(m)
+        for rep in range(repeat):
+            for key, fresh in (("fresh_rps", True), ("keepalive_rps", False)):
+                for m in list(live):
+                    print(f"  rep {rep + 1}/{repeat} {key} {m}", file=sys.stderr, flush=True)
+                    try:
+                        w = run_wrk(cfgs[m], seconds, connections, threads, fresh)
+                    except Exception as exc:
+                        res[m]["error"] = f"{key}: {type(exc).__name__}: {exc}"
+                        live.remove(m)
+                        continue
+                    samples[m].setdefault(key, []).append(w["rps"])
+                    samples[m].setdefault(key.replace("_rps", "_wrk"), []).append(w)
+                    time.sleep(1)   # let closing connections settle between runs
+        for m in lbs:
+            if "_fwd0" in res[m]:
+                res[m]["kernel_forwarded_packets"] = lab.forward_packets(cfgs[m]) - \
+                    res[m].pop("_fwd0")
+            if "_v0" in res[m]:
+                before, after = res[m].pop("_v0"), _xdp_counters(cfgs[m])
+                res[m]["xdp_verdicts"] = {k: after[k] - before.get(k, 0) for k in after
+                                          if after[k] != before.get(k, 0)}
+            for k, vals in samples[m].items():
+                if k.endswith("_rps"):
+                    res[m][k] = statistics.median(vals)
+                res[m].setdefault("samples", {})[k] = vals
+    finally:
+        for cfg in cfgs.values():
+            lab.down(cfg)
+    return [res[m] for m in lbs]
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    by = {r["lb"]: r for r in results}
+    x, h = by.get("xdp", {}), by.get("haproxy", {})
+    lines = [f"NLB benchmark, median of {meta['repeat']} runs of {meta['seconds']} s per test "
+             f"(round-robin over the two load balancers), wrk -t{meta['threads']} "
+             f"-c{meta['connections']} in the internet namespace, {meta['cpus']} CPUs, kernel "
+             f"{meta['kernel']}. wrk, the load balancer and the three target servers share "
+             f"the {meta['cpus']} cores: read the ratio.", "",
+             f"| metric | XDP NLB ({meta['xdp_mode']}) | HAProxy (TCP mode) | XDP / HAProxy "
+             "| target |", "|---|---|---|---|---|"]
+    for key, label, fmt in METRICS:
+        xv, hv = x.get(key), h.get(key)
+        ratio = f"{xv / hv:.2f}x" if xv and hv else "-"
+        lines.append(f"| {label} | {fmt.format(xv) if xv else 'error' if 'error' in x else '-'}"
+                     f" | {fmt.format(hv) if hv else 'error' if 'error' in h else '-'} | {ratio}"
+                     f" | >= {TARGETS_FROM_ISSUE[key]}x |")
+    for r in results:
+        if "error" in r:
+            lines.append(f"\n{r['lb']} failed: {r['error']}")
+    if x.get("xdp_verdicts") is not None:
+        v = x["xdp_verdicts"]
+        lines.append(f"\nXDP node: kernel forwarded {x.get('kernel_forwarded_packets')} packets; "
+                     f"TX_NLB_IN {v.get('TX_NLB_IN', 0):,}, TX_NLB_OUT {v.get('TX_NLB_OUT', 0):,}"
+                     + "".join(f", {k} {n:,}" for k, n in sorted(v.items())
+                               if k not in ("TX_NLB_IN", "TX_NLB_OUT")))
+    return "\n".join(lines)
+
+
+def _version(argv: list[str]) -> str:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    return ((r.stdout or "") + (r.stderr or "")).strip().splitlines()[0]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=int, default=5, help="each wrk run (default 5)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs per test and load balancer, round-robin; median reported")
+    ap.add_argument("--connections", type=int, default=64, help="wrk -c (default 64)")
+    ap.add_argument("--threads", type=int, default=2, help="wrk -t (default 2)")
+    ap.add_argument("--xdp-mode", default="generic", choices=["generic", "native"])
+    ap.add_argument("--lbs", default="xdp,haproxy", help="which to run (default both)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "nlb.json"))
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("nlb_bench: needs root (network namespaces)", file=sys.stderr)
+        return 3
+    for tool, pkg in (("wrk", "wrk"), ("haproxy", "haproxy"), ("curl", "curl")):
+        if shutil.which(tool) is None:
+            print(f"nlb_bench: needs {tool}: apt-get install {pkg}", file=sys.stderr)
+            return 3
+    lbs = [m.strip() for m in args.lbs.split(",") if m.strip()]
+    if not set(lbs) <= set(LBS) or not lbs or not 1 <= args.seconds <= 60 \
+            or not 1 <= args.repeat <= 20 or not 1 <= args.connections <= 4096 \
+            or not 1 <= args.threads <= 16:
+        print("nlb_bench: bad --lbs, --seconds (1..60), --repeat (1..20), --connections "
+              "(1..4096) or --threads (1..16)", file=sys.stderr)
+        return 2
+    meta = {"seconds": args.seconds, "repeat": args.repeat, "connections": args.connections,
+            "threads": args.threads, "cpus": os.cpu_count(), "kernel": platform.release(),
+            "xdp_mode": args.xdp_mode, "xdp_node": XDP_NODE,
+            "haproxy": _version(["haproxy", "-v"]), "wrk": _version(["wrk", "-v"]),
+            "generator_shares_cpus_with_system_under_test": True,
+            "targets": "haproxy http-request return, 1 thread each",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="hp-nlb-bench-") as workdir:
+        results = run(args.seconds, args.repeat, args.connections, args.threads,
+                      args.xdp_mode, lbs, workdir)
+    by = {r["lb"]: r for r in results}
+    ratios = {}
+    if "xdp" in by and "haproxy" in by:
+        for key, _, _ in METRICS:
+            if by["xdp"].get(key) and by["haproxy"].get(key):
+                ratios[key] = by["xdp"][key] / by["haproxy"][key]
+    out = {"meta": meta, "results": results, "ratio_xdp_to_haproxy": ratios,
+           "targets_from_issue": TARGETS_FROM_ISSUE,
+           "targets_met": {k: ratios[k] >= TARGETS_FROM_ISSUE[k] for k in ratios}}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(markdown(results, meta))
+    print(f"\n(written to {os.path.relpath(args.out)})", file=sys.stderr)
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
