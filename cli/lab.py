@@ -62,7 +62,8 @@ def up_cmd(mode, xdp_mode, nlb, prefix, as_json):
     _say(f"lab {prefix!r} is up. Try: hpctl lab exec client -- curl http://198.18.0.2:PORT/ "
          f"(start a server with hpctl lab exec inet -- ...)")
     if st["nlb"]["enabled"]:
-        _say(f"NLB VIP {_lab.VIP}: start the targets' servers (hpctl lab exec t1 -- python3 -m "
+        _say(f"NLB VIP {_lab.VIP}: start the targets' servers (hpctl lab exec t1 -- "
+             f"{sys.executable} -m "
              f"hyperplane.lab serve --name t1 --ip {_lab.TARGET_IPS[0]} --udp-port "
              f"{_lab.TARGET_UDP_PORT}; same for t2, t3), then hpctl lab exec inet -- curl -s "
              f"http://{_lab.VIP}/")

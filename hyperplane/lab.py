@@ -204,7 +204,15 @@ def nlb_config(cfg: LabConfig):
 
 
 def store_path(prefix: str) -> str:
-    """The lab's NLB store file (mode xdp)."""
+    """The lab's NLB store file (mode xdp). The default lab uses hpctl's default store, so
+    `hpctl lb ...` drives it without --store (like its node is `node1`, hpctl's default
+    --node); any other prefix gets its own file, so a test lab never touches it."""
+    if prefix == "hp":
+        try:
+            from .store import DEFAULT_STORE
+            return DEFAULT_STORE
+        except ImportError:  # pragma: no cover
+            pass
     return os.path.join(STATE_DIR, f"{prefix}-store.json")
 
 
@@ -454,7 +462,15 @@ def _stop_agent(cfg: LabConfig, topo: dict) -> list[str]:
         except Exception as exc:  # the agent is another module: never block teardown on it
             warnings.append(f"stopping the NLB agent of {topo['node']['name']}: "
                             f"{type(exc).__name__}: {exc}")
-    for path in (store_path(cfg.prefix), store_path(cfg.prefix) + ".lock"):
+    leftovers = [store_path(cfg.prefix), store_path(cfg.prefix) + ".lock"]
+    try:
+        from .agent import status_path
+        from .node import NODE_STATE_DIR
+        leftovers += [status_path(topo["node"]["name"]),
+                      os.path.join(NODE_STATE_DIR, f"{topo['node']['name']}.agent.log")]
+    except ImportError:
+        pass
+    for path in leftovers:
         try:
             os.unlink(path)
         except FileNotFoundError:

@@ -167,7 +167,10 @@ def test_vip_on_out0_in_every_mode(cfg):
 def test_nlb_per_mode():
     xdp = lab.topology(lab.LabConfig(mode="xdp"))["nlb"]
     assert xdp["enabled"] and xdp["by"] == "hyperplane"
-    assert xdp["store"] == "/run/hyperplane/lab/hp-store.json"
+    from hyperplane.store import DEFAULT_STORE
+    assert xdp["store"] == DEFAULT_STORE          # hpctl lb's default: drives the default lab
+    assert lab.topology(lab.LabConfig(prefix="hpt1", mode="xdp"))["nlb"]["store"] == \
+        "/run/hyperplane/lab/hpt1-store.json"
     assert [(l["protocol"], l["port"], l["target_port"]) for l in xdp["listeners"]] == \
         [("TCP", 80, 8080), ("UDP", 53, 5353)]
     hap = lab.topology(lab.LabConfig(mode="haproxy"))["nlb"]
