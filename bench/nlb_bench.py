@@ -13,8 +13,14 @@ Measures, per load balancer:
                  wrk reconnects after every answer)
   keepalive_rps  requests/s on keep-alive connections (wrk's default)
 
-Each test runs --repeat times, round-robin over the two labs, and the median is reported
-with the ratio XDP/HAProxy. wrk runs in the internet namespace and shares this machine's
+Three variants, each test --repeat times round-robin over them, medians reported:
+  xdp               the XDP NLB as deployed: data path + the node's agent (health checks,
+                    flow accounting), whose CPU time is recorded
+  xdp_agent_paused  the same lab with the agent paused (SIGSTOP) for the run: the data
+                    path alone
+  haproxy           HAProxy in TCP mode; the XDP lab's agent is paused meanwhile, so the
+                    idle XDP lab takes no CPU from it
+The headline ratio is xdp / haproxy. wrk runs in the internet namespace and shares this machine's
 cores with the load balancer and the targets (2 vCPUs here): the ratio is the result, the
 absolute numbers mostly say how much CPU was left for each part.
 
@@ -30,6 +36,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -141,13 +148,45 @@ def run_wrk(cfg, seconds: int, connections: int, threads: int, fresh: bool) -> d
     return parse_wrk(r.stdout)
 
 
+def _agent_pid(cfg) -> int | None:
+    from hyperplane import lab
+    agent = lab.status(cfg)["nlb"].get("agent") or {}
+    return agent.get("pid")
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _Paused:
+    """SIGSTOP a process for the duration (SIGCONT after, whatever happens)."""
+
+    def __init__(self, pid: int | None):
+        self.pid = pid
+
+    def __enter__(self):
+        if self.pid:
+            os.kill(self.pid, signal.SIGSTOP)
+
+    def __exit__(self, *exc):
+        if self.pid:
+            os.kill(self.pid, signal.SIGCONT)
+
+
 def _xdp_counters(cfg) -> dict:
     from hyperplane import lab, node
     return node.read_counters(lab.node_name(cfg), pin_root=lab.topology(cfg)["node"]["pin_root"])
 
 
 def run(seconds: int, repeat: int, connections: int, threads: int, xdp_mode: str,
-        lbs: list[str], workdir: str) -> list[dict]:
+        lbs: list[str], workdir: str, agent_paused_runs: bool = True) -> list[dict]:
     from hyperplane import lab, netns
     pid = os.getpid() % 1000
     cfgs = {m: lab.LabConfig(prefix=f"hpn{pid}{m[0]}", mode=m, xdp_mode=xdp_mode, nlb=True,
@@ -180,18 +219,41 @@ def run(seconds: int, repeat: int, connections: int, threads: int, xdp_mode: str
             if m == "xdp":
                 res[m]["_v0"] = _xdp_counters(cfg)
             live.append(m)
+        # The XDP node's agent (health checks, flow accounting) is part of the XDP NLB: it
+        # runs during the "xdp" runs and its CPU time is recorded. During the HAProxy runs
+        # it is paused (SIGSTOP), so the XDP lab's control plane takes no CPU from HAProxy.
+        # The "xdp_agent_paused" runs pause it too: the data path alone.
+        agent = _agent_pid(cfgs["xdp"]) if "xdp" in live else None
+        runs = [(name, m, pause) for name, m, pause in
+                (("xdp", "xdp", False), ("xdp_agent_paused", "xdp", True),
+                 ("haproxy", "haproxy", True))
+                if m in live and (name != "xdp_agent_paused" or agent_paused_runs)]
+        for name, _m, _p in runs:
+            res.setdefault(name, {"lb": name})
+            samples.setdefault(name, {})
+        if "xdp" in res:
+            res["xdp"]["agent_cpu_percent"] = []
+        failed: set[str] = set()
         for rep in range(repeat):
             for key, fresh in (("fresh_rps", True), ("keepalive_rps", False)):
-                for m in list(live):
-                    print(f"  rep {rep + 1}/{repeat} {key} {m}", file=sys.stderr, flush=True)
-                    try:
-                        w = run_wrk(cfgs[m], seconds, connections, threads, fresh)
-                    except Exception as exc:
-                        res[m]["error"] = f"{key}: {type(exc).__name__}: {exc}"
-                        live.remove(m)
+                for name, m, pause in runs:
+                    if name in failed:
                         continue
-                    samples[m].setdefault(key, []).append(w["rps"])
-                    samples[m].setdefault(key.replace("_rps", "_wrk"), []).append(w)
+                    print(f"  rep {rep + 1}/{repeat} {key} {name}", file=sys.stderr, flush=True)
+                    c0, t0 = _cpu_seconds(agent), time.monotonic()
+                    try:
+                        with _Paused(agent if pause else None):
+                            w = run_wrk(cfgs[m], seconds, connections, threads, fresh)
+                    except Exception as exc:
+                        res[name]["error"] = f"{key}: {type(exc).__name__}: {exc}"
+                        failed.add(name)
+                        continue
+                    c1 = _cpu_seconds(agent)
+                    if name == "xdp" and c0 is not None and c1 is not None:
+                        res[name]["agent_cpu_percent"].append(
+                            round(100 * (c1 - c0) / (time.monotonic() - t0), 1))
+                    samples[name].setdefault(key, []).append(w["rps"])
+                    samples[name].setdefault(key.replace("_rps", "_wrk"), []).append(w)
                     time.sleep(1)   # let closing connections settle between runs
         for m in lbs:
             if "_fwd0" in res[m]:
@@ -201,35 +263,49 @@ def run(seconds: int, repeat: int, connections: int, threads: int, xdp_mode: str
                 before, after = res[m].pop("_v0"), _xdp_counters(cfgs[m])
                 res[m]["xdp_verdicts"] = {k: after[k] - before.get(k, 0) for k in after
                                           if after[k] != before.get(k, 0)}
-            for k, vals in samples[m].items():
+        for name in samples:
+            for k, vals in samples[name].items():
                 if k.endswith("_rps"):
-                    res[m][k] = statistics.median(vals)
-                res[m].setdefault("samples", {})[k] = vals
+                    res[name][k] = statistics.median(vals)
+                res[name].setdefault("samples", {})[k] = vals
     finally:
         for cfg in cfgs.values():
             lab.down(cfg)
-    return [res[m] for m in lbs]
+    return list(res.values())
 
 
 def markdown(results: list[dict], meta: dict) -> str:
     by = {r["lb"]: r for r in results}
     x, h = by.get("xdp", {}), by.get("haproxy", {})
+    cols = [(r, label) for r, label in
+            ((x, f"XDP NLB ({meta['xdp_mode']})"),
+             (by.get("xdp_agent_paused"), "XDP data path alone (agent paused)"),
+             (h, "HAProxy (TCP mode)")) if r]
     lines = [f"NLB benchmark, median of {meta['repeat']} runs of {meta['seconds']} s per test "
-             f"(round-robin over the two load balancers), wrk -t{meta['threads']} "
-             f"-c{meta['connections']} in the internet namespace, {meta['cpus']} CPUs, kernel "
-             f"{meta['kernel']}. wrk, the load balancer and the three target servers share "
-             f"the {meta['cpus']} cores: read the ratio.", "",
-             f"| metric | XDP NLB ({meta['xdp_mode']}) | HAProxy (TCP mode) | XDP / HAProxy "
-             "| target |", "|---|---|---|---|---|"]
+             f"(round-robin), wrk -t{meta['threads']} -c{meta['connections']} in the internet "
+             f"namespace, {meta['cpus']} CPUs, kernel {meta['kernel']}. wrk, the load balancer "
+             f"and the three target servers share the {meta['cpus']} cores: read the ratio.",
+             "", "| metric | " + " | ".join(label for _, label in cols)
+             + " | XDP / HAProxy | target |", "|---|" + "---|" * (len(cols) + 2)]
     for key, label, fmt in METRICS:
+        cells = []
+        for r, _ in cols:
+            v = r.get(key)
+            cell = fmt.format(v) if v else ("error" if "error" in r else "-")
+            if v and r is not h and r is not x and h.get(key):
+                cell += f" ({v / h[key]:.2f}x)"
+            cells.append(cell)
         xv, hv = x.get(key), h.get(key)
-        ratio = f"{xv / hv:.2f}x" if xv and hv else "-"
-        lines.append(f"| {label} | {fmt.format(xv) if xv else 'error' if 'error' in x else '-'}"
-                     f" | {fmt.format(hv) if hv else 'error' if 'error' in h else '-'} | {ratio}"
-                     f" | >= {TARGETS_FROM_ISSUE[key]}x |")
+        ratio = f"**{xv / hv:.2f}x**" if xv and hv else "-"
+        lines.append(f"| {label} | " + " | ".join(cells)
+                     + f" | {ratio} | >= {TARGETS_FROM_ISSUE[key]}x |")
     for r in results:
         if "error" in r:
             lines.append(f"\n{r['lb']} failed: {r['error']}")
+    if x.get("agent_cpu_percent"):
+        lines.append(f"\nXDP node's agent CPU during the XDP runs (% of one core; fresh, "
+                     f"keep-alive, per round): {x['agent_cpu_percent']}; paused during the "
+                     "other runs.")
     if x.get("xdp_verdicts") is not None:
         v = x["xdp_verdicts"]
         lines.append(f"\nXDP node: kernel forwarded {x.get('kernel_forwarded_packets')} packets; "
@@ -253,6 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="wrk -t (default 2)")
     ap.add_argument("--xdp-mode", default="generic", choices=["generic", "native"])
     ap.add_argument("--lbs", default="xdp,haproxy", help="which to run (default both)")
+    ap.add_argument("--no-agent-paused-runs", action="store_true",
+                    help="skip the extra XDP runs with the node's agent paused")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "nlb.json"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -279,14 +357,17 @@ def main(argv=None) -> int:
     import tempfile
     with tempfile.TemporaryDirectory(prefix="hp-nlb-bench-") as workdir:
         results = run(args.seconds, args.repeat, args.connections, args.threads,
-                      args.xdp_mode, lbs, workdir)
+                      args.xdp_mode, lbs, workdir, not args.no_agent_paused_runs)
     by = {r["lb"]: r for r in results}
-    ratios = {}
-    if "xdp" in by and "haproxy" in by:
-        for key, _, _ in METRICS:
-            if by["xdp"].get(key) and by["haproxy"].get(key):
-                ratios[key] = by["xdp"][key] / by["haproxy"][key]
+    ratios, ratios_paused = {}, {}
+    for key, _, _ in METRICS:
+        h = by.get("haproxy", {}).get(key)
+        if h and by.get("xdp", {}).get(key):
+            ratios[key] = by["xdp"][key] / h
+        if h and by.get("xdp_agent_paused", {}).get(key):
+            ratios_paused[key] = by["xdp_agent_paused"][key] / h
     out = {"meta": meta, "results": results, "ratio_xdp_to_haproxy": ratios,
+           "ratio_xdp_agent_paused_to_haproxy": ratios_paused,
            "targets_from_issue": TARGETS_FROM_ISSUE,
            "targets_met": {k: ratios[k] >= TARGETS_FROM_ISSUE[k] for k in ratios}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
