@@ -233,8 +233,10 @@ def run(modes: list[str], xdp_mode: str, seconds: int, repeat: int, conn_procs: 
     alike; report the median of each."""
     from hyperplane import lab, netns
     import statistics
+    # nlb=False: the NAT bench needs neither the NLB's agent nor its health checks (the
+    # agent's per-tick work would take CPU from the system under test).
     cfgs = {m: lab.LabConfig(prefix=f"hpb{os.getpid() % 1000}{m[0]}", mode=m, xdp_mode=xdp_mode,
-                             **(XDP_NODE if m == "xdp" and not xdp_defaults else {}))
+                             nlb=False, **(XDP_NODE if m == "xdp" and not xdp_defaults else {}))
             for m in modes}
     res: dict[str, dict] = {m: {"mode": m} for m in modes}
     samples: dict[str, dict[str, list]] = {m: {} for m in modes}
