@@ -19,7 +19,7 @@ def node_option(f):
     """Which node's pinned data path to talk to (default: the only one running here)."""
     return click.option("--node", default=None, envvar="HPCTL_NODE",
                         help="Node name (default: the only node running on this machine; "
-                             "the lab's is hp-node1).")(f)
+                             "the lab's is node1).")(f)
 
 
 def resolve_node(node: str | None) -> str:

@@ -41,6 +41,7 @@ class AgentConfig:
     store_path: str = DEFAULT_STORE
     tick_s: float = 0.2          # how often the store and the health checks are looked at
     gc_every_s: float = 10.0     # garbage collection of expired flows and reservations
+    count_every_s: float = 5.0   # flows per target (drains, status): a scan of the table
 
 
 class Agent:
@@ -54,6 +55,8 @@ class Agent:
         self.desired: dict = {}
         self.config_error: str | None = None
         self.last_gc = 0.0
+        self.last_count = -1e9
+        self.flow_counts: dict[int, int] = {}
         self.resets = 0
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -99,6 +102,9 @@ class Agent:
             tg.record_health({t.endpoint: health[tg.name][t.endpoint] for t in tg.targets
                               if t.endpoint in health.get(tg.name, {})})
         self.plane.apply(cfg)
+        if now - self.last_count >= self.config.count_every_s:
+            self.flow_counts = self.plane.flows_per_target()
+            self.last_count = now
         self._end_drains(cfg)
         if now - self.last_gc >= self.config.gc_every_s:
             collect_garbage(self.dp)
@@ -130,7 +136,7 @@ class Agent:
         return out
 
     def _end_drains(self, cfg: NlbConfig) -> None:
-        flows = self.plane.flows_per_target()
+        flows = self.flow_counts
         ids = self.plane.state.target_ids
         ended = {}
         for tg in cfg.target_groups:
@@ -157,7 +163,7 @@ class Agent:
                   "config_error": self.config_error, "flows_reset_unhealthy": self.resets,
                   "target_groups": {}}
         if cfg is not None:
-            flows = self.plane.flows_per_target()
+            flows = self.flow_counts
             packets = self.plane.packets_per_target()
             for tg in cfg.target_groups:
                 status["target_groups"][tg.name] = {

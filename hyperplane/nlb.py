@@ -28,6 +28,7 @@ class NlbDataplane:
         self.dp = dp
         self.size = dp.sizes.maglev_size
         self.state = AppliedState()
+        self._rows_by_targets: dict = {}
         self._recover()
 
     def _recover(self) -> None:
@@ -123,10 +124,19 @@ class NlbDataplane:
         return removed
 
     def _row(self, tg: TargetGroup) -> tuple:
-        entries = build_table(tg.maglev_backends(), self.size) if tg.targets else \
-            [-1] * self.size
-        tids = [self.state.target_ids[t.identity] for t in tg.targets]
-        return tuple(MAGLEV_EMPTY if e < 0 else tids[e] for e in entries)
+        """The Maglev row of a target group, rebuilt only when its routable targets,
+        weights or slots change (the agent asks every tick)."""
+        backends = tuple(tg.maglev_backends())
+        tids = tuple(self.state.target_ids[t.identity] for t in tg.targets)
+        key = (backends, tids)
+        cached = self._rows_by_targets.get(key)
+        if cached is None:
+            entries = build_table(backends, self.size) if backends else [-1] * self.size
+            cached = tuple(MAGLEV_EMPTY if e < 0 else tids[e] for e in entries)
+            if len(self._rows_by_targets) > 64:
+                self._rows_by_targets.clear()
+            self._rows_by_targets[key] = cached
+        return cached
 
     def _write_row(self, lid: int, row: tuple) -> None:
         if self.state.rows.get(lid) == row:
@@ -148,12 +158,16 @@ class NlbDataplane:
         return len(doomed)
 
     def flows_per_target(self) -> dict[int, int]:
-        """Live client->VIP flow entries per target slot."""
-        from .flows import list_flows
+        """Open client->VIP flows per target slot (one batched read, no decoding); a TCP
+        flow already closed (FIN both ways or RST) no longer counts, so a drain ends when
+        the last connection closes, not when its closing timeout ends."""
+        from .flows import NSEC, _timeout_s, _timeouts, now_ns
+        timeouts, now = _timeouts(self.dp), now_ns()
         counts: dict[int, int] = {}
-        for f in list_flows(self.dp, kind="NLB_IN"):
-            if f.live:
-                counts[f.target] = counts.get(f.target, 0) + 1
+        for k, v in self.dp.table("flows").items_lookup_batch():
+            if v.kind == 3 and v.tcp_state != 4 and now - v.last_seen_ns <= \
+                    _timeout_s(timeouts, k.proto, v.tcp_state) * NSEC:
+                counts[v.target] = counts.get(v.target, 0) + 1
         return counts
 
     def packets_per_target(self) -> dict[int, int]:

@@ -38,7 +38,8 @@ def node_state(node: str) -> dict:
 
 def running_nodes() -> list[str]:
     try:
-        return sorted(n[:-5] for n in os.listdir(NODE_STATE_DIR) if n.endswith(".json"))
+        return sorted(n[:-5] for n in os.listdir(NODE_STATE_DIR)
+                      if n.endswith(".json") and not n.endswith(".agent.json"))
     except FileNotFoundError:
         return []
 
@@ -107,10 +108,12 @@ def stop_node(node: str, ifnames: list[str] | None = None, *, netns: str | None 
 
     _in(netns, detach)
     remove_pins(os.path.join(pin_root, node))
-    try:
-        os.unlink(_state_file(node))
-    except FileNotFoundError:
-        pass
+    for path in (_state_file(node), os.path.join(NODE_STATE_DIR, f"{node}.agent.json"),
+                 os.path.join(NODE_STATE_DIR, f"{node}.agent.log")):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def open_node(node: str) -> Datapath:
