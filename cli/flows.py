@@ -31,10 +31,14 @@ def command(node, address, port, proto, kind, show_all, as_json):
         emit_json([f.to_dict() for f in flows])
         return
     table = Table(title=f"{len(flows)} flow entries")
-    for col in ("kind", "proto", "from", "to", "becomes", "state", "packets", "bytes", "idle s"):
-        table.add_column(col)
+    for col in ("kind", "proto", "packet", "translated to", "state", "packets", "bytes",
+                "idle s"):
+        table.add_column(col, no_wrap=True)
     for f in sorted(flows, key=lambda f: (f.kind, f.src, f.sport)):
-        table.add_row(f.kind, f.proto, f"{f.src}:{f.sport}", f"{f.dst}:{f.dport}",
-                      f"{f.new_src}:{f.new_sport} -> {f.new_dst}:{f.new_dport}", f.tcp_state,
+        table.add_row(f.kind, f.proto, f"{f.src}:{f.sport} > {f.dst}:{f.dport}",
+                      f"{f.new_src}:{f.new_sport} > {f.new_dst}:{f.new_dport}", f.tcp_state,
                       str(f.packets), str(f.bytes), f"{f.idle_s:.1f}")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped: do not fold rows at 80 columns
+        console = Console(width=200)
+    console.print(table)
