@@ -56,6 +56,7 @@ class Agent:
         self.config_error: str | None = None
         self.last_gc = 0.0
         self.last_count = -1e9
+        self.count_wall = 0.0        # wall-clock time of the last count (drains use it)
         self.flow_counts: dict[int, int] = {}
         self.resets = 0
 
@@ -102,9 +103,15 @@ class Agent:
             tg.record_health({t.endpoint: health[tg.name][t.endpoint] for t in tg.targets
                               if t.endpoint in health.get(tg.name, {})})
         self.plane.apply(cfg)
-        if now - self.last_count >= self.config.count_every_s:
+        draining = [t.draining_since for tg in cfg.target_groups for t in tg.targets
+                    if t.state == "draining"]
+        # Counting scans the flow table: every count_every_s for the status, but every
+        # second while a drain is on, and never older than the newest drain's start, so a
+        # drain cannot end on a count taken before its flows existed.
+        every = min(1.0, self.config.count_every_s) if draining else self.config.count_every_s
+        if now - self.last_count >= every or (draining and self.count_wall < max(draining)):
             self.flow_counts = self.plane.flows_per_target()
-            self.last_count = now
+            self.last_count, self.count_wall = now, time.time()
         self._end_drains(cfg)
         if now - self.last_gc >= self.config.gc_every_s:
             collect_garbage(self.dp)

@@ -152,7 +152,7 @@ class Datapath:
             raise ConfigError(f"XDP mode must be one of {', '.join(XDP_MODES)}, not {mode!r}")
         import bcc
         try:
-            self.bpf.attach_xdp(ifname, self.fn, XDP_MODES[mode])
+            self.bpf.attach_xdp(ifname.encode(), self.fn, XDP_MODES[mode])
         except Exception as exc:
             raise ConfigError(f"cannot attach XDP ({mode}) to {ifname}: {exc}") from exc
         self.attached.append((ifname, XDP_MODES[mode]))
@@ -162,7 +162,7 @@ class Datapath:
         while self.attached:
             ifname, flags = self.attached.pop()
             try:
-                bcc.BPF.remove_xdp(ifname, flags)
+                bcc.BPF.remove_xdp(ifname.encode(), flags)
             except Exception:
                 pass  # the interface is gone (namespace deleted): nothing attached
 

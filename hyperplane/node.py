@@ -102,7 +102,7 @@ def stop_node(node: str, ifnames: list[str] | None = None, *, netns: str | None 
         for ifname in ifnames or []:
             for flags in (1 << 1, 1 << 2):
                 try:
-                    bcc.BPF.remove_xdp(ifname, flags)
+                    bcc.BPF.remove_xdp(ifname.encode(), flags)
                 except Exception:
                     pass
 
