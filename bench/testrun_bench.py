@@ -12,6 +12,10 @@ Measures, in one run and pinned to one CPU:
   new_flow    hyperplane, new flow: every timed packet is a SYN of a new 5-tuple (lookup
               miss, classification, port reservation, two flow entries, FIB lookup,
               flow event)
+  nlb_in      hyperplane NLB, established: a client's ACK to the listener (VIP:80)
+  nlb_out     hyperplane NLB, established: the target's ACK back to the client
+  nlb_new     hyperplane NLB, new flow: a SYN to the listener from a new client port
+              (listener lookup, Maglev slot, two flow entries, FIB lookup, flow event)
 
 Timing is always the kernel's (test_run's `duration`: the mean ns per repeat, truncated to
 whole ns). Two methods:
@@ -71,8 +75,11 @@ INET = "198.18.0.2"               # on the outside link
 ROUTER = "198.18.0.254"           # default route: new flows go to many destinations
 NAT_IP = "198.18.0.100"
 MAC = {"in0": "02:00:00:00:01:01", "in0p": "02:00:00:00:01:02",
-       "out0": "02:00:00:00:02:01", "out0p": "02:00:00:00:02:02"}
-CLIENT_MAC, INET_MAC = "02:00:00:00:00:10", "02:00:00:00:00:02"
+       "out0": "02:00:00:00:02:01", "out0p": "02:00:00:00:02:02",
+       "tg0": "02:00:00:00:03:01", "tg0p": "02:00:00:00:03:02"}
+CLIENT_MAC, INET_MAC, TARGET_MAC = "02:00:00:00:00:10", "02:00:00:00:00:02", "02:00:00:00:00:20"
+VIP = "198.18.0.200"              # the load balancer's listener, TCP port 80
+TARGETS = ["10.20.1.10", "10.20.2.10", "10.20.3.10"]  # port 8080, behind tg0
 
 TRIVIAL_C = """
 int xdp_trivial(struct xdp_md *ctx) { return XDP_PASS; }
@@ -112,8 +119,13 @@ def build_namespace() -> None:
     netns.create(NS)
     netns.veth(NS, "in0", NS, "in0p", mac_a=MAC["in0"], mac_b=MAC["in0p"])
     netns.veth(NS, "out0", NS, "out0p", mac_a=MAC["out0"], mac_b=MAC["out0p"])
-    for ifname in ("lo", "in0", "in0p", "out0", "out0p"):
+    netns.veth(NS, "tg0", NS, "tg0p", mac_a=MAC["tg0"], mac_b=MAC["tg0p"])
+    for ifname in ("lo", "in0", "in0p", "out0", "out0p", "tg0", "tg0p"):
         netns.set_up(NS, ifname)
+    netns.add_address(NS, "out0", f"{VIP}/32")
+    netns.add_address(NS, "tg0", "10.20.0.1/16")
+    for ip in TARGETS:
+        netns.add_neighbour(NS, "tg0", ip, TARGET_MAC)
     netns.add_address(NS, "in0", "10.10.0.1/24")
     netns.add_address(NS, "out0", "198.18.0.1/24")
     netns.add_address(NS, "out0", f"{NAT_IP}/32")
@@ -138,6 +150,37 @@ def _from_inet(dport, flags, ttl=64, seq=5000, ack=1001) -> bytes:
     from scapy.layers.l2 import Ether
     return bytes(Ether(src=INET_MAC, dst=MAC["out0"]) / IP(src=INET, dst=NAT_IP, ttl=ttl, id=2) /
                  TCP(sport=80, dport=dport, flags=flags, seq=seq, ack=ack, window=64240))
+
+
+def _to_vip(sport, flags, ttl=64, seq=1000, ack=0) -> bytes:
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+    return bytes(Ether(src=INET_MAC, dst=MAC["out0"]) / IP(src=INET, dst=VIP, ttl=ttl, id=3) /
+                 TCP(sport=sport, dport=80, flags=flags, seq=seq, ack=ack, window=64240))
+
+
+def _from_target(target, dport, flags, ttl=64, seq=5000, ack=1001) -> bytes:
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+    return bytes(Ether(src=TARGET_MAC, dst=MAC["tg0"]) / IP(src=target, dst=INET, ttl=ttl, id=4) /
+                 TCP(sport=8080, dport=dport, flags=flags, seq=seq, ack=ack, window=64240))
+
+
+def nlb_syns(n: int) -> list[bytes]:
+    """n SYNs to the listener from distinct client ports (new NLB flows)."""
+    if n > 60000:
+        raise ValueError("at most 60000 new flows per round")
+    return [_to_vip(1024 + i, "S") for i in range(n)]
+
+
+def nlb_config():
+    from hyperplane.nlb_config import NlbConfig
+    return NlbConfig.from_dict({
+        "load_balancers": [{"name": "lb", "lb_id": 0}],
+        "listeners": [{"lb": "lb", "vip": VIP, "port": 80, "protocol": "TCP",
+                       "target_group": "web"}],
+        "target_groups": [{"name": "web", "targets": [{"ip": t, "port": 8080, "state": "healthy"}
+                                                      for t in TARGETS]}]})
 
 
 def new_flow_syns(n: int) -> list[bytes]:
@@ -237,6 +280,30 @@ CPORT = 40000
 LOOP_TTL = 255   # the self-inverse loops can run TTL - 1 = 254 times
 
 
+NLB_CPORT = 41000
+
+
+def establish_nlb(dp, ifidx) -> dict:
+    """SYN to the listener, SYN-ACK from its target: a live NLB flow, with inverse entries
+    for the loops. Returns the packets to time."""
+    from scapy.layers.inet import IP
+    from scapy.layers.l2 import Ether
+    res = netns.call_in(NS, test_run, dp.prog_fd, _to_vip(NLB_CPORT, "S"),
+                        ingress_ifindex=ifidx["out0"])
+    assert res.retval == XDP_REDIRECT, res.action
+    target = Ether(res.data)[IP].dst
+    res = netns.call_in(NS, test_run, dp.prog_fd, _from_target(target, NLB_CPORT, "SA"),
+                        ingress_ifindex=ifidx["tg0"])
+    assert res.retval == XDP_REDIRECT, res.action
+    add_inverse(dp, flow_key(dp, INET, VIP, NLB_CPORT, 80))
+    add_inverse(dp, flow_key(dp, target, INET, 8080, NLB_CPORT))
+    return {"nlb_ack": _to_vip(NLB_CPORT, "A", seq=1001, ack=5001),
+            "nlb_reply_ack": _from_target(target, NLB_CPORT, "A", seq=5001, ack=1001),
+            "nlb_ack_loop": _to_vip(NLB_CPORT, "A", ttl=LOOP_TTL, seq=1001, ack=5001),
+            "nlb_reply_ack_loop": _from_target(target, NLB_CPORT, "A", ttl=LOOP_TTL, seq=5001,
+                                               ack=1001)}
+
+
 def clear_state(dp, drain) -> None:
     for name in ("flows", "nat_resv", "frags"):
         dp.table(name).clear()
@@ -311,10 +378,11 @@ def tuple_of(data: bytes) -> tuple:
     return p[IP].src, p[IP].dst, p[TCP].sport, p[TCP].dport
 
 
-def one_round(args, progs, dp, ifidx, syns, drain) -> dict:
+def one_round(args, progs, dp, ifidx, syns, drain, vip_syns) -> dict:
     res: dict = {}
     clear_state(dp, drain)
     pk = establish(dp, ifidx)
+    pk.update(establish_nlb(dp, ifidx))
     loop_n = LOOP_TTL - 1
     loop_calls = args.loop_calls
 
@@ -336,7 +404,10 @@ def one_round(args, progs, dp, ifidx, syns, drain) -> dict:
 
         # established paths, warm loop: the self-inverse pair, TTL 255, repeat=254
         for name, key, ifname, verdict in (("est_out", "ack_loop", "in0", "TX_NAT_OUT"),
-                                           ("est_reply", "reply_ack_loop", "out0", "TX_NAT_IN")):
+                                           ("est_reply", "reply_ack_loop", "out0", "TX_NAT_IN"),
+                                           ("nlb_in", "nlb_ack_loop", "out0", "TX_NLB_IN"),
+                                           ("nlb_out", "nlb_reply_ack_loop", "tg0",
+                                            "TX_NLB_OUT")):
             before = verdict_counts(dp)
             runner = Runner(dp.prog_fd, ifidx[ifname], repeat=loop_n)
             d = runner.run([cbuf(pk[key])] * loop_calls, XDP_REDIRECT)
@@ -349,7 +420,9 @@ def one_round(args, progs, dp, ifidx, syns, drain) -> dict:
 
         # established paths, one packet per call (a fresh copy of the packet every call)
         for name, key, ifname, verdict in (("est_out", "ack", "in0", "TX_NAT_OUT"),
-                                           ("est_reply", "reply_ack", "out0", "TX_NAT_IN")):
+                                           ("est_reply", "reply_ack", "out0", "TX_NAT_IN"),
+                                           ("nlb_in", "nlb_ack", "out0", "TX_NLB_IN"),
+                                           ("nlb_out", "nlb_reply_ack", "tg0", "TX_NLB_OUT")):
             before = verdict_counts(dp)
             d = Runner(dp.prog_fd, ifidx[ifname]).run([cbuf(pk[key])] * args.calls,
                                                        XDP_REDIRECT)
@@ -387,6 +460,13 @@ def one_round(args, progs, dp, ifidx, syns, drain) -> dict:
         assert "EVENT_LOST" not in stats, stats
         res["new_flow_call"] = {**summary(d), "stats": stats}
 
+        # new NLB flows: every call a SYN from a new client port to the listener
+        before = verdict_counts(dp)
+        d = Runner(dp.prog_fd, ifidx["out0"]).run(vip_syns, XDP_REDIRECT, between=drain,
+                                                   every=1000)
+        check("nlb_new", verdict_delta(dp, before), {"TX_NLB_IN": len(vip_syns)})
+        res["nlb_new_call"] = summary(d)
+
     netns.call_in(NS, body)
     clear_state(dp, drain)
     return res
@@ -413,6 +493,16 @@ ROWS = [  # key, label, method, reference
      "trivial_call"),
     ("new_flow_call", "hyperplane new flow (SYN: port + 2 entries + FIB + event)", "per call",
      "trivial_call"),
+    ("nlb_in_loop", "hyperplane NLB established, client -> target", "loop, repeat=254 ¹",
+     "trivial_loop"),
+    ("nlb_out_loop", "hyperplane NLB established, target -> client", "loop, repeat=254 ¹",
+     "trivial_loop"),
+    ("nlb_in_call", "hyperplane NLB established, client -> target", "per call",
+     "trivial_call"),
+    ("nlb_out_call", "hyperplane NLB established, target -> client", "per call",
+     "trivial_call"),
+    ("nlb_new_call", "hyperplane NLB new flow (SYN: Maglev + 2 entries + FIB + event)",
+     "per call", "trivial_call"),
     ("trap_loop", "(trap) client ACK, repeat=N, no inverse entry ²", "loop, repeat=N",
      "trivial_bigloop"),
 ]
@@ -435,7 +525,8 @@ def aggregate(rounds: list[dict]) -> dict:
     overhead = [r["trivial_call"]["value"] - r["trivial_loop"]["value"] for r in rounds]
     out["per_call_overhead"] = {"ns_median": statistics.median(overhead),
                                 "ns_min": min(overhead), "ns_max": max(overhead)}
-    for key in ("lookup_call", "est_out_call", "est_reply_call", "new_flow_call"):
+    for key in ("lookup_call", "est_out_call", "est_reply_call", "new_flow_call",
+                "nlb_in_call", "nlb_out_call", "nlb_new_call"):
         net = [r[key]["value"] - (r["trivial_call"]["value"] - r["trivial_loop"]["value"])
                for r in rounds]
         out[key]["net_ns_median"] = statistics.median(net)
@@ -497,7 +588,7 @@ def main(argv=None) -> int:
         print("needs root (BPF_PROG_TEST_RUN and a network namespace)", file=sys.stderr)
         return 2
     sizes = Sizes()  # production sizes: flow table 262144 entries
-    if sizes.max_flows <= 2 * args.new_flows or sizes.max_reservations <= args.new_flows:
+    if sizes.max_flows <= 4 * args.new_flows or sizes.max_reservations <= args.new_flows:
         print("--new-flows too large for the table sizes", file=sys.stderr)
         return 2
     cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
@@ -506,6 +597,7 @@ def main(argv=None) -> int:
     import bcc
     started = datetime.datetime.now(datetime.timezone.utc)
     syns = [cbuf(p) for p in new_flow_syns(args.new_flows)]
+    vip_syns = [cbuf(p) for p in nlb_syns(args.new_flows)]
     # a SIGTERM unwinds like an exception, so the namespace is removed; only in this
     # process: pyroute2 forks helpers (they inherit the handler) and ends them with SIGTERM
     main_pid = os.getpid()
@@ -521,7 +613,7 @@ def main(argv=None) -> int:
     dp = trivial = lookup = None
     try:
         build_namespace()
-        ifidx = {i: netns.call_in(NS, socket.if_nametoindex, i) for i in ("in0", "out0")}
+        ifidx = {i: netns.call_in(NS, socket.if_nametoindex, i) for i in ("in0", "out0", "tg0")}
         trivial = bcc.BPF(text=TRIVIAL_C)
         lookup = bcc.BPF(text=LOOKUP_C)
         progs = {"trivial": trivial.load_func(b"xdp_trivial", bcc.BPF.XDP).fd,
@@ -535,6 +627,8 @@ def main(argv=None) -> int:
         dp = Datapath(sizes)
         write_config(dp, Timeouts(), hash_seed=0x12345678)
         apply_gateway(dp, GatewayConfig("gw-bench", 0, [NAT_IP], ["10.10.0.0/24"]))
+        from hyperplane.nlb import NlbDataplane
+        NlbDataplane(dp).apply(nlb_config())
         dp.table("flow_events").open_ring_buffer(lambda ctx, data, size: 0)
 
         def drain():
@@ -543,7 +637,7 @@ def main(argv=None) -> int:
         rounds = []
         for i in range(args.rounds):
             t0 = time.monotonic()
-            r = one_round(args, progs, dp, ifidx, syns, drain)
+            r = one_round(args, progs, dp, ifidx, syns, drain, vip_syns)
             rounds.append(r)
             print(f"round {i + 1}/{args.rounds} [{time.monotonic() - t0:.0f} s]: " + ", ".join(
                 f"{k} {r[k]['value']:.1f}" for k, *_ in ROWS), file=sys.stderr, flush=True)
