@@ -109,3 +109,29 @@ def test_a_bad_store_is_reported_and_the_last_good_state_kept(node):
         assert len(list(agent.dp.table("listeners").items())) == listeners == 1
     finally:
         agent.shutdown()
+
+
+def test_reset_on_unhealthy_deletes_the_targets_flows(node):
+    from hyperplane.flows import now_ns
+    cfg = _config(node["up"], node["down"])
+    cfg["target_groups"][0]["reset_on_unhealthy"] = True
+    cfg["target_groups"][0]["health_check"]["interval_s"] = 0.3
+    Store(node["store"]).update(lambda _: cfg)
+    agent = Agent(AgentConfig(NODE, node["store"]))
+    agent.startup()
+    try:
+        agent.tick(time.monotonic())  # one failed check: not unhealthy yet
+        down = agent.plane.target_id(f"127.0.0.1:{node['down']}")
+        up = agent.plane.target_id(f"127.0.0.1:{node['up']}")
+        flows = agent.dp.table("flows")
+        for i, tid in enumerate((down, down, up)):  # two flows to the failing target, one not
+            k = flows.Key()
+            k.src_ip, k.src_port, k.proto = 0x01020304 + i, 1000 + i, 6
+            v = flows.Leaf()
+            v.kind, v.target, v.tcp_state, v.last_seen_ns = 3, tid, 2, now_ns()
+            flows[k] = v
+        assert _tick_until(agent, lambda: agent.resets == 2)
+        left = [v.target for _, v in flows.items()]
+        assert left == [up], left
+    finally:
+        agent.shutdown()
