@@ -189,3 +189,19 @@ def test_icmp_error_from_client_reaches_the_target(e, nlb):
     assert (p[IPerror].src, p[IPerror].dst) == (target, INET)
     from scapy.layers.inet import TCPerror
     assert (p[TCPerror].sport, p[TCPerror].dport) == (8080, 57000)
+
+
+def test_tcp_udp_listener_answers_both_protocols(e):
+    plane = NlbDataplane(e.dp)
+    cfg = config().to_dict()
+    cfg["listeners"] = [{"lb": "lb", "vip": VIP, "port": 8443, "protocol": "TCP_UDP",
+                         "target_group": "web"}]
+    plane.apply(NlbConfig.from_dict(cfg))
+    try:
+        tcp = e.run(syn(dport=8443), "out0")
+        udp = e.run(from_inet(IP(src=INET, dst=VIP) / UDP(sport=40002, dport=8443) / b"x"), "out0")
+        assert tcp[0] == udp[0] == Verdict.TX_NLB_IN
+        assert Ether(tcp[2])[TCP].dport == Ether(udp[2])[UDP].dport == 8080
+        assert e.run(syn(dport=80), "out0")[0] == Verdict.DROP_NO_LISTENER
+    finally:
+        plane.apply(NlbConfig())
