@@ -8,47 +8,37 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from .codec import PROTOCOL_NAMES, be16_to_port, be32_to_ip
-from .verdicts import FlowEventType, FlowKind
+from .flows import Flow, flow_timeouts, decode
+from .verdicts import FlowEventType
 
 
 def event_class(dp):
     flows = dp.table("flows")
 
-    class FlowEvent(ctypes.Structure):
+    class RawFlowEvent(ctypes.Structure):
         _fields_ = [("type", ctypes.c_uint32), ("pad", ctypes.c_uint32),
                     ("ts_ns", ctypes.c_uint64), ("key", flows.Key), ("value", flows.Leaf)]
 
-    return FlowEvent
+    return RawFlowEvent
 
 
 @dataclass
-class FlowEventRecord:
+class FlowEvent:
     type: FlowEventType
-    kind: FlowKind
-    proto: str
-    src: str
-    sport: int
-    dst: str
-    dport: int
-    new_src: str
-    new_sport: int
+    flow: Flow            # the entry as it was when the event was sent
     ts_ns: int
 
 
 def subscribe(dp, callback) -> None:
-    """Call callback(FlowEventRecord) for each event, delivered by dp.bpf.ring_buffer_consume()
+    """Call callback(FlowEvent) for each event, delivered by dp.bpf.ring_buffer_consume()
     (call it on a timer: the data path submits without wakeups, so a blocking poll would
     not return for new events)."""
     cls = event_class(dp)
+    timeouts = flow_timeouts(dp)
 
     def on_event(_ctx, data, _size):
         ev = ctypes.cast(data, ctypes.POINTER(cls)).contents
-        k, v = ev.key, ev.value
-        callback(FlowEventRecord(
-            FlowEventType(ev.type), FlowKind(v.kind), PROTOCOL_NAMES.get(k.proto, str(k.proto)),
-            be32_to_ip(k.src_ip), be16_to_port(k.src_port), be32_to_ip(k.dst_ip),
-            be16_to_port(k.dst_port), be32_to_ip(v.new_src_ip), be16_to_port(v.new_src_port),
-            ev.ts_ns))
+        callback(FlowEvent(FlowEventType(ev.type), decode(ev.key, ev.value, timeouts, ev.ts_ns),
+                           ev.ts_ns))
 
     dp.table("flow_events").open_ring_buffer(on_event)

@@ -42,7 +42,7 @@ def now_ns() -> int:
     return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 
-def _timeout_s(timeouts: list[int], proto: int, state: int) -> int:
+def timeout_s(timeouts: list[int], proto: int, state: int) -> int:
     if proto == 6:
         if state == TcpState.ESTABLISHED:
             return timeouts[0]
@@ -50,7 +50,7 @@ def _timeout_s(timeouts: list[int], proto: int, state: int) -> int:
     return timeouts[3] if proto == 17 else timeouts[4]
 
 
-def _timeouts(dp) -> list[int]:
+def flow_timeouts(dp) -> list[int]:
     cfg = dp.table("config")
     return list(cfg[cfg.Key(0)].timeout_s)
 
@@ -67,14 +67,14 @@ def decode(key, value, timeouts: list[int], now: int) -> Flow:
         tcp_state=TcpState(value.tcp_state).name, resource=value.resource, target=value.target,
         packets=value.packets, bytes=value.bytes,
         age_s=round(max(0, now - value.created_ns) / NSEC, 3), idle_s=round(idle / NSEC, 3),
-        live=idle <= _timeout_s(timeouts, key.proto, value.tcp_state) * NSEC)
+        live=idle <= timeout_s(timeouts, key.proto, value.tcp_state) * NSEC)
 
 
 def list_flows(dp, *, address: str | None = None, port: int | None = None,
                proto: str | int | None = None, kind: str | None = None) -> list[Flow]:
     """Every flow entry (both directions), optionally filtered: address matches any of the
     four addresses, port any of the four ports."""
-    timeouts, now = _timeouts(dp), now_ns()
+    timeouts, now = flow_timeouts(dp), now_ns()
     want_proto = proto_number(proto) if proto is not None else None
     out = []
     for k, v in dp.table("flows").items():
@@ -114,12 +114,12 @@ def collect_garbage(dp) -> GcResult:
 
     The data path already treats an expired flow as absent; this frees the table space and
     the NAT ports for good. Reads and deletes are batched (BPF_MAP_*_BATCH)."""
-    timeouts, now = _timeouts(dp), now_ns()
+    timeouts, now = flow_timeouts(dp), now_ns()
     flows = dp.table("flows")
     entries = {bytes(k): (k, v) for k, v in flows.items_lookup_batch()}
 
     def expired(k, v) -> bool:
-        return now - v.last_seen_ns > _timeout_s(timeouts, k.proto, v.tcp_state) * NSEC
+        return now - v.last_seen_ns > timeout_s(timeouts, k.proto, v.tcp_state) * NSEC
 
     dead = []
     for k, v in entries.values():

@@ -161,12 +161,12 @@ class NlbDataplane:
         """Open client->VIP flows per target slot (one batched read, no decoding); a TCP
         flow already closed (FIN both ways or RST) no longer counts, so a drain ends when
         the last connection closes, not when its closing timeout ends."""
-        from .flows import NSEC, _timeout_s, _timeouts, now_ns
-        timeouts, now = _timeouts(self.dp), now_ns()
+        from .flows import NSEC, timeout_s, flow_timeouts, now_ns
+        timeouts, now = flow_timeouts(self.dp), now_ns()
         counts: dict[int, int] = {}
         for k, v in self.dp.table("flows").items_lookup_batch():
             if v.kind == 3 and v.tcp_state != 4 and now - v.last_seen_ns <= \
-                    _timeout_s(timeouts, k.proto, v.tcp_state) * NSEC:
+                    timeout_s(timeouts, k.proto, v.tcp_state) * NSEC:
                 counts[v.target] = counts.get(v.target, 0) + 1
         return counts
 

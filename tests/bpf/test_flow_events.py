@@ -10,7 +10,8 @@ from packets import from_client, from_inet, tcp_syn
 
 def test_created_and_closed_events(e):
     events = []
-    subscribe(e.dp, lambda ev: events.append((ev.type, ev.kind, ev.src, ev.sport, ev.new_src)))
+    subscribe(e.dp, lambda ev: events.append((ev.type, FlowKind[ev.flow.kind], ev.flow.src,
+                                              ev.flow.sport, ev.flow.new_src)))
     e.dp.bpf.ring_buffer_consume()  # drain what earlier tests left
     events.clear()
     _, _, out = e.run(tcp_syn(sport=46000))
