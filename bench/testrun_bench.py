@@ -70,16 +70,9 @@ from hyperplane.settings import Timeouts, write_config  # noqa: E402
 from hyperplane.testrun import _libbpf, _TestRunOpts, _XdpMd, test_run  # noqa: E402
 
 NS = f"hpb-tr-{os.getpid()}"
-CLIENT = "10.10.0.10"
-INET = "198.18.0.2"               # on the outside link
-ROUTER = "198.18.0.254"           # default route: new flows go to many destinations
-NAT_IP = "198.18.0.100"
-MAC = {"in0": "02:00:00:00:01:01", "in0p": "02:00:00:00:01:02",
-       "out0": "02:00:00:00:02:01", "out0p": "02:00:00:00:02:02",
-       "tg0": "02:00:00:00:03:01", "tg0p": "02:00:00:00:03:02"}
-CLIENT_MAC, INET_MAC, TARGET_MAC = "02:00:00:00:00:10", "02:00:00:00:00:02", "02:00:00:00:00:20"
-VIP = "198.18.0.200"              # the load balancer's listener, TCP port 80
-TARGETS = ["10.20.1.10", "10.20.2.10", "10.20.3.10"]  # port 8080, behind tg0
+from hyperplane import sandbox  # noqa: E402
+from hyperplane.sandbox import (CLIENT, CLIENT_MAC, INET, INET_MAC, MAC, NAT_IP,  # noqa: E402
+                                TARGET_MAC, TARGETS, VIP)
 
 TRIVIAL_C = """
 int xdp_trivial(struct xdp_md *ctx) { return XDP_PASS; }
@@ -111,29 +104,6 @@ int xdp_lookup(struct xdp_md *ctx) {
 """
 
 XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 1, 2, 3, 4
-
-
-# --- the namespace (as tests/bpf/bpf_env.py builds it, plus a default route) -----------
-
-def build_namespace() -> None:
-    netns.create(NS)
-    netns.veth(NS, "in0", NS, "in0p", mac_a=MAC["in0"], mac_b=MAC["in0p"])
-    netns.veth(NS, "out0", NS, "out0p", mac_a=MAC["out0"], mac_b=MAC["out0p"])
-    netns.veth(NS, "tg0", NS, "tg0p", mac_a=MAC["tg0"], mac_b=MAC["tg0p"])
-    for ifname in ("lo", "in0", "in0p", "out0", "out0p", "tg0", "tg0p"):
-        netns.set_up(NS, ifname)
-    netns.add_address(NS, "out0", f"{VIP}/32")
-    netns.add_address(NS, "tg0", "10.20.0.1/16")
-    for ip in TARGETS:
-        netns.add_neighbour(NS, "tg0", ip, TARGET_MAC)
-    netns.add_address(NS, "in0", "10.10.0.1/24")
-    netns.add_address(NS, "out0", "198.18.0.1/24")
-    netns.add_address(NS, "out0", f"{NAT_IP}/32")
-    netns.add_neighbour(NS, "in0", CLIENT, CLIENT_MAC)
-    for ip in (INET, ROUTER):
-        netns.add_neighbour(NS, "out0", ip, INET_MAC)
-    netns.add_route(NS, "default", gateway=ROUTER)
-    netns.sysctl(NS, "net.ipv4.ip_forward", 1)
 
 
 # --- packets (scapy, built once) --------------------------------------------------------
@@ -612,8 +582,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     dp = trivial = lookup = None
     try:
-        build_namespace()
-        ifidx = {i: netns.call_in(NS, socket.if_nametoindex, i) for i in ("in0", "out0", "tg0")}
+        ifidx = sandbox.build(NS, default_route=True)  # new flows go to many destinations
         trivial = bcc.BPF(text=TRIVIAL_C)
         lookup = bcc.BPF(text=LOOKUP_C)
         progs = {"trivial": trivial.load_func(b"xdp_trivial", bcc.BPF.XDP).fd,

@@ -150,7 +150,6 @@ class Datapath:
     def attach(self, ifname: str, mode: str = "generic") -> None:
         if mode not in XDP_MODES:
             raise ConfigError(f"XDP mode must be one of {', '.join(XDP_MODES)}, not {mode!r}")
-        import bcc
         try:
             self.bpf.attach_xdp(ifname.encode(), self.fn, XDP_MODES[mode])
         except Exception as exc:

@@ -4,7 +4,6 @@ Listener and target slots are found again from the maps themselves, so a restart
 keeps the slot numbers that live flows refer to."""
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass, field
 
 from .codec import be16_to_port, be32_to_ip, ip_to_be32, port_to_be16

@@ -1,6 +1,5 @@
 """The node agent: store -> maps, health checks from the node's namespace, drains."""
 import os
-import socket
 import time
 
 import pytest

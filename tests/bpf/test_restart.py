@@ -4,9 +4,7 @@ import os
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-import bpf_env
-from bpf_env import CLIENT, INET, NAT_IP, NS, SIZES, Env
-from hyperplane import netns
+from bpf_env import CLIENT, INET, NAT_IP, SIZES, Env
 from hyperplane.loader import PIN_ROOT, Datapath, remove_pins
 from hyperplane.nat import GatewayConfig, apply_gateway
 from hyperplane.settings import write_config

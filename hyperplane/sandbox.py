@@ -1,0 +1,45 @@
+"""A namespace where BPF_PROG_TEST_RUN runs of the data path route like the lab's node, for
+the packet tests and the per-packet benchmark.
+
+The program looks up its next hop (bpf_fib_lookup) in the namespace of the thread that
+calls test_run, so that thread must be in a namespace with the node's addresses, routes
+and neighbours. The veth peers here lead nowhere: nothing leaves the namespace."""
+from __future__ import annotations
+
+from . import netns
+
+CLIENT, CLIENT2 = "10.10.0.10", "10.10.0.11"
+INET, INET2 = "198.18.0.2", "198.18.0.3"
+ROUTER = "198.18.0.254"          # an intermediate router (ICMP errors; the default route)
+NAT_IP, NAT_IP2 = "198.18.0.100", "198.18.0.101"
+VIP = "198.18.0.200"             # a load balancer listener's address
+TARGETS = ["10.20.1.10", "10.20.2.10", "10.20.3.10"]
+MAC = {"in0": "02:00:00:00:01:01", "in0p": "02:00:00:00:01:02",
+       "out0": "02:00:00:00:02:01", "out0p": "02:00:00:00:02:02",
+       "tg0": "02:00:00:00:03:01", "tg0p": "02:00:00:00:03:02"}
+CLIENT_MAC, INET_MAC, TARGET_MAC = "02:00:00:00:00:10", "02:00:00:00:00:02", "02:00:00:00:00:20"
+IFNAMES = ("in0", "out0", "tg0")  # inside, outside, targets
+
+
+def build(ns: str, *, default_route: bool = False) -> dict[str, int]:
+    """Create the namespace; return the ifindex of each node interface. With
+    default_route, 198.19.0.0/16 and the rest are reachable behind ROUTER."""
+    netns.create(ns)
+    for ifname in IFNAMES:
+        netns.veth(ns, ifname, ns, f"{ifname}p", mac_a=MAC[ifname], mac_b=MAC[f"{ifname}p"])
+    for ifname in ("lo", *IFNAMES, *(f"{i}p" for i in IFNAMES)):
+        netns.set_up(ns, ifname)
+    for ifname, cidr in (("in0", "10.10.0.1/24"), ("out0", "198.18.0.1/24"),
+                         ("out0", f"{NAT_IP}/32"), ("out0", f"{VIP}/32"),
+                         ("tg0", "10.20.0.1/16")):
+        netns.add_address(ns, ifname, cidr)
+    for ifname, ips, mac in (("in0", (CLIENT, CLIENT2), CLIENT_MAC),
+                             ("out0", (INET, INET2, ROUTER), INET_MAC),
+                             ("tg0", TARGETS, TARGET_MAC)):
+        for ip in ips:
+            netns.add_neighbour(ns, ifname, ip, mac)
+    if default_route:
+        netns.add_route(ns, "default", gateway=ROUTER)
+    netns.sysctl(ns, "net.ipv4.ip_forward", 1)
+    import socket
+    return {i: netns.call_in(ns, socket.if_nametoindex, i) for i in IFNAMES}
