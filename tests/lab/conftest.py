@@ -7,7 +7,6 @@ HP_LAB_XDP_MODE=native attaches XDP in native mode (default generic).
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 

@@ -17,7 +17,7 @@ import pytest
 
 from hyperplane import lab, netns
 
-from lab_traffic import StreamDownload, http_get_many, udp_exchange
+from lab_traffic import StreamDownload, http_get_many
 
 pytestmark = pytest.mark.lab
 
