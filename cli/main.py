@@ -13,6 +13,7 @@ Examples:
   hpctl lab status --json           names and addresses of the lab
   hpctl flows --node node1 --proto tcp
   hpctl counters --json
+  hpctl top                         live dashboard of the node
   hpctl lab down
 """
 
@@ -24,8 +25,8 @@ def cli():
 
 def _register():
     # Imported here so a broken optional command never hides the others' help.
-    from . import agent, counters, flows, lab, lb, nat  # noqa: F401
-    for mod in (lab, nat, lb, agent, flows, counters):
+    from . import agent, counters, flows, lab, lb, nat, top  # noqa: F401
+    for mod in (lab, nat, lb, agent, flows, counters, top):
         cli.add_command(mod.command)
 
 

@@ -33,6 +33,12 @@ class Flow:
     idle_s: float
     live: bool
 
+    @property
+    def open(self) -> bool:
+        """Live and not closed (a closed TCP flow lingers for its closing timeout, but is
+        no longer an active connection)."""
+        return self.live and self.tcp_state != "CLOSED"
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -43,7 +43,7 @@ def gateway_metrics(dp, gw_id: int) -> dict[str, int]:
     per_cpu = table[table.Key(gw_id)]
     out = {aws: sum(getattr(cpu, field) for cpu in per_cpu) for field, aws in NAT_METRICS.items()}
     out["ActiveConnectionCount"] = sum(
-        1 for f in list_flows(dp) if f.kind == "NAT_OUT" and f.resource == gw_id and f.live)
+        1 for f in list_flows(dp, kind="NAT_OUT") if f.resource == gw_id and f.open)
     return out
 
 
@@ -69,7 +69,7 @@ def load_balancer_metrics(dp, status: dict | None = None) -> dict:
     for k, v in dp.table("listeners").items():
         by_lb.setdefault(v.lb_id, set()).add(v.listener_id)
     out = {}
-    flows = [f for f in list_flows(dp, kind="NLB_IN") if f.live]
+    flows = [f for f in list_flows(dp, kind="NLB_IN") if f.open]
     for lb_id, lids in sorted(by_lb.items()):
         m = {aws: 0 for aws in NLB_METRICS.values()}
         for lid in lids:

@@ -433,3 +433,11 @@ def test_full_flow_table_refuses_new_flows_and_keeps_old_ones(env):
             assert run.run(reply, "out0")[0] == Verdict.TX_NAT_IN
     finally:
         small.close()
+
+
+def test_active_connection_count_leaves_out_closed_flows(e):
+    _nat_tcp_flow(e, cport=49000)
+    port = _nat_tcp_flow(e, cport=49001)
+    assert e.gw_metrics()["ActiveConnectionCount"] == 2
+    e.run(from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=port, flags="R")), "out0")
+    assert e.gw_metrics()["ActiveConnectionCount"] == 1
