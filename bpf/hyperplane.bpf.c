@@ -208,6 +208,12 @@ static __always_inline int parse_l4(struct pkt *p, struct cursor *c, void *data_
 	return 0;
 }
 
+/* Only a bare SYN (no ACK, no RST) may open a TCP flow. */
+static __always_inline int tcp_opens(struct pkt *p)
+{
+	return (p->tcp_flags & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN;
+}
+
 /* A packet of no known flow: which resource is it for, and what happens to it? */
 static __always_inline int classify(struct xdp_md *ctx, struct pkt *p, struct hp_config *cfg)
 {
@@ -247,7 +253,7 @@ static __always_inline int classify(struct xdp_md *ctx, struct pkt *p, struct hp
 		struct listener_value *l = listeners.lookup(&lk);
 		if (!l)
 			return V_DROP_NO_LISTENER;
-		if (proto == IPPROTO_TCP && (p->tcp_flags & (TH_SYN | TH_ACK | TH_RST)) != TH_SYN) {
+		if (proto == IPPROTO_TCP && !tcp_opens(p)) {
 			if (p->tcp_flags & TH_RST)
 				return V_DROP_TCP_NOT_SYN; /* never answer a RST */
 			__u32 lid = l->listener_id;
@@ -281,7 +287,7 @@ static __always_inline int classify(struct xdp_md *ctx, struct pkt *p, struct hp
 		return V_DROP_FRAGMENT;
 	if (proto == IPPROTO_ICMP && p->icmp_type != ICMP_ECHO)
 		return is_icmp_error(p->icmp_type) ? V_DROP_NO_FLOW : V_DROP_ICMP_UNSUPPORTED;
-	if (proto == IPPROTO_TCP && (p->tcp_flags & (TH_SYN | TH_ACK | TH_RST)) != TH_SYN) {
+	if (proto == IPPROTO_TCP && !tcp_opens(p)) {
 		/* not an opening SYN and no live flow: a timed-out connection (AWS: RST) */
 		if ((p->tcp_flags & TH_RST) || !(cfg->flags & HP_F_RST_ON_NO_FLOW))
 			return V_DROP_NO_FLOW;
