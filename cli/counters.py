@@ -14,6 +14,7 @@ from .options import emit_json, json_option, node_option, resolve_node
 @json_option
 def command(node, nonzero, as_json):
     """Packets per verdict (every packet ends in exactly one), events, gateway metrics."""
+    from hyperplane.agent import status_or_none
     from hyperplane.metrics import (gateway_metrics, load_balancer_metrics, stat_counts,
                                     verdict_counts)
     from hyperplane.node import node_state, open_node
@@ -26,7 +27,7 @@ def command(node, nonzero, as_json):
         "events": stat_counts(dp),
         "gateways": {gw["name"]: gateway_metrics(dp, gw["gw_id"]) for gw in state["gateways"]},
         "load_balancers": {str(k): v for k, v in
-                           load_balancer_metrics(dp, _agent_status(node)).items()},
+                           load_balancer_metrics(dp, status_or_none(node)).items()},
     }
     data["packets"] = sum(data["verdicts"].values())
     if as_json:
@@ -51,11 +52,3 @@ def command(node, nonzero, as_json):
                 m.add_row(name, str(n))
         console.print(m)
 
-
-def _agent_status(node: str):
-    from hyperplane.agent import read_status
-    from hyperplane.errors import HyperplaneError
-    try:
-        return read_status(node)
-    except HyperplaneError:
-        return None  # no agent: no health counts

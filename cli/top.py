@@ -23,12 +23,12 @@ def command(node, interval, once, as_json):
     from hyperplane.dashboard import render, take
     from hyperplane.node import open_node
 
-    from .counters import _agent_status
+    from hyperplane.agent import status_or_none
     node = resolve_node(node)
     dp = open_node(node)
 
     def snap(prev):
-        return take(node, dp, prev, _agent_status(node))
+        return take(node, dp, prev, status_or_none(node))
 
     if once or as_json:
         first = snap(None)

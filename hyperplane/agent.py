@@ -194,6 +194,14 @@ def read_status(node: str) -> dict:
                            f"agent running? (hpctl agent run --node {node})")
 
 
+def status_or_none(node: str) -> dict | None:
+    """The agent's status, or None when no agent runs for the node (no health counts)."""
+    try:
+        return read_status(node)
+    except HyperplaneError:
+        return None
+
+
 def spawn_agent(node: str, store_path: str = DEFAULT_STORE, timeout_s: float = 30.0) -> int:
     """Start an agent process for the node; return once it has written its first status."""
     node_state(node)  # fail early and clearly if the node is not running
