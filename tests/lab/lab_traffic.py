@@ -43,15 +43,14 @@ def wait_tcp(ns: str, host: str, port: int, timeout: float = 10.0) -> None:
 
 # --- UDP ---------------------------------------------------------------------------------
 
-class UdpEcho:
-    """A UDP echo server in a namespace that records every peer address it saw."""
+class _Server:
+    """A server socket in a namespace, served by a thread while in a `with` block; it
+    records every peer address it saw. Subclasses set self.sock and write _run()."""
 
-    def __init__(self, ns: str, host: str, port: int, *, echo: bool = True):
-        self.sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
+    def __init__(self, sock: socket.socket, host: str, port: int):
+        self.sock = sock
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
-        self.sock.settimeout(0.2)
-        self.echo = echo
         self.peers: list[tuple[str, int]] = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -63,7 +62,22 @@ class UdpEcho:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join(5)
+        self._close()
+
+    def _close(self):
         self.sock.close()
+
+    def _run(self):
+        raise NotImplementedError
+
+
+class UdpEcho(_Server):
+    """A UDP echo server in a namespace that records every peer address it saw."""
+
+    def __init__(self, ns: str, host: str, port: int, *, echo: bool = True):
+        super().__init__(netns.socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM), host, port)
+        self.sock.settimeout(0.2)
+        self.echo = echo
 
     def _run(self):
         while not self._stop.is_set():
@@ -96,28 +110,18 @@ def udp_exchange(sock: socket.socket, dst: tuple[str, int], n: int,
 
 # --- TCP ---------------------------------------------------------------------------------
 
-class TcpCollector:
+class TcpCollector(_Server):
     """A TCP server in a namespace that accepts connections, keeps them open and records
     each peer address (until stopped)."""
 
     def __init__(self, ns: str, host: str, port: int, backlog: int = 4096):
-        self.lsock = netns.socket_in(ns)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind((host, port))
+        super().__init__(netns.socket_in(ns), host, port)
+        self.lsock = self.sock
         self.lsock.listen(backlog)
         self.lsock.setblocking(False)
-        self.peers: list[tuple[str, int]] = []
         self.conns: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join(5)
+    def _close(self):
         for c in self.conns:
             c.close()
         self.lsock.close()
