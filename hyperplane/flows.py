@@ -4,8 +4,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from .codec import PROTOCOL_NAMES, be16_to_port, be32_to_ip, proto_number
-from .verdicts import FlowKind, TcpState
+from .cheaders import map_declarations
+from .codec import PROTOCOL_NAMES, PROTOCOLS, be16_to_port, be32_to_ip, proto_number
+from .verdicts import FlowKind, TcpState, Timeout
 
 NSEC = 1_000_000_000
 CLOCK_MONOTONIC_COARSE = 6  # linux/time.h; Python's time module does not name it
@@ -49,11 +50,27 @@ def now_ns() -> int:
 
 
 def timeout_s(timeouts: list[int], proto: int, state: int) -> int:
-    if proto == 6:
-        if state == TcpState.ESTABLISHED:
-            return timeouts[0]
-        return timeouts[1] if state == TcpState.SYN_SENT else timeouts[2]
-    return timeouts[3] if proto == 17 else timeouts[4]
+    """The idle timeout of a flow entry: the choice bpf/flow.h flow_timeout_ns() makes
+    (indexes: enum hp_timeout)."""
+    if proto == PROTOCOLS["tcp"]:
+        # half-closed (one FIN) is still an open connection: AWS's 350 s idle rule
+        if state in (TcpState.ESTABLISHED, TcpState.FIN_WAIT):
+            return timeouts[Timeout.TCP_ESTABLISHED]
+        if state == TcpState.SYN_SENT:
+            return timeouts[Timeout.TCP_SYN]
+        return timeouts[Timeout.TCP_CLOSING]
+    return timeouts[Timeout.UDP if proto == PROTOCOLS["udp"] else Timeout.ICMP]
+
+
+def entry_live(key, value, timeouts: list[int], now: int) -> bool:
+    """Not past its idle timeout (the data path treats an expired entry as absent)."""
+    return now - value.last_seen_ns <= timeout_s(timeouts, key.proto, value.tcp_state) * NSEC
+
+
+def entry_open(key, value, timeouts: list[int], now: int) -> bool:
+    """Live and not closed: an active connection (a closed TCP flow lingers for its closing
+    timeout but is no longer one)."""
+    return value.tcp_state != TcpState.CLOSED and entry_live(key, value, timeouts, now)
 
 
 def flow_timeouts(dp) -> list[int]:
@@ -61,19 +78,40 @@ def flow_timeouts(dp) -> list[int]:
     return list(cfg[cfg.Key(0)].timeout_s)
 
 
+def _name(enum_cls, value: int) -> str:
+    """The enum name of a value, or the number (an entry written by another version)."""
+    try:
+        return enum_cls(value).name
+    except ValueError:
+        return str(value)
+
+
 def decode(key, value, timeouts: list[int], now: int) -> Flow:
     idle = max(0, now - value.last_seen_ns)
     return Flow(
-        kind=FlowKind(value.kind).name if value.kind in iter(FlowKind) else str(value.kind),
+        kind=_name(FlowKind, value.kind),
         proto=PROTOCOL_NAMES.get(key.proto, str(key.proto)),
         src=be32_to_ip(key.src_ip), sport=be16_to_port(key.src_port),
         dst=be32_to_ip(key.dst_ip), dport=be16_to_port(key.dst_port),
         new_src=be32_to_ip(value.new_src_ip), new_sport=be16_to_port(value.new_src_port),
         new_dst=be32_to_ip(value.new_dst_ip), new_dport=be16_to_port(value.new_dst_port),
-        tcp_state=TcpState(value.tcp_state).name, resource=value.resource, target=value.target,
-        packets=value.packets, bytes=value.bytes,
+        tcp_state=_name(TcpState, value.tcp_state), resource=value.resource,
+        target=value.target, packets=value.packets, bytes=value.bytes,
         age_s=round(max(0, now - value.created_ns) / NSEC, 3), idle_s=round(idle / NSEC, 3),
-        live=idle <= timeout_s(timeouts, key.proto, value.tcp_state) * NSEC)
+        live=entry_live(key, value, timeouts, now))
+
+
+def flow_tables() -> list[str]:
+    """The maps that hold flow entries: each map of bpf/maps.h keyed by struct flow_key
+    with struct flow_value entries (so a table added in C is listed too)."""
+    return [d.name for d in map_declarations()
+            if (d.key, d.leaf) == ("struct flow_key", "struct flow_value")]
+
+
+def flow_entries(dp):
+    """(key, value) of every flow entry, one batched read per flow table."""
+    for name in flow_tables():
+        yield from dp.table(name).items_lookup_batch()
 
 
 def list_flows(dp, *, address: str | None = None, port: int | None = None,
@@ -83,7 +121,7 @@ def list_flows(dp, *, address: str | None = None, port: int | None = None,
     timeouts, now = flow_timeouts(dp), now_ns()
     want_proto = proto_number(proto) if proto is not None else None
     out = []
-    for k, v in dp.table("flows").items():
+    for k, v in flow_entries(dp):
         if want_proto is not None and k.proto != want_proto:
             continue
         f = decode(k, v, timeouts, now)
@@ -125,7 +163,7 @@ def collect_garbage(dp) -> GcResult:
     entries = {bytes(k): (k, v) for k, v in flows.items_lookup_batch()}
 
     def expired(k, v) -> bool:
-        return now - v.last_seen_ns > timeout_s(timeouts, k.proto, v.tcp_state) * NSEC
+        return not entry_live(k, v, timeouts, now)
 
     dead = []
     for k, v in entries.values():
