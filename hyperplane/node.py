@@ -116,15 +116,20 @@ def stop_node(node: str, ifnames: list[str] | None = None, *, netns: str | None 
             pass
 
 
-def open_node(node: str) -> Datapath:
-    """The running node's maps (a fresh compile that opens the pinned maps)."""
+def open_node(node: str):
+    """The running node's maps, opened from their pins without compiling anything
+    (hyperplane.pinned.PinnedNode: table(name) like a Datapath, and the node's sizes)."""
+    from .pinned import PinnedNode
     state = node_state(node)
     if not os.path.isdir(state["pin_dir"]):
         raise NotFound(f"node {node!r} has no pinned maps at {state['pin_dir']}")
-    return Datapath(Sizes(**state["sizes"]), state["pin_dir"], load_program=False)
+    return PinnedNode(state["pin_dir"], Sizes(**state["sizes"]))
 
 
 def read_counters(node: str, *, pin_root: str = PIN_ROOT) -> dict[str, int]:
-    """Verdict name -> packets, summed over CPUs, from the node's pinned counters."""
+    """Verdict name -> packets, summed over CPUs, from the node's pinned counters (at
+    pin_root/node; the node's state file is not needed)."""
     from .metrics import verdict_counts
-    return verdict_counts(open_node(node))
+    from .pinned import PinnedNode
+    with PinnedNode(os.path.join(pin_root, node)) as maps:
+        return verdict_counts(maps)
