@@ -7,7 +7,8 @@ entries from the C itself, so a process that opens the pinned maps without compi
 
 Format: linux/btf.h (Documentation/bpf/btf.rst). Only what map keys and values use is
 turned into ctypes: ints, enums, arrays, structs and unions (with padding), typedefs and
-qualifiers; bit-fields and pointers are refused with a clear error.
+qualifiers; a map whose key or value has bit-fields or pointers is refused with a clear
+error (other types in the blob, e.g. kernel headers' structs, are only parsed).
 """
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ class BtfType:
     size_or_type: int            # size for INT/STRUCT/UNION/ENUM*, type id for the others
     kind_flag: bool = False
     int_bits: int = 0            # INT: nr_bits
+    int_offset: int = 0          # INT: bit offset (only in bit-field encodings)
     int_signed: bool = False
     array: tuple[int, int] = (0, 0)                   # ARRAY: (element type id, nelems)
-    members: list[tuple[str, int, int]] = field(default_factory=list)  # (name, type, bit off)
+    # STRUCT/UNION members: (name, type id, bit offset, bit-field size or 0)
+    members: list[tuple[str, int, int, int]] = field(default_factory=list)
     enumerators: dict[str, int] = field(default_factory=dict)
 
 
@@ -63,9 +66,8 @@ def parse(raw: bytes) -> dict[int, BtfType]:
         if kind == INT:
             (enc,) = struct.unpack_from("<I", types_, pos)
             pos += 4
-            t.int_bits, t.int_signed = enc & 0xFF, bool((enc >> 24) & BTF_INT_SIGNED)
-            if (enc >> 16) & 0xFF:
-                raise BtfError(f"int {t.name!r} with a bit offset is not supported")
+            t.int_bits, t.int_offset = enc & 0xFF, (enc >> 16) & 0xFF
+            t.int_signed = bool((enc >> 24) & BTF_INT_SIGNED)
         elif kind == ARRAY:
             elem, _index, nelems = struct.unpack_from("<III", types_, pos)
             pos += 12
@@ -74,9 +76,8 @@ def parse(raw: bytes) -> dict[int, BtfType]:
             for _ in range(vlen):
                 m_name, m_type, m_off = struct.unpack_from("<III", types_, pos)
                 pos += 12
-                if kflag and m_off >> 24:
-                    raise BtfError(f"bit-field {name(m_name)!r} in {t.name!r} is not supported")
-                t.members.append((name(m_name), m_type, m_off & 0xFFFFFF if kflag else m_off))
+                bits, off = (m_off >> 24, m_off & 0xFFFFFF) if kflag else (0, m_off)
+                t.members.append((name(m_name), m_type, off, bits))
         elif kind == ENUM:
             for _ in range(vlen):
                 e_name, e_val = struct.unpack_from("<Ii" if kflag else "<II", types_, pos)
@@ -135,7 +136,8 @@ class Types:
         if t.kind in _QUALIFIERS:
             return self.ctype(t.size_or_type)
         if t.kind == INT:
-            if t.int_bits != 8 * t.size_or_type:
+            if t.int_bits != 8 * t.size_or_type or t.int_offset or \
+                    (t.size_or_type, t.int_signed) not in _INTS:
                 raise BtfError(f"int {t.name!r} of {t.int_bits} bits is not supported")
             return _INTS[(t.size_or_type, t.int_signed)]
         if t.kind in (ENUM, ENUM64):
@@ -152,9 +154,9 @@ class Types:
         """A ctypes Structure/Union with the C's member offsets and size: explicit padding
         members where the C has holes, _pack_ = 1 so ctypes adds none of its own."""
         fields, anonymous, at = [], [], 0
-        for i, (name, mtid, bit_off) in enumerate(t.members):
-            if bit_off % 8:
-                raise BtfError(f"member {name!r} of {t.name!r} is not byte aligned")
+        for i, (name, mtid, bit_off, bits) in enumerate(t.members):
+            if bits or bit_off % 8:
+                raise BtfError(f"bit-field {name!r} of {t.name!r} is not supported")
             off, ctype = bit_off // 8, self.ctype(mtid)
             if t.kind == STRUCT and off < at:
                 raise BtfError(f"member {name!r} of {t.name!r} overlaps the one before")

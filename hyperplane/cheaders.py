@@ -21,12 +21,16 @@ class HeaderError(Exception):
     pass
 
 
+def strip_comments(text: str) -> str:
+    return _COMMENT.sub(" ", text)
+
+
 @functools.cache
 def header_text(name: str) -> str:
     """A header of bpf/ without its comments."""
     from .loader import bpf_dir
     with open(os.path.join(bpf_dir(), name)) as f:
-        return _COMMENT.sub(" ", f.read())
+        return strip_comments(f.read())
 
 
 def evaluate(expr: str, names: dict[str, int]) -> int:
@@ -60,13 +64,17 @@ def evaluate(expr: str, names: dict[str, int]) -> int:
 def defines(header: str, prefix: str = "") -> dict[str, int]:
     """NAME -> value of every `#define NAME <integer expression>` in a header (in order;
     macros with parameters, empty ones and non-integers are left out)."""
+    return {k: v for k, v in parse_defines(header_text(header)).items() if k.startswith(prefix)}
+
+
+def parse_defines(text: str) -> dict[str, int]:
     out: dict[str, int] = {}
-    for m in re.finditer(r"^[ \t]*#[ \t]*define[ \t]+(\w+)[ \t]+(.+)$", header_text(header), re.M):
+    for m in re.finditer(r"^[ \t]*#[ \t]*define[ \t]+(\w+)[ \t]+(.+)$", text, re.M):
         try:
             out[m.group(1)] = evaluate(m.group(2), out)
         except HeaderError:
             continue
-    return {k: v for k, v in out.items() if k.startswith(prefix)}
+    return out
 
 
 def define(header: str, name: str) -> int:
@@ -84,10 +92,14 @@ def enum_names(header: str) -> list[str]:
 def enum(header: str, name: str) -> dict[str, int]:
     """Enumerator -> value of `enum name { ... }` (implicit values count on from the last),
     in declaration order."""
-    m = re.search(rf"\benum\s+{re.escape(name)}\s*\{{(.*?)\}}", header_text(header), re.S)
+    return parse_enum(header_text(header), name)
+
+
+def parse_enum(text: str, name: str) -> dict[str, int]:
+    m = re.search(rf"\benum\s+{re.escape(name)}\s*\{{(.*?)\}}", text, re.S)
     if not m:
-        raise HeaderError(f"bpf/{header} has no enum {name}")
-    known = defines(header)
+        raise HeaderError(f"no enum {name}")
+    known = parse_defines(text)
     out: dict[str, int] = {}
     value = -1
     for item in m.group(1).split(","):
@@ -114,11 +126,29 @@ class MapDecl:
 
 def map_declarations(header: str = "maps.h") -> list[MapDecl]:
     """Every map declared with HP_MAP, in order (the macro's own #define is not one)."""
-    text = re.sub(r"^[ \t]*#[^\n]*(?:\\\n[^\n]*)*", " ", header_text(header), flags=re.M)
+    return parse_map_declarations(header_text(header))
+
+
+def parse_map_declarations(text: str) -> list[MapDecl]:
+    text = re.sub(r"^[ \t]*#[^\n]*(?:\\\n[^\n]*)*", " ", text, flags=re.M)
     out = []
     for m in re.finditer(r"\bHP_MAP\s*\(([^;]*)\)\s*;", text):
         args = [a.strip() for a in m.group(1).split(",")]
         if len(args) != 6:
             raise HeaderError(f"HP_MAP with {len(args)} arguments, not 6: {m.group(0)!r}")
         out.append(MapDecl(args[0].strip('"'), *args[1:]))
+    return out
+
+
+def struct_members(header: str, name: str) -> list[tuple[str, str]]:
+    """(type, member name) of `struct name { ... };` in a header, in order (an array
+    member's name keeps its [N])."""
+    m = re.search(rf"\bstruct\s+{re.escape(name)}\s*\{{(.*?)\}}\s*;", header_text(header), re.S)
+    if not m:
+        raise HeaderError(f"bpf/{header} has no struct {name}")
+    out = []
+    for decl in m.group(1).split(";"):
+        dm = re.fullmatch(r"\s*(.+?)\s+(\w+\s*(?:\[[^\]]*\])?)\s*", decl, re.S)
+        if dm:
+            out.append((" ".join(dm.group(1).split()), dm.group(2).replace(" ", "")))
     return out

@@ -1,38 +1,140 @@
-"""The Python enums mirror bpf/consts.h exactly (Cilium-style: defined once in C)."""
+"""Python's view of the C constants matches the C (bpf/*.h), read here independently.
+
+hyperplane/verdicts.py builds its enums and flags from the headers (hyperplane/cheaders.py);
+this test reads the same headers with its own simple patterns, and checks the constants
+other modules still copy."""
 import re
 from pathlib import Path
 
 import pytest
 
-from hyperplane import verdicts
+from hyperplane import cheaders, verdicts
 
-CONSTS = Path(__file__).resolve().parents[2] / "bpf" / "consts.h"
-
-
-def c_enum(prefix: str) -> dict[str, int]:
-    text = CONSTS.read_text()
-    found = {m.group(1): int(m.group(2))
-             for m in re.finditer(rf"\b{re.escape(prefix)}(\w+)\s*=\s*(\d+)", text)}
-    # TCP_S_ and TO_ share letters with other names only by prefix; drop *_MAX sentinels
-    return {k: v for k, v in found.items() if k != "MAX"}
+BPF = Path(__file__).resolve().parents[2] / "bpf"
 
 
-@pytest.mark.parametrize("enum_cls", list(verdicts.C_PREFIXES))
+def raw(header: str) -> str:
+    return (BPF / header).read_text()
+
+
+def c_enum(name: str) -> dict[str, int]:
+    """`NAME = <decimal>` enumerators of `enum name` (consts.h spells every value out)."""
+    body = re.search(rf"enum\s+{name}\s*\{{(.*?)\}};", raw("consts.h"), re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    names = re.findall(r"\b([A-Z][A-Z0-9_]*)\b\s*(?:=|,)", body)
+    values = dict(re.findall(r"\b([A-Z][A-Z0-9_]*)\s*=\s*(\d+)", body))
+    assert set(names) == set(values), f"enum {name}: an enumerator without an explicit value"
+    return {n: int(v) for n, v in values.items()}
+
+
+def c_defines(header: str, prefix: str) -> dict[str, int]:
+    return {n: int(v, 0) for n, v in
+            re.findall(rf"^#define\s+({prefix}\w*)\s+(0x[0-9a-fA-F]+|\d+)\b", raw(header), re.M)}
+
+
+def test_every_enum_of_consts_h_has_its_python_class():
+    c_names = set(re.findall(r"\benum\s+(\w+)\s*\{", raw("consts.h")))
+    mirrored = {c_name for c_name, _ in verdicts.C_ENUMS.values()}
+    assert c_names == mirrored, f"enums of consts.h without a class in verdicts.py: " \
+                                f"{sorted(c_names - mirrored)}"
+
+
+@pytest.mark.parametrize("enum_cls", list(verdicts.C_ENUMS), ids=lambda c: c.__name__)
 def test_python_enum_matches_c(enum_cls):
-    prefix = verdicts.C_PREFIXES[enum_cls]
-    c = c_enum(prefix)
-    py = {m.name: m.value for m in enum_cls}
-    assert c, f"no {prefix}* enumerators found in {CONSTS}"
-    assert py == c, f"{enum_cls.__name__} differs from {prefix}* in consts.h"
+    c_name, prefix = verdicts.C_ENUMS[enum_cls]
+    c = {n[len(prefix):]: v for n, v in c_enum(c_name).items() if n != f"{prefix}MAX"}
+    assert c, f"no enumerators found in enum {c_name}"
+    assert {m.name: m.value for m in enum_cls} == c
 
 
-def test_v_max_matches_c():
-    m = re.search(r"\bV_MAX\s*=\s*(\d+)", CONSTS.read_text())
-    assert int(m.group(1)) == verdicts.V_MAX == len(verdicts.Verdict)
+def test_verdicts_index_the_counter_array_without_gaps():
+    v_max = c_enum("hp_verdict")["V_MAX"]
+    assert verdicts.V_MAX == v_max == len(verdicts.Verdict)
+    assert sorted(verdicts.Verdict) == list(range(v_max))
+    assert sorted(verdicts.Stat) == list(range(c_enum("hp_stat")["S_MAX"]))
 
 
-def test_every_verdict_has_one_action():
-    actions = {v.action for v in verdicts.Verdict}
-    assert actions == {"XDP_REDIRECT", "XDP_TX", "XDP_PASS", "XDP_DROP"}
+def test_verdict_actions_follow_the_ranges_of_the_c():
+    """The C maps a verdict to its action by range (TX_*, then PASS_*, then DROP_*): every
+    verdict's name agrees with the range it is in, and the ranges end where consts.h says
+    (V_LAST_TX / V_LAST_PASS, when it names them)."""
+    for v in verdicts.Verdict:
+        want = {"TX": ("XDP_TX", "XDP_REDIRECT"), "PASS": ("XDP_PASS",),
+                "DROP": ("XDP_DROP",)}[v.name.split("_")[0]]
+        assert v.action in want, (v, v.action)
+    last = dict(re.findall(r"^#define\s+V_LAST_(TX|PASS)\s+V_(\w+)", raw("consts.h"), re.M))
+    if last:
+        assert verdicts.LAST_TX.name == last["TX"] and verdicts.LAST_PASS.name == last["PASS"]
     assert verdicts.Verdict.TX_RST.action == "XDP_TX"
-    assert verdicts.Verdict.DROP_NO_FLOW.action == "XDP_DROP"
+    assert verdicts.Verdict.TX_NAT_OUT.action == "XDP_REDIRECT"
+
+
+def test_bounced_verdicts_are_those_consts_h_calls_bounced():
+    body = re.search(r"enum\s+hp_verdict\s*\{(.*?)\};", raw("consts.h"), re.S).group(1)
+    marked = {m.group(1) for m in re.finditer(r"\bV_(TX_\w+)\s*=\s*\d+\s*,\s*/\*(.*?)\*/", body, re.S)
+              if "bounced" in m.group(2)}
+    tx = {v.name for v in verdicts.Verdict if v.name.startswith("TX_")}
+    assert verdicts.BOUNCED & tx == marked
+
+
+def test_flags_and_maglev_empty_match_c():
+    assert {f.name: f.value for f in verdicts.ConfigFlag} == \
+        {n[len("HP_F_"):]: v for n, v in c_defines("structs.h", "HP_F_").items()}
+    assert {f.name: f.value for f in verdicts.TargetFlag} == \
+        {n[len("TARGET_F_"):]: v for n, v in c_defines("structs.h", "TARGET_F_").items()}
+    assert verdicts.MAGLEV_EMPTY == c_defines("nlb.h", "MAGLEV_EMPTY")["MAGLEV_EMPTY"]
+
+
+def test_constants_other_modules_copy_from_c():
+    """Copies outside verdicts.py (until they import from it) still equal the C."""
+    from hyperplane import nat, nlb, settings
+    flags = c_defines("structs.h", "")
+    assert nlb.MAGLEV_EMPTY == c_defines("nlb.h", "MAGLEV_EMPTY")["MAGLEV_EMPTY"]
+    assert nlb.TARGET_F_ACTIVE == flags["TARGET_F_ACTIVE"]
+    assert settings.F_RST_ON_NO_FLOW == flags["HP_F_RST_ON_NO_FLOW"]
+    assert nat.MAX_NAT_IPS == c_defines("consts.h", "HP_MAX_NAT_IPS")["HP_MAX_NAT_IPS"]
+
+
+def test_sizes_defaults_are_the_c_defaults():
+    """loader.Sizes passes each size as -DHP_<NAME>; its defaults are consts.h's."""
+    from dataclasses import fields
+
+    from hyperplane.loader import Sizes
+    c = c_defines("consts.h", "HP_")
+    for f in fields(Sizes):
+        assert f"HP_{f.name.upper()}" in c, f"consts.h has no default for HP_{f.name.upper()}"
+        assert f.default == c[f"HP_{f.name.upper()}"], f.name
+
+
+def test_timeout_indexes_are_written_in_c_order():
+    from hyperplane.settings import Timeouts
+    t = Timeouts(tcp_established=1, tcp_syn=2, tcp_closing=3, udp=4, icmp=5)
+    by_index = t.by_index()
+    for name, index in c_enum("hp_timeout").items():
+        if name != "TO_MAX":
+            assert by_index[index] == getattr(t, name[len("TO_"):].lower())
+
+
+def test_pinned_map_list_is_every_hp_map_of_maps_h():
+    from hyperplane.loader import Datapath
+    from hyperplane.pinned import pinned_map_names
+    text = re.sub(r"/\*.*?\*/", "", raw("maps.h"), flags=re.S)
+    declared = re.findall(r"^HP_MAP\([^;]*?,\s*(\w+)\s*,[^,;]*,[^,;]*\);", text, re.M)
+    assert list(pinned_map_names()) == declared
+    assert set(Datapath.PINNED) == set(declared), \
+        "loader's Datapath.PINNED differs from maps.h: use hyperplane.pinned.pinned_map_names()"
+
+
+def test_flow_event_layout_follows_the_c_struct():
+    """events.py assembles struct flow_event from the flow table's Key and Leaf (bcc
+    cannot type the ring buffer): its members are the C's, in order, with the C's sizes."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from hyperplane.events import event_class
+    flows = SimpleNamespace(Key=ctypes.c_uint8 * 16, Leaf=ctypes.c_uint8 * 104)
+    cls = event_class(SimpleNamespace(table=lambda name: flows))
+    sizes = {"__u32": 4, "__u64": 8, "struct flow_key": 16, "struct flow_value": 104}
+    want = [(name, sizes[ctype]) for ctype, name in cheaders.struct_members("structs.h",
+                                                                             "flow_event")]
+    assert [(n, ctypes.sizeof(t)) for n, t in cls._fields_] == want
