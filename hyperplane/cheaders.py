@@ -37,6 +37,10 @@ def evaluate(expr: str, names: dict[str, int]) -> int:
     """The value of a C integer constant expression (literals with U/L suffixes, names
     already known, + - * / % << >> | & ^ ~ and parentheses)."""
     py = _INT_LITERAL.sub(lambda m: str(int(m.group(1), 0)), expr.strip())
+    if py.isdigit():  # the common case, without the cost of parsing Python
+        return int(py)
+    if py in names:
+        return names[py]
     try:
         tree = ast.parse(py, mode="eval")
     except SyntaxError:
@@ -64,7 +68,12 @@ def evaluate(expr: str, names: dict[str, int]) -> int:
 def defines(header: str, prefix: str = "") -> dict[str, int]:
     """NAME -> value of every `#define NAME <integer expression>` in a header (in order;
     macros with parameters, empty ones and non-integers are left out)."""
-    return {k: v for k, v in parse_defines(header_text(header)).items() if k.startswith(prefix)}
+    return {k: v for k, v in _defines(header).items() if k.startswith(prefix)}
+
+
+@functools.cache
+def _defines(header: str) -> dict[str, int]:
+    return parse_defines(header_text(header))
 
 
 def parse_defines(text: str) -> dict[str, int]:
@@ -92,14 +101,15 @@ def enum_names(header: str) -> list[str]:
 def enum(header: str, name: str) -> dict[str, int]:
     """Enumerator -> value of `enum name { ... }` (implicit values count on from the last),
     in declaration order."""
-    return parse_enum(header_text(header), name)
+    return parse_enum(header_text(header), name, _defines(header))
 
 
-def parse_enum(text: str, name: str) -> dict[str, int]:
+def parse_enum(text: str, name: str, known: dict[str, int] | None = None) -> dict[str, int]:
+    """known: the #defines an enumerator's value may use (default: those of text)."""
     m = re.search(rf"\benum\s+{re.escape(name)}\s*\{{(.*?)\}}", text, re.S)
     if not m:
         raise HeaderError(f"no enum {name}")
-    known = parse_defines(text)
+    known = parse_defines(text) if known is None else known
     out: dict[str, int] = {}
     value = -1
     for item in m.group(1).split(","):
