@@ -19,7 +19,7 @@ from collections.abc import MutableMapping
 
 from . import btf
 from .cheaders import map_declarations
-from .errors import NotFound
+from .errors import EnvironmentProblem, NotFound
 
 # BPF_MAP_TYPE_* (linux/bpf.h)
 HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LRU_PERCPU_HASH, LPM_TRIE = 1, 2, 5, 6, 9, 10, 11
@@ -141,6 +141,9 @@ class PinnedMap(MutableMapping):
         if fd < 0:
             if -fd == errno.ENOENT:
                 raise NotFound(f"no pinned map at {path}")
+            if -fd in (errno.EPERM, errno.EACCES):
+                raise EnvironmentProblem(f"reading the node's maps ({path}) needs root; run "
+                                         f"as root (sudo).")
             _check(fd, f"bpf_obj_get({path})")
         self.map_fd = fd
         try:
