@@ -208,3 +208,50 @@ def test_top_once_without_bcc(node, tmp_path):
     proc, _ = _hpctl_without_bcc(tmp_path, "top", "--node", NAME, "--once", "--interval", "0")
     assert proc.returncode == 0, proc.stderr
     assert "gateway gw-rd" in proc.stdout and "TX_NAT_OUT" in proc.stdout
+
+
+def test_pinned_map_reads_and_writes_agree_with_bcc(node, monkeypatch):
+    """Batched reads across many small batches (and a hash bucket bigger than one), batch
+    updates and deletes, clear(), per-CPU values and a map without batch operations (the
+    LPM trie), each checked through bcc's view of the same map."""
+    from hyperplane import pinned
+    from hyperplane.codec import ip_to_be32
+    monkeypatch.setattr(pinned, "BATCH_ENTRIES", 1)
+    maps = PinnedNode(PIN_DIR)
+    frags, bfrags = maps.table("frags"), node.dp.table("frags")
+    packets, bpackets = maps.table("target_packets"), node.dp.table("target_packets")
+    try:
+        n = 300
+        keys, values = (frags.Key * n)(), (frags.Leaf * n)()
+        for i in range(n):
+            keys[i].src_ip, keys[i].ip_id, keys[i].proto = i, i, 17
+            values[i].resource = i
+        frags.items_update_batch(keys, values)
+        assert len(frags.items()) == n == len(list(bfrags.items_lookup_batch()))
+        assert _entries(frags, frags.items()) == _entries(bfrags, bfrags.items_lookup_batch())
+        assert frags[keys[7]].resource == 7 and keys[7] in frags
+        frags.items_delete_batch((frags.Key * 10)(*keys[:10]))
+        assert len(list(bfrags.items_lookup_batch())) == n - 10
+        with pytest.raises(OSError):
+            frags.items_delete_batch((frags.Key * 10)(*keys[:10]))
+        assert frags.pop(keys[0], "gone") == "gone"
+        with pytest.raises(KeyError):
+            frags[keys[0]]
+        frags.clear()
+        assert not list(bfrags.items_lookup_batch())
+
+        cpus = packets.total_cpu
+        packets[3] = packets.Leaf(*range(1, cpus + 1))
+        assert int(sum(bpackets[bpackets.Key(3)])) == packets.sum(3) == cpus * (cpus + 1) // 2
+        with pytest.raises(IndexError):
+            packets[packets.max_entries]
+        packets.clear()
+        assert packets.sum(3) == 0
+
+        inside = maps.table("inside_nets")  # LPM trie: get_next_key and lookups
+        assert [(k.prefixlen, k.addr, v.value) for k, v in inside.items()] == \
+            [(24, ip_to_be32("10.10.0.0"), 0)]
+    finally:
+        frags.clear()
+        packets.clear()
+        maps.close()
