@@ -19,16 +19,17 @@ def command(node, nonzero, as_json):
                                     verdict_counts)
     from hyperplane.node import node_state, open_node
     node = resolve_node(node)
-    dp = open_node(node)
     state = node_state(node)
-    data = {
-        "node": node,
-        "verdicts": verdict_counts(dp),
-        "events": stat_counts(dp),
-        "gateways": {gw["name"]: gateway_metrics(dp, gw["gw_id"]) for gw in state["gateways"]},
-        "load_balancers": {str(k): v for k, v in
-                           load_balancer_metrics(dp, status_or_none(node)).items()},
-    }
+    with open_node(node) as dp:  # the pinned maps: no compile
+        data = {
+            "node": node,
+            "verdicts": verdict_counts(dp),
+            "events": stat_counts(dp),
+            "gateways": {gw["name"]: gateway_metrics(dp, gw["gw_id"])
+                         for gw in state["gateways"]},
+            "load_balancers": {str(k): v for k, v in
+                               load_balancer_metrics(dp, status_or_none(node)).items()},
+        }
     data["packets"] = sum(data["verdicts"].values())
     if as_json:
         emit_json(data)

@@ -23,8 +23,8 @@ def command(node, address, port, proto, kind, show_all, as_json):
     """List flows (each flow has two entries: its original and its reply direction)."""
     from hyperplane.flows import list_flows
     from hyperplane.node import open_node
-    flows = list_flows(open_node(resolve_node(node)), address=address, port=port, proto=proto,
-                       kind=kind)
+    with open_node(resolve_node(node)) as maps:  # the pinned maps: no compile
+        flows = list_flows(maps, address=address, port=port, proto=proto, kind=kind)
     if not show_all:
         flows = [f for f in flows if f.live]
     if as_json:
