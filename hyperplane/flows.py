@@ -4,11 +4,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from . import cheaders
 from .cheaders import map_declarations
 from .codec import PROTOCOL_NAMES, PROTOCOLS, be16_to_port, be32_to_ip, proto_number
 from .verdicts import FlowKind, TcpState, Timeout
 
 NSEC = 1_000_000_000
+# A reservation younger than this is not stale: bpf/consts.h HP_RESV_GRACE_NS, the grace
+# the data path gives before reclaiming one (headers from before it: the GC's old 1 s).
+RESV_GRACE_S = cheaders.defines("consts.h").get("HP_RESV_GRACE_NS", NSEC) / NSEC
 CLOCK_MONOTONIC_COARSE = 6  # linux/time.h; Python's time module does not name it
 
 
@@ -111,15 +115,9 @@ def flow_tables() -> list[str]:
 def flow_entries(dp):
     """(key, value) of every flow entry, one batched read per flow table (a table the
     running program does not have, being older than these headers, holds none)."""
-    from .errors import NotFound
     for name in flow_tables():
-        try:
-            table = dp.table(name)
-        except (KeyError, NotFound):  # bcc / pinned.py: no such map
-            if name == "flows":
-                raise
-            continue
-        yield from table.items_lookup_batch()
+        if _has_table(dp, name):
+            yield from dp.table(name).items_lookup_batch()
 
 
 def list_flows(dp, *, address: str | None = None, port: int | None = None,
@@ -162,35 +160,40 @@ def _delete(table, keys: list) -> None:
 
 
 def collect_garbage(dp) -> GcResult:
-    """Delete expired flows (both keys) and reservations whose flow is gone or expired.
+    """Delete expired flow entries (both keys of a flow, in every flow table) and the
+    reservations whose flow is gone or expired from all of them.
 
     The data path already treats an expired flow as absent; this frees the table space and
     the NAT ports for good. Reads and deletes are batched (BPF_MAP_*_BATCH)."""
     timeouts, now = flow_timeouts(dp), now_ns()
-    flows = dp.table("flows")
-    entries = {bytes(k): (k, v) for k, v in flows.items_lookup_batch()}
+    tables = {name: dp.table(name) for name in flow_tables() if _has_table(dp, name)}
+    entries = {bytes(k): (name, k, v) for name, t in tables.items()
+               for k, v in t.items_lookup_batch()}
 
-    def expired(k, v) -> bool:
-        return not entry_live(k, v, timeouts, now)
+    def live(key: bytes) -> bool:
+        e = entries.get(key)
+        return e is not None and entry_live(e[1], e[2], timeouts, now)
 
-    dead = []
-    for k, v in entries.values():
-        if expired(k, v):
-            twin = entries.get(bytes(v.twin))
-            if twin is not None and not expired(*twin):
-                continue  # alive in the other direction keeps both
-            dead.append(k)
-    _delete(flows, dead)
-    dead_keys = {bytes(k) for k in dead}
-    result = GcResult(flows_removed=len(dead))
+    dead: dict[str, list] = {name: [] for name in tables}
+    for key, (name, k, v) in entries.items():
+        if not live(key) and not live(bytes(v.twin)):  # a live direction keeps both
+            dead[name].append(k)
+    for name, keys in dead.items():
+        _delete(tables[name], keys)
+    result = GcResult(flows_removed=sum(len(keys) for keys in dead.values()))
     resv = dp.table("nat_resv")
-    stale = []
-    for k, v in resv.items_lookup_batch():
-        if now - v.taken_ns <= NSEC:  # its flow may be being created right now
-            continue
-        f = entries.get(bytes(v.orig))
-        if f is None or bytes(v.orig) in dead_keys or expired(*f):
-            stale.append(k)
+    stale = [k for k, v in resv.items_lookup_batch()
+             # a young reservation's flow may be being created right now (the C's grace)
+             if now - v.taken_ns > RESV_GRACE_S * NSEC and not live(bytes(v.orig))]
     _delete(resv, stale)
     result.reservations_removed = len(stale)
     return result
+
+
+def _has_table(dp, name: str) -> bool:
+    from .errors import NotFound
+    try:
+        dp.table(name)
+    except (KeyError, NotFound):  # a program older than the headers
+        return name == "flows"
+    return True
