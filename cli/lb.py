@@ -12,6 +12,7 @@ from hyperplane.errors import ConfigError
 from hyperplane.nlb_config import NlbConfig
 from hyperplane.store import DEFAULT_STORE, Store
 
+from .exit import Exit
 from .options import emit_json, json_option, node_option, resolve_node
 
 store_option = click.option("--store", "store_path", default=DEFAULT_STORE, show_default=True,
@@ -28,13 +29,35 @@ command = click.Group(
            "  hpctl lb health --json")
 
 
-def _change(store_path: str, fn) -> dict:
-    """Apply fn to the store's config, validating the result as a whole."""
+def _change(store_path: str, fn, *, adds: bool = True) -> dict:
+    """Apply fn to the store's config, validating the result as a whole and, for a change
+    that adds something, against the nodes running here (what they hold, their NAT IPs):
+    a removal is never refused, so an over-full store can always be shrunk."""
     def update(data: dict) -> dict:
         cfg = NlbConfig.from_dict(data).to_dict()
         fn(cfg)
-        return NlbConfig.from_dict(cfg).to_dict()
+        new = NlbConfig.from_dict(cfg)
+        if adds:
+            _check_nodes_here(new)
+        return new.to_dict()
     return Store(store_path).update(update)
+
+
+def _check_nodes_here(cfg: NlbConfig) -> None:
+    from hyperplane.errors import HyperplaneError
+    from hyperplane.loader import Sizes
+    from hyperplane.nlb import check_fits
+    from hyperplane.node import node_state, running_nodes
+    for node in running_nodes():
+        try:
+            state = node_state(node)
+        except HyperplaneError:
+            continue  # a damaged node says so itself (hpctl nat show)
+        nat_ips = {ip for gw in state["gateways"] for ip in gw["nat_ips"]}
+        try:
+            check_fits(cfg, Sizes(**state["sizes"]), nat_ips)
+        except ConfigError as exc:
+            raise ConfigError(f"node {node}: {exc}") from None
 
 
 def _find(items: list, what: str, **match) -> dict:
@@ -67,7 +90,7 @@ def delete_lb(name, store_path):
         _find(cfg["load_balancers"], "load balancer", name=name)
         cfg["load_balancers"] = [lb for lb in cfg["load_balancers"] if lb["name"] != name]
         cfg["listeners"] = [l for l in cfg["listeners"] if l["lb"] != name]
-    _change(store_path, fn)
+    _change(store_path, fn, adds=False)
     click.echo(f"load balancer {name} deleted", err=True)
 
 
@@ -101,7 +124,7 @@ def listener_delete(vip, port, store_path):
         _find(cfg["listeners"], "listener", vip=vip, port=port)
         cfg["listeners"] = [l for l in cfg["listeners"]
                             if not (l["vip"] == vip and l["port"] == port)]
-    _change(store_path, fn)
+    _change(store_path, fn, adds=False)
     click.echo(f"listener {vip}:{port} deleted", err=True)
 
 
@@ -145,7 +168,7 @@ def tg_delete(name, store_path):
     def fn(cfg):
         _find(cfg["target_groups"], "target group", name=name)
         cfg["target_groups"] = [t for t in cfg["target_groups"] if t["name"] != name]
-    _change(store_path, fn)
+    _change(store_path, fn, adds=False)
     click.echo(f"target group {name} deleted", err=True)
 
 
@@ -169,6 +192,11 @@ def _parse_target(text: str) -> dict:
 def register(group, targets, store_path):
     """Register targets (IP:PORT[@WEIGHT]); a draining one is registered again."""
     parsed = [_parse_target(t) for t in targets]
+    seen = set()
+    for text, t in zip(targets, parsed):
+        if (t["ip"], t["port"]) in seen:
+            raise click.BadParameter(f"{t['ip']}:{t['port']} is given twice ({text!r})")
+        seen.add((t["ip"], t["port"]))
 
     def fn(cfg):
         g = _find(cfg["target_groups"], "target group", name=group)
@@ -195,7 +223,7 @@ def deregister(group, targets, store_path):
             x = _find(g["targets"], "target", ip=t["ip"], port=t["port"])
             if x.get("state") != "draining":
                 x["state"], x["draining_since"] = "draining", time.time()
-    _change(store_path, fn)
+    _change(store_path, fn, adds=False)
     click.echo(f"draining {len(parsed)} target(s) of {group}", err=True)
 
 
@@ -224,18 +252,35 @@ def show(store_path, as_json):
 @node_option
 @json_option
 def health(node, as_json):
-    """Each target's health, live flows and packets, as the node's agent sees them."""
+    """Each target's health, live flows and packets, as the node's agent sees them, with
+    the age of that view. Exits 1 when the agent is not running (the view is stale) or
+    has rejected the store (it keeps the last good configuration)."""
     from hyperplane.agent import read_status
     status = read_status(resolve_node(node))
+    stale = not status["running"]
     if as_json:
         emit_json(status)
-        return
+    else:
+        click.echo(f"node {status['node']}: agent pid {status['pid']} "
+                   f"{'running' if not stale else 'NOT running'}, status "
+                   f"{status['age_s']:.1f} s old", err=True)
+        table = Table(title=f"node {status['node']}")
+        for col in ("target group", "target", "state", "active flows", "packets"):
+            table.add_column(col)
+        for group, targets in status["target_groups"].items():
+            for ident, t in targets.items():
+                state = "unknown (agent not running)" if stale else str(t["state"])
+                table.add_row(group, ident, state, str(t["active_flows"]), str(t["packets"]))
+        Console().print(table)
+    if stale:
+        click.echo(f"hpctl: the agent of node {status['node']} is not running; its last "
+                   f"status is {status['age_s']:.0f} s old (restart it: hpctl agent run "
+                   f"--node {status['node']})", err=True)
     if status.get("config_error"):
-        click.echo(f"store rejected by the agent: {status['config_error']}", err=True)
-    table = Table(title=f"node {status['node']}")
-    for col in ("target group", "target", "state", "active flows", "packets"):
-        table.add_column(col)
-    for group, targets in status["target_groups"].items():
-        for ident, t in targets.items():
-            table.add_row(group, ident, t["state"], str(t["active_flows"]), str(t["packets"]))
-    Console().print(table)
+        click.echo(f"hpctl: the agent rejected the store and keeps its last good "
+                   f"configuration: {status['config_error']}", err=True)
+    if status.get("address_error"):
+        click.echo(f"hpctl: the agent cannot add or remove a VIP address: "
+                   f"{status['address_error']}", err=True)
+    if stale or status.get("config_error") or status.get("address_error"):
+        raise SystemExit(Exit.FAILURE)

@@ -5,9 +5,8 @@ import json
 
 import click
 
-from hyperplane.errors import ConfigError
-from hyperplane.nat import GatewayConfig
-from hyperplane.settings import Timeouts
+from hyperplane.errors import ConfigError, NotFound
+from hyperplane.nat import GatewayConfig, NodeConfig
 
 from .options import emit_json, json_option, node_option, resolve_node
 
@@ -23,11 +22,11 @@ command = click.Group(
 
 def _load_config_file(path: str) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not UTF-8, not JSON
         raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
 
 
@@ -40,31 +39,39 @@ def _load_config_file(path: str) -> dict:
 @click.option("--ports", default="1024-65535", show_default=True, help="NAT port range.")
 @click.option("--xdp-mode", type=click.Choice(["generic", "native"]), default="generic",
               show_default=True)
+@click.option("--outside-if", default=None,
+              help="Interface to add the NAT IPs to as /32 addresses (default: the one whose "
+                   "network holds them, else the one of the default route).")
 @click.option("--agent/--no-agent", default=True, show_default=True,
               help="Start the node agent in the background (garbage collection of expired "
                    "flows, load balancers from the store).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help='JSON: {"ifnames": [...], "netns": ..., "xdp_mode": ..., "timeouts": {...}, '
-                   '"gateways": [{"name", "nat_ips", "inside_cidrs", "port_min", "port_max"}]}')
-def up_cmd(node, ifnames, netns, nat_ips, inside, ports, xdp_mode, agent, config_file):
-    """Load the data path, configure the gateway(s) and attach. Flows survive a re-run."""
+              help='JSON: {"ifnames": [...], "netns": ..., "xdp_mode": ..., "outside_if": ..., '
+                   '"timeouts": {...}, "gateways": [{"name", "nat_ips", "inside_cidrs", '
+                   '"port_min", "port_max"}]}')
+def up_cmd(node, ifnames, netns, nat_ips, inside, ports, xdp_mode, outside_if, agent,
+           config_file):
+    """Load the data path, configure the gateway(s), attach, and add the NAT IPs the node
+    does not have yet. All or nothing: on an error the node is left as it was. Flows
+    survive a re-run; what a re-run no longer lists (NAT IPs, networks, interfaces) goes."""
     from hyperplane.node import start_nat_node
-    cfg = _load_config_file(config_file) if config_file else {}
-    ifnames = list(ifnames) or cfg.get("ifnames", [])
+    cfg = NodeConfig.from_dict(_load_config_file(config_file)) if config_file else NodeConfig()
+    ifnames = list(ifnames) or cfg.ifnames
     if not ifnames:
         raise click.UsageError("give at least one --if (or ifnames in --config)")
-    if cfg.get("gateways"):
-        gws = [GatewayConfig.from_dict({"gw_id": i, **g}) for i, g in enumerate(cfg["gateways"])]
-    else:
+    if cfg.gateways and (nat_ips or inside):
+        raise click.UsageError("give the gateways either in --config or with --nat-ip and "
+                               "--inside, not both")
+    gws = cfg.gateways
+    if not gws:
         try:
             lo, hi = (int(x) for x in ports.split("-"))
         except ValueError:
             raise click.BadParameter("use FIRST-LAST, e.g. 1024-65535", param_hint="--ports")
         gws = [GatewayConfig(name=f"{node}-gw", gw_id=0, nat_ips=list(nat_ips),
                              inside_cidrs=list(inside), port_min=lo, port_max=hi)]
-    start_nat_node(node, ifnames, gws, netns=netns or cfg.get("netns"),
-                   mode=cfg.get("xdp_mode", xdp_mode),
-                   timeouts=Timeouts.from_dict(cfg.get("timeouts")))
+    start_nat_node(node, ifnames, gws, netns=netns or cfg.netns, mode=cfg.xdp_mode or xdp_mode,
+                   timeouts=cfg.timeouts, outside_if=outside_if or cfg.outside_if)
     click.echo(f"node {node}: NAT up on {', '.join(ifnames)}", err=True)
     if agent:
         from hyperplane.agent import spawn_agent, stop_agent
@@ -77,27 +84,34 @@ def up_cmd(node, ifnames, netns, nat_ips, inside, ports, xdp_mode, agent, config
 @node_option
 @json_option
 def show_cmd(node, as_json):
-    """The node's gateways, interfaces and settings."""
+    """The node's gateways, interfaces, settings and the addresses it added."""
     from hyperplane.node import node_state
     state = node_state(resolve_node(node))
     if as_json:
         emit_json(state)
         return
-    click.echo(f"node {state['node']} (netns {state['netns'] or '-'}, {state['mode']} XDP on "
-               f"{', '.join(state['ifnames'])})")
+    click.echo(f"node {state['node']} (netns {state['netns'] or '-'}, data path on "
+               f"{', '.join(state['ifnames'])}, mode {state['mode'] or 'default'})")
     for gw in state["gateways"]:
         click.echo(f"  gateway {gw['name']} [{gw['gw_id']}]: NAT IPs {', '.join(gw['nat_ips'])}; "
                    f"inside {', '.join(gw['inside_cidrs'])}; ports {gw['port_min']}-{gw['port_max']}")
     click.echo("  timeouts: " + ", ".join(f"{k} {v}s" for k, v in state["timeouts"].items()))
+    added = state.get("addresses") or []
+    click.echo("  addresses added: " + (", ".join(f"{a['ip']}/32 on {a['ifname']}"
+                                                  for a in added) or "none"))
 
 
 @command.command("down")
 @node_option
 def down_cmd(node):
-    """Detach and remove the node's maps (every flow is forgotten)."""
-    from hyperplane.node import stop_node
+    """Detach, remove the addresses it added and the node's maps (every flow is forgotten)."""
+    from hyperplane.node import node_exists, stop_node
     node = resolve_node(node)
-    stop_node(node)
+    if not node_exists(node):
+        raise NotFound(f"no node {node!r} here: nothing to stop (hpctl nat show lists the "
+                       f"running one)")
+    for warning in stop_node(node):
+        click.echo(f"hpctl: warning: {warning}", err=True)
     click.echo(f"node {node}: stopped", err=True)
 
 

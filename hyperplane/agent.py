@@ -1,12 +1,16 @@
-"""The node agent: applies the load balancers in the store to the node's maps, runs the
-health checks, ends drains, collects garbage, and reports its view in a status file.
+"""The node agent: applies the load balancers in the store to the node's maps, adds their
+VIPs to the node (hyperplane.addresses), runs the health checks, ends drains, collects
+garbage, and reports its view in a status file.
+
+A bad store (unreadable, not JSON, invalid, more than the node holds) never stops it: the
+error goes into the status and the log, the last good configuration stays applied, health
+checks and garbage collection go on.
 
 uvicorn-style: AgentConfig is separate from the Agent; startup, a tick loop, shutdown;
 SIGTERM / SIGINT stop it cleanly. `spawn_agent` runs one in the background."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -16,23 +20,48 @@ import threading
 import time
 from dataclasses import dataclass
 
+from . import addresses
+from .addresses import Added
 from .errors import ConfigError, HyperplaneError
 from .flows import collect_garbage
 from .health import HealthChecker, TargetHealth
-from .nlb import NlbDataplane
+from .nlb import NlbDataplane, check_fits
 from .nlb_config import NlbConfig
-from .node import NODE_STATE_DIR, node_state, open_node, read_state_file
+from .node import node_state, open_node, read_state_file, state_path, write_state_file
 from .store import DEFAULT_STORE, Store
 
 log = logging.getLogger("hyperplane.agent")
 
 
 def status_path(node: str) -> str:
-    return os.path.join(NODE_STATE_DIR, f"{node}.agent.json")
+    return state_path(node, ".agent.json")
 
 
 def _pid_path(node: str) -> str:
-    return os.path.join(NODE_STATE_DIR, f"{node}.agent.pid")
+    return state_path(node, ".agent.pid")
+
+
+def _vips_path(node: str) -> str:
+    """The VIP addresses this node's agents added (hyperplane.addresses)."""
+    return state_path(node, ".agent.vips.json")
+
+
+def _read_vips(node: str) -> list[Added]:
+    """What earlier agents added; a missing or damaged record adds up to nothing (an
+    address not known to be ours is never removed)."""
+    try:
+        return Added.from_dicts(read_state_file(_vips_path(node), "").get("addresses"))
+    except HyperplaneError:
+        return []
+
+
+def release_vips(node: str, netns: str | None) -> None:
+    """Remove the VIP addresses the node's agents added (the node goes down)."""
+    addresses.release(netns, _read_vips(node))
+    try:
+        os.unlink(_vips_path(node))
+    except FileNotFoundError:
+        pass
 
 
 @dataclass
@@ -52,8 +81,12 @@ class Agent:
         self.checkers: dict[str, HealthChecker] = {}
         self.next_check: dict[str, float] = {}
         self.store_mtime = -1
-        self.desired: dict = {}
-        self.config_error: str | None = None
+        self.pending: dict | None = None  # store content read and not applied yet
+        self.good: dict | None = None     # the store content applied last
+        self.config_error: str | None = None   # why the store's content was rejected
+        self.address_error: str | None = None  # why the VIP addresses are not as wanted
+        self.vips: list[Added] = []       # VIP addresses this node's agents added
+        self.vips_wanted: set[str] | None = None
         self.last_gc = 0.0
         self.last_count = -1e9
         self.count_wall = 0.0        # wall-clock time of the last count (drains use it)
@@ -64,8 +97,11 @@ class Agent:
     def startup(self) -> None:
         state = node_state(self.config.node)
         self.netns = state["netns"]
+        self.nat_ips = {ip for gw in state["gateways"] for ip in gw["nat_ips"]}
+        self.outside_if = state.get("outside_if")
         self.dp = open_node(self.config.node)
         self.plane = NlbDataplane(self.dp)
+        self.vips = _read_vips(self.config.node)
         log.info("agent for node %s started (store %s)", self.config.node, self.config.store_path)
 
     def run(self) -> None:
@@ -85,38 +121,101 @@ class Agent:
 
     # --- one tick ------------------------------------------------------------------------
     def tick(self, now: float) -> None:
-        mtime = self.store.mtime_ns()
-        if mtime != self.store_mtime:
-            self.store_mtime = mtime
-            self.desired = self.store.read()
-        try:
-            cfg = NlbConfig.from_dict(self.desired)
-            self.config_error = None
-        except ConfigError as exc:  # a bad store is reported, the last good state stays
-            if self.config_error != str(exc):
-                log.error("store rejected: %s", exc)
-            self.config_error = str(exc)
-            self._write_status(None, {})
-            return
-        health = self._check_health(cfg, now)
-        for tg in cfg.target_groups:
-            tg.record_health({t.endpoint: health[tg.name][t.endpoint] for t in tg.targets
-                              if t.endpoint in health.get(tg.name, {})})
-        self.plane.apply(cfg)
-        draining = [t.draining_since for tg in cfg.target_groups for t in tg.targets
-                    if t.state == "draining"]
-        # Counting scans the flow table: every count_every_s for the status, but every
-        # second while a drain is on, and never older than the newest drain's start, so a
-        # drain cannot end on a count taken before its flows existed.
-        every = min(1.0, self.config.count_every_s) if draining else self.config.count_every_s
-        if now - self.last_count >= every or (draining and self.count_wall < max(draining)):
-            self.flow_counts = self.plane.flows_per_target()
-            self.last_count, self.count_wall = now, time.time()
-        self._end_drains(cfg)
+        self._read_store()
+        cfg, health = self._apply(now)
+        if cfg is not None:
+            draining = [t.draining_since for tg in cfg.target_groups for t in tg.targets
+                        if t.state == "draining"]
+            # Counting scans the flow table: every count_every_s for the status, but every
+            # second while a drain is on, and never older than the newest drain's start, so
+            # a drain cannot end on a count taken before its flows existed.
+            every = min(1.0, self.config.count_every_s) if draining else \
+                self.config.count_every_s
+            if now - self.last_count >= every or (draining and self.count_wall < max(draining)):
+                self.flow_counts = self.plane.flows_per_target()
+                self.last_count, self.count_wall = now, time.time()
+            self._end_drains(cfg)
         if now - self.last_gc >= self.config.gc_every_s:
             collect_garbage(self.dp)
             self.last_gc = now
         self._write_status(cfg, health)
+
+    def _reject(self, exc: Exception) -> None:
+        if self.config_error != str(exc):
+            log.error("store rejected, the last good configuration stays: %s", exc)
+        self.config_error = str(exc)
+
+    def _read_store(self) -> None:
+        mtime = self.store.mtime_ns()
+        if mtime == self.store_mtime:
+            return
+        self.store_mtime = mtime
+        try:
+            self.pending = self.store.read()
+        except ConfigError as exc:
+            self._reject(exc)
+
+    def _apply(self, now: float) -> tuple[NlbConfig | None, dict]:
+        """Apply the store's new content if it is good, else the last good content again
+        (health states change); (None, {}) when there is none."""
+        for data in (self.pending, self.good):
+            if data is None:
+                continue
+            try:
+                cfg = self._check(data)
+            except ConfigError as exc:
+                self._reject(exc)
+                if data is self.pending:
+                    self.pending = None
+                    continue
+                return None, {}
+            health = self._check_health(cfg, now)
+            for tg in cfg.target_groups:
+                tg.record_health({t.endpoint: health[tg.name][t.endpoint] for t in tg.targets
+                                  if t.endpoint in health.get(tg.name, {})})
+            self.plane.apply(cfg)
+            if data is self.pending:
+                self.good, self.pending, self.config_error = data, None, None
+            self._sync_vips({str(listener.vip) for listener in cfg.listeners})
+            return cfg, health
+        return None, {}
+
+    def _check(self, data: dict) -> NlbConfig:
+        """The config in data, or a ConfigError (invalid, more than the node holds, a VIP
+        that is a NAT IP). Nothing is changed."""
+        cfg = NlbConfig.from_dict(data)
+        check_fits(cfg, self.dp.sizes, self.nat_ips)
+        self.plane.plan(cfg)
+        return cfg
+
+    def _sync_vips(self, wanted: set[str]) -> None:
+        """Add the VIPs the node does not have, remove those of ours no longer wanted, and
+        record which are ours. A VIP with no interface to go on, or a netlink failure, is
+        reported (address_error) and tried again next tick: the listeners work without
+        the address where the network routes the VIP to the node."""
+        if wanted == self.vips_wanted:
+            return
+        owned, removing = list(self.vips), []
+        try:
+            plan = addresses.plan_in(self.netns, sorted(wanted), self.vips,
+                                     outside_if=self.outside_if, what="VIP",
+                                     hint="; name the node's outside interface (hpctl nat up "
+                                          "--outside-if) or add the VIP yourself")
+            owned, removing = list(plan.keep), list(plan.remove)
+            for a in plan.add:
+                addresses.add(self.netns, a)
+                owned.append(a)
+            while removing:
+                addresses.remove(self.netns, removing[0])
+                removing.pop(0)
+            self.vips_wanted, self.address_error = wanted, None
+        except (OSError, HyperplaneError) as exc:
+            if self.address_error != str(exc):
+                log.error("VIP addresses: %s", exc)
+            self.vips_wanted, self.address_error = None, str(exc)
+        self.vips = owned + removing
+        write_state_file(_vips_path(self.config.node),
+                         {"addresses": [a.to_dict() for a in self.vips]})
 
     def _check_health(self, cfg: NlbConfig, now: float) -> dict:
         out = {}
@@ -155,19 +254,24 @@ class Agent:
             return
 
         def remove(data: dict) -> dict:
-            for tg in data.get("target_groups", []):
-                gone = set(ended.get(tg["name"], ()))
-                tg["targets"] = [t for t in tg.get("targets", [])
-                                 if f"{t['ip']}:{t['port']}" not in gone]
-            return data
+            cfg = NlbConfig.from_dict(data)  # the store as it is now, checked
+            for tg in cfg.target_groups:
+                gone = set(ended.get(tg.name, ()))
+                tg.targets = [t for t in tg.targets if t.identity not in gone]
+            return cfg.to_dict()
 
-        self.desired = self.store.update(remove)
+        try:
+            self.pending = self.store.update(remove)
+        except ConfigError as exc:  # the store went bad: the drains end once it is fixed
+            self._reject(exc)
+            return
         self.store_mtime = self.store.mtime_ns()
         log.info("drains ended: %s", ended)
 
     def _write_status(self, cfg: NlbConfig | None, health: dict) -> None:
         status = {"node": self.config.node, "pid": os.getpid(), "time": time.time(),
-                  "config_error": self.config_error, "flows_reset_unhealthy": self.resets,
+                  "config_error": self.config_error, "address_error": self.address_error,
+                  "flows_reset_unhealthy": self.resets,
                   "target_groups": {}}
         if cfg is not None:
             flows = self.flow_counts
@@ -181,25 +285,56 @@ class Agent:
                                  "packets": packets.get(self.plane.state.target_ids.get(
                                      t.identity), 0)}
                     for t in tg.targets}
-        tmp = status_path(self.config.node) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(status, f, indent=2)
-        os.replace(tmp, status_path(self.config.node))
+        write_state_file(status_path(self.config.node), status)
 
 
 # --- running in the background -------------------------------------------------------------
 
 def read_status(node: str) -> dict:
-    return read_state_file(status_path(node), f"no agent status for node {node!r}: is the "
-                           f"agent running? (hpctl agent run --node {node})")
+    """The agent's last status, with how old it is ("age_s") and whether the agent that
+    wrote it still runs ("running"): a dead agent's status says nothing about now."""
+    path = status_path(node)
+    try:
+        status = read_state_file(path, f"no agent status for node {node!r}: is the agent "
+                                       f"running? (hpctl agent run --node {node})")
+        _check_status(status)
+    except (ConfigError, TypeError, AttributeError, KeyError) as exc:  # NotFound passes
+        raise ConfigError(f"the agent status of node {node!r} is damaged ({exc}); restart the "
+                          f"agent (hpctl nat up, or hpctl agent run --node {node})") from None
+    status["age_s"] = round(max(0.0, time.time() - status["time"]), 1)
+    status["running"] = _alive(status["pid"])
+    return status
+
+
+def _check_status(status: dict) -> None:
+    if not isinstance(status.get("time"), (int, float)) or not isinstance(status.get("pid"), int):
+        raise ConfigError("no time or pid")
+    for targets in status["target_groups"].values():
+        for t in targets.values():
+            if not {"state", "active_flows", "packets"} <= set(t):
+                raise ConfigError("a target without state, active_flows or packets")
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:  # kill(0 or -n) would name a process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def status_or_none(node: str) -> dict | None:
-    """The agent's status, or None when no agent runs for the node (no health counts)."""
+    """The agent's status, or None when no agent runs for the node (no health counts: a
+    dead agent's would be stale)."""
     try:
-        return read_status(node)
+        status = read_status(node)
     except HyperplaneError:
         return None
+    return status if status["running"] else None
 
 
 def spawn_agent(node: str, store_path: str = DEFAULT_STORE, timeout_s: float = 30.0) -> int:
@@ -209,7 +344,7 @@ def spawn_agent(node: str, store_path: str = DEFAULT_STORE, timeout_s: float = 3
         os.unlink(status_path(node))
     except FileNotFoundError:
         pass
-    log_file = open(os.path.join(NODE_STATE_DIR, f"{node}.agent.log"), "a")
+    log_file = open(state_path(node, ".agent.log"), "a")
     proc = subprocess.Popen([sys.executable, "-m", "hyperplane.agent", "--node", node,
                              "--store", store_path], stdout=log_file, stderr=log_file,
                             stdin=subprocess.DEVNULL, start_new_session=True)

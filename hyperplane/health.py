@@ -137,6 +137,8 @@ class HealthCheckConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HealthCheckConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"Health check must be a table of fields, got {data!r}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

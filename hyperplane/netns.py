@@ -376,3 +376,67 @@ def nft_counter(ns: str, family: str, table: str, name: str) -> dict[str, int]:
         if "counter" in item:
             return {"packets": item["counter"]["packets"], "bytes": item["counter"]["bytes"]}
     raise NotFound(f"no nft counter {family} {table} {name} in {ns}")
+
+
+# --- addresses of a node (hyperplane.addresses) ------------------------------------------
+# These also take ns=None: a node may run in the root namespace of a real host.
+
+@contextlib.contextmanager
+def ipr_any(ns: str | None) -> Iterator[IPRoute]:
+    """An IPRoute socket in the named namespace, or in this process's own when ns is None."""
+    if ns is None:
+        with IPRoute() as ip:
+            yield ip
+    else:
+        with ipr(ns) as ip:
+            yield ip
+
+
+def link_names(ns: str | None) -> list[str]:
+    with ipr_any(ns) as ip:
+        return [link.get_attr("IFLA_IFNAME") for link in ip.get_links()]
+
+
+def ipv4_addresses(ns: str | None) -> list[dict]:
+    """Every IPv4 address of the namespace: ifname, address, prefixlen, label."""
+    with ipr_any(ns) as ip:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ip.get_links()}
+        return [{"ifname": names.get(a["index"]), "address": a.get_attr("IFA_ADDRESS"),
+                 "prefixlen": a["prefixlen"], "label": a.get_attr("IFA_LABEL")}
+                for a in ip.get_addr(family=socket.AF_INET)]
+
+
+def default_route_ifnames(ns: str | None) -> list[str]:
+    """Interfaces the IPv4 default routes of the main table leave by, lowest metric first."""
+    with ipr_any(ns) as ip:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ip.get_links()}
+        routes = [r for r in ip.get_routes(family=socket.AF_INET, table=254)
+                  if r["dst_len"] == 0]
+        routes.sort(key=lambda r: r.get_attr("RTA_PRIORITY") or 0)
+        out: list[str] = []
+        for r in routes:
+            oifs = [r.get_attr("RTA_OIF")] + [hop["oif"] for hop in
+                                              (r.get_attr("RTA_MULTIPATH") or [])]
+            out += [names[i] for i in oifs if i in names and names[i] not in out]
+        return out
+
+
+def add_labeled_address(ns: str | None, ifname: str, address: str, prefixlen: int,
+                        label: str | None = None) -> None:
+    """Add an IPv4 address (a label, when given, marks who added it)."""
+    with ipr_any(ns) as ip:
+        kw: dict[str, Any] = {"label": label} if label else {}
+        ip.addr("add", index=_index(ip, ifname), address=address, prefixlen=prefixlen, **kw)
+
+
+def delete_address(ns: str | None, ifname: str, address: str, prefixlen: int) -> None:
+    """Remove an IPv4 address; one already gone (or its interface) is fine."""
+    with ipr_any(ns) as ip:
+        index = ip.link_lookup(ifname=ifname)
+        if not index:
+            return
+        try:
+            ip.addr("del", index=index[0], address=address, prefixlen=prefixlen)
+        except NetlinkError as exc:
+            if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
+                raise

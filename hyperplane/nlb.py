@@ -15,6 +15,30 @@ MAGLEV_EMPTY = 0xFFFFFFFF   # bpf/nlb.h (keep in sync)
 TARGET_F_ACTIVE = 1         # bpf/structs.h (keep in sync)
 
 
+def check_fits(cfg: NlbConfig, sizes, nat_ips=()) -> None:
+    """What one node can hold (hyperplane.loader.Sizes): lb ids within its load balancer
+    slots, listeners (a TCP_UDP one counts twice in the listener map) and targets within
+    its maps; and no VIP that is one of the node's NAT IPs."""
+    for lb in cfg.load_balancers:
+        if lb.lb_id >= sizes.max_lbs:
+            raise ConfigError(f"Load balancer {lb.name!r}: lb_id {lb.lb_id} is beyond this "
+                              f"node's {sizes.max_lbs} load balancer slots "
+                              f"(0-{sizes.max_lbs - 1}).")
+    keys = sum(len(listener.ip_protocols) for listener in cfg.listeners)
+    if keys > sizes.max_listeners:
+        raise ConfigError(f"{len(cfg.listeners)} listeners need {keys} listener slots (a "
+                          f"TCP_UDP one takes two); this node has {sizes.max_listeners}.")
+    targets = {t.identity for tg in cfg.target_groups for t in tg.targets}
+    if len(targets) > sizes.max_targets:
+        raise ConfigError(f"{len(targets)} targets are registered; this node holds at most "
+                          f"{sizes.max_targets}.")
+    nat_ips = set(nat_ips)
+    for listener in cfg.listeners:
+        if str(listener.vip) in nat_ips:
+            raise ConfigError(f"Listener {listener.vip}:{listener.port}: the VIP is a NAT IP "
+                              f"of this node; a VIP and a NAT IP must differ.")
+
+
 @dataclass
 class AppliedState:
     listener_ids: dict = field(default_factory=dict)   # (vip, port, proto) -> listener id
@@ -42,12 +66,17 @@ class NlbDataplane:
 
     # --- slots -------------------------------------------------------------------------
     @staticmethod
-    def _free(used, limit: int, what: str) -> int:
+    def _free(used, limit: int, n: int, what: str) -> list[int]:
+        """n free slots below limit. A slot still used by something this change removes
+        is not free yet: its Maglev row or listener keys still point at it until the
+        change is written."""
         taken = set(used)
-        for i in range(limit):
-            if i not in taken:
-                return i
-        raise ConfigError(f"no free {what} slot: this node holds at most {limit}")
+        free = [i for i in range(limit) if i not in taken][:n]
+        if len(free) < n:
+            raise ConfigError(f"This node has no free {what} slot ({limit} in all, "
+                              f"{len(taken)} in use); slots of {what}s being removed are "
+                              f"free once that removal has been applied.")
+        return free
 
     def target_id(self, identity: str) -> int:
         return self.state.target_ids[identity]
@@ -61,37 +90,51 @@ class NlbDataplane:
         table[table.Key(tid)] = v
 
     # --- apply ---------------------------------------------------------------------------
-    def apply(self, cfg: NlbConfig) -> list[str]:
-        """Make the maps say what cfg says (health and drain states included). Returns the
-        identities of targets that were removed (their flows are deleted)."""
+    def plan(self, cfg: NlbConfig) -> tuple[dict, dict]:
+        """The slots cfg needs on this node, or a ConfigError: nothing is written, so a
+        config that does not fit leaves the maps as they are. Returns (target identity ->
+        (slot, lb_id), listener key (vip, port, proto) -> (listener id, lb_id, Listener))."""
+        check_fits(cfg, self.dp.sizes)
         lbs = {lb.name: lb.lb_id for lb in cfg.load_balancers}
-        for lb_id in lbs.values():
-            if lb_id >= self.dp.sizes.max_lbs:
-                raise ConfigError(f"lb_id {lb_id} is beyond this node's {self.dp.sizes.max_lbs}")
         # targets: every registered target (draining too: their flows continue)
-        wanted_targets = {}
+        lb_of = {}
         for tg in cfg.target_groups:
             lb_of_tg = next((lbs[l.lb] for l in cfg.listeners if l.target_group == tg.name), 0)
             for t in tg.targets:
-                wanted_targets.setdefault(t.identity, lb_of_tg)
-        for identity, lb_id in wanted_targets.items():
-            if identity not in self.state.target_ids:
-                tid = self._free(self.state.target_ids.values(), self.dp.sizes.max_targets,
-                                 "target")
-                self.state.target_ids[identity] = tid
-            self._set_target(self.state.target_ids[identity], identity, lb_id)
+                lb_of.setdefault(t.identity, lb_of_tg)
+        new = [i for i in lb_of if i not in self.state.target_ids]
+        slots = dict(zip(new, self._free(self.state.target_ids.values(),
+                                         self.dp.sizes.max_targets, len(new), "target")))
+        targets = {i: (self.state.target_ids.get(i, slots.get(i)), lb_id)
+                   for i, lb_id in lb_of.items()}
+        # listeners: one id per listener (both protocols of a TCP_UDP one share it)
+        ids, fresh = {}, []
+        for n, l in enumerate(cfg.listeners):
+            old = {self.state.listener_ids.get((str(l.vip), l.port, p))
+                   for p in l.ip_protocols} - {None}
+            if old:
+                ids[n] = old.pop()
+            else:
+                fresh.append(n)
+        for n, lid in zip(fresh, self._free(self.state.listener_ids.values(),
+                                            self.dp.sizes.max_listeners, len(fresh),
+                                            "listener")):
+            ids[n] = lid
+        listeners = {(str(l.vip), l.port, p): (ids[n], lbs[l.lb], l)
+                     for n, l in enumerate(cfg.listeners) for p in l.ip_protocols}
+        return targets, listeners
+
+    def apply(self, cfg: NlbConfig) -> list[str]:
+        """Make the maps say what cfg says (health and drain states included). Returns the
+        identities of targets that were removed (their flows are deleted). A config that
+        does not fit the node raises a ConfigError before anything is written."""
+        wanted_targets, wanted = self.plan(cfg)
+        for identity, (tid, lb_id) in wanted_targets.items():
+            self.state.target_ids[identity] = tid
+            self._set_target(tid, identity, lb_id)
 
         # listeners and VIPs
         listeners, vips = self.dp.table("listeners"), self.dp.table("vips")
-        wanted = {}
-        for l in cfg.listeners:
-            ids = {self.state.listener_ids.get((str(l.vip), l.port, p)) for p in l.ip_protocols}
-            ids.discard(None)
-            lid = ids.pop() if ids else self._free(
-                set(self.state.listener_ids.values()) | {w[0] for w in wanted.values()},
-                self.dp.sizes.max_listeners, "listener")
-            for p in l.ip_protocols:
-                wanted[(str(l.vip), l.port, p)] = (lid, lbs[l.lb], l)
         for key, (lid, lb_id, _) in wanted.items():
             k = listeners.Key()
             k.vip, k.port, k.proto = ip_to_be32(key[0]), port_to_be16(key[1]), key[2]

@@ -8,14 +8,13 @@ sentence that names where it is ("target group 'web': target 10.1.0.11:80: weigh
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
+from hyperplane import validate
 from hyperplane.errors import ConfigError
 from hyperplane.health import (Endpoint, HealthCheckConfig, HealthState, TargetHealth,
                                healthy_targets)
@@ -33,50 +32,21 @@ IDLE_TIMEOUT_RANGE_S = (60, 6000)
 AWS_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?")  # 1-32, no edge hyphen
 
 
-@contextmanager
-def _context(where: str) -> Iterator[None]:
-    """Prefix errors raised inside with where they happened."""
-    try:
-        yield
-    except ConfigError as error:
-        message = str(error)
-        raise ConfigError(f"{where}: {message[:1].lower()}{message[1:]}") from None
+# Shared with the NAT config (hyperplane.validate): one sentence per bad value.
+_context = validate.context
+_integer = validate.integer
+_ipv4 = validate.ipv4
 
 
 def _kwargs(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
     """data checked against cls's fields: no unknown keys, every required one present."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"A {what} must be a table of fields, got {data!r}.")
-    fields = dataclasses.fields(cls)
-    known = {f.name for f in fields}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"A {what} has no field {unknown[0]!r} "
-                          f"(fields: {', '.join(sorted(known))}).")
-    required = [f.name for f in fields if f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING]
-    missing = [name for name in required if name not in data]
-    if missing:
-        raise ConfigError(f"A {what} needs the field {missing[0]!r}.")
-    return dict(data)
-
-
-def _integer(name: str, value: Any, low: int, high: int, unit: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer from {low} to {high}{unit}, got {value!r}.")
+    return validate.dataclass_table(cls, data, what)
 
 
 def _name(what: str, value: Any) -> None:
     if not isinstance(value, str) or not AWS_NAME.fullmatch(value):
         raise ConfigError(f"A {what} name must be 1-32 letters, digits or hyphens, not "
                           f"starting or ending with a hyphen, got {value!r}.")
-
-
-def _ipv4(name: str, value: Any) -> IPv4Address:
-    try:
-        return IPv4Address(value)
-    except (ipaddress.AddressValueError, ValueError, TypeError):
-        raise ConfigError(f"{name} must be an IPv4 address, got {value!r}.") from None
 
 
 def _without_none(data: dict[str, Any]) -> dict[str, Any]:
@@ -111,10 +81,7 @@ class Listener:
 
     def __post_init__(self) -> None:
         with _context(f"Listener {self.vip}:{self.port}"):
-            self.vip = _ipv4("vip", self.vip)
-            if self.vip.is_unspecified or self.vip.is_multicast or self.vip == IPv4Address(
-                    "255.255.255.255"):
-                raise ConfigError(f"vip must be a unicast address, got {self.vip}.")
+            self.vip = validate.unicast_ipv4("vip", self.vip)
             _integer("port", self.port, 1, 65535)
             if not isinstance(self.protocol, str) or self.protocol.upper() not in LISTENER_PROTOCOLS:
                 raise ConfigError(f"protocol must be one of {', '.join(LISTENER_PROTOCOLS)}, "

@@ -1,92 +1,279 @@
 """One hyperplane node: load the data path (into a namespace), attach it, configure it.
 
 The program stays attached and its maps stay pinned after this process exits; a node's
-description (sizes, interfaces, gateways) is kept in NODE_STATE_DIR so that later commands
-(hpctl flows, counters, a restart) open the same maps."""
+description (sizes, interfaces, gateways, the addresses it added) is kept in
+NODE_STATE_DIR so that later commands (hpctl flows, counters, a restart) open the same
+maps.
+
+Bringing a node up, or changing a running one, is one step: everything that can be
+checked is checked before anything changes, and when a later step fails the steps before
+it are undone, so a new node leaves nothing behind and a running one keeps its previous
+configuration (maps, attachments, addresses, state file)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
 from dataclasses import asdict
 
+from . import addresses
 from . import netns as _netns
-from .errors import NotFound
+from . import validate
+from .codec import be32_to_ip
+from .errors import ConfigError, HyperplaneError, NotFound
 from .loader import PIN_ROOT, Datapath, Sizes, remove_pins
-from .nat import GatewayConfig, apply_gateway
+from .nat import GatewayConfig, check_gateways, write_gateways
 from .settings import Timeouts, write_config
 
 NODE_STATE_DIR = "/run/hyperplane/nodes"
+# A node's name becomes file and directory names: no dots, slashes or spaces.
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+# The maps `hpctl nat up` writes; they are restored if a later step fails.
+NAT_TABLES = ("config", "gateways", "nat_ips", "inside_nets")
+
+log = logging.getLogger("hyperplane.node")
+
+
+def check_node_name(node) -> str:
+    if not isinstance(node, str) or not NODE_NAME.fullmatch(node):
+        raise ConfigError(f"A node name must be 1-63 letters, digits, '-' or '_', starting "
+                          f"with a letter or digit, got {node!r}.")
+    return node
+
+
+def state_path(node: str, suffix: str = ".json") -> str:
+    """A file of the node in NODE_STATE_DIR: its state (.json) or its agent's files."""
+    return os.path.join(NODE_STATE_DIR, f"{node}{suffix}")
 
 
 def _state_file(node: str) -> str:
-    return os.path.join(NODE_STATE_DIR, f"{node}.json")
+    return state_path(node)
 
 
 def read_state_file(path: str, missing: str) -> dict:
-    """A JSON state file of a node, or NotFound with the sentence `missing`."""
+    """A JSON state file (a table), NotFound with the sentence `missing`, or a ConfigError
+    that says the file is damaged."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise NotFound(missing) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:  # not UTF-8, not JSON (truncated, garbage, empty)
+        raise ConfigError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a JSON object")
+    return data
+
+
+def write_state_file(path: str, data: dict) -> None:
+    """Write whole or not at all (a reader never sees half a file)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def node_state(node: str) -> dict:
-    return read_state_file(_state_file(node), f"no node {node!r} is running here (no "
-                           f"{_state_file(node)}); start one with hpctl nat up or hpctl lab up")
+    path = _state_file(node)
+    try:
+        state = read_state_file(path, f"no node {node!r} is running here (no {path}); start "
+                                      f"one with hpctl nat up or hpctl lab up")
+        _check_state(state)
+    except (ConfigError, TypeError) as exc:  # TypeError: Sizes(**sizes) with unknown keys
+        raise ConfigError(f"the state file of node {node!r} is damaged ({exc}); stop the node "
+                          f"with hpctl nat down --node {node} and start it again") from None
+    return state
+
+
+def _check_state(state: dict) -> None:
+    str_or_none = (str, type(None))
+    for key, kind in (("node", str), ("netns", str_or_none), ("ifnames", list),
+                      ("mode", str_or_none), ("pin_dir", str), ("sizes", dict),
+                      ("timeouts", dict), ("gateways", list)):
+        if not isinstance(state.get(key), kind):
+            raise ConfigError(f"field {key!r} is missing or wrong")
+    validate.string_list("ifnames", state["ifnames"])
+    Sizes(**state["sizes"]).cflags()
+    Timeouts.from_dict(state["timeouts"])
+    for gw in state["gateways"]:
+        GatewayConfig.from_dict(gw)
 
 
 def running_nodes() -> list[str]:
     try:
-        return sorted(n[:-5] for n in os.listdir(NODE_STATE_DIR)
-                      if n.endswith(".json") and not n.endswith(".agent.json"))
+        names = os.listdir(NODE_STATE_DIR)
     except FileNotFoundError:
         return []
+    # only <node>.json: the agent's files have a second dot
+    return sorted(n[:-5] for n in names if n.endswith(".json") and NODE_NAME.fullmatch(n[:-5]))
+
+
+def node_exists(node: str, pin_root: str = PIN_ROOT) -> bool:
+    """Anything of the node left here: state file, pinned maps or agent."""
+    check_node_name(node)
+    return any(os.path.exists(p) for p in (_state_file(node), state_path(node, ".agent.pid"),
+                                           os.path.join(pin_root, node)))
 
 
 def _in(netns: str | None, fn, *args, **kwargs):
     return _netns.call_in(netns, fn, *args, **kwargs) if netns else fn(*args, **kwargs)
 
 
+def _quietly(fn, *args) -> None:
+    """An undo step: a failure is logged and the other steps still run (the error the
+    user sees is the one that made us undo)."""
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("undo %s%r failed: %s", getattr(fn, "__name__", fn), args, exc)
+
+
+def _attach(dp: Datapath, ifname: str, mode: str | None) -> None:
+    """Attach in mode, an opaque name the loader checks; None: the loader's default."""
+    if mode is None:
+        dp.attach(ifname)
+    else:
+        dp.attach(ifname, mode)
+
+
+def _detach(ifname: str) -> None:
+    """Detach the data path from ifname in the calling thread's namespace, whichever hook
+    and mode it was attached with (nothing attached, or no such interface, is fine)."""
+    from . import loader
+    if hasattr(loader, "detach"):  # a loader with the tc hook knows every way it attaches
+        loader.detach(ifname)
+        return
+    import bcc
+    for flags in loader.XDP_MODES.values():
+        with contextlib.suppress(Exception):
+            bcc.BPF.remove_xdp(ifname.encode(), flags)
+
+
+def _snapshot(dp) -> dict:
+    return {name: list(dp.table(name).items()) for name in NAT_TABLES}
+
+
+def _restore(dp, snapshot: dict) -> None:
+    for name, items in snapshot.items():
+        table = dp.table(name)
+        keep = {bytes(k) for k, _ in items}
+        if name not in ("config", "gateways"):  # arrays: every index always exists
+            for k in list(table.keys()):
+                if bytes(k) not in keep:
+                    table.pop(k, None)
+        for k, value in items:
+            table[k] = value
+
+
 def start_nat_node(node: str, ifnames: list[str], gateways: list[GatewayConfig], *,
-                   netns: str | None = None, mode: str = "generic", pin_root: str = PIN_ROOT,
-                   timeouts: Timeouts | dict | None = None, sizes: Sizes | None = None) -> Datapath:
+                   netns: str | None = None, mode: str | None = None, pin_root: str = PIN_ROOT,
+                   timeouts: Timeouts | dict | None = None, sizes: Sizes | None = None,
+                   outside_if: str | None = None) -> Datapath:
     """Compile and load the program, pin its maps under pin_root/node (reusing any already
-    there: a restart keeps every flow), write the settings and gateways, attach to ifnames."""
-    if isinstance(timeouts, dict) or timeouts is None:
+    there: a restart keeps every flow), write the settings and gateways, attach to ifnames,
+    add each NAT IP the namespace does not have yet as a /32 on the outside interface
+    (outside_if, else found from the routes: hyperplane.addresses), and remove what a
+    previous run of the node had and this one has not (NAT IPs, networks, interfaces,
+    addresses). All or nothing: see the module's docstring."""
+    # 1. check everything; nothing has changed yet
+    check_node_name(node)
+    if not isinstance(timeouts, Timeouts):
         timeouts = Timeouts.from_dict(timeouts)
     sizes = sizes or Sizes()
+    with validate.context(f"Node {node!r}"):
+        validate.string_list("ifnames", ifnames)
+    check_gateways(gateways, sizes)
+    prev = node_state(node) if os.path.exists(_state_file(node)) else None
+    if prev is not None and prev["netns"] != netns:
+        raise ConfigError(f"node {node!r} runs in namespace {prev['netns'] or '(none)'}; stop "
+                          f"it first (hpctl nat down --node {node}) to start it in "
+                          f"{netns or 'this namespace'}")
+    if netns is not None and not _netns.exists(netns):
+        raise NotFound(f"network namespace {netns!r} does not exist")
+    links = _netns.link_names(netns)
+    for ifname in ifnames:
+        if ifname not in links:
+            raise ConfigError(f"there is no interface {ifname!r} in "
+                              f"{'namespace ' + netns if netns else 'this namespace'}")
+    nat_ips = [ip for gw in gateways for ip in gw.nat_ips]
+    addr_plan = addresses.plan_in(
+        netns, nat_ips, addresses.Added.from_dicts(prev.get("addresses") if prev else []),
+        outside_if=outside_if, what="NAT IP",
+        hint="; name the outside interface (hpctl nat up --outside-if)")
     pin_dir = os.path.join(pin_root, node)
+    before = {i: prev["mode"] for i in prev["ifnames"]} if prev else {}
 
-    def load_and_attach():
+    # 2. apply, remembering how to undo each step
+    with contextlib.ExitStack() as undo:
+        if not os.path.isdir(pin_dir):  # a new node: no pins may stay behind
+            undo.callback(_quietly, remove_pins, pin_dir)
         dp = Datapath(sizes, pin_dir)
-        try:
-            write_config(dp, timeouts)
-            for gw in gateways:
-                apply_gateway(dp, gw)
-            for ifname in ifnames:
-                dp.attach(ifname, mode)
-        except BaseException:
-            dp.detach_all()
-            raise
-        return dp
+        _refuse_vips(dp, nat_ips)
+        undo.callback(_quietly, _restore, dp, _snapshot(dp))
+        write_config(dp, timeouts)
+        write_gateways(dp, gateways)
 
-    dp = _in(netns, load_and_attach)
-    os.makedirs(NODE_STATE_DIR, exist_ok=True)
-    with open(_state_file(node), "w") as f:
-        json.dump({"node": node, "netns": netns, "ifnames": ifnames, "mode": mode,
-                   "pin_dir": pin_dir, "sizes": asdict(sizes), "timeouts": asdict(timeouts),
-                   "gateways": [g.to_dict() for g in gateways]}, f, indent=2)
+        def put_back(ifname: str) -> None:
+            """ifname as it was: without the data path, or with it in its old mode (the
+            new program: it uses the same maps, which are restored too)."""
+            if ifname not in before:
+                _detach(ifname)
+                return
+            try:
+                _attach(dp, ifname, before[ifname])  # in place, where the mode allows
+            except HyperplaneError:
+                _detach(ifname)
+                _attach(dp, ifname, before[ifname])
+
+        for ifname in [*ifnames, *(i for i in before if i not in ifnames)]:
+            # the undo step goes first: a failed attach may have detached the old program
+            undo.callback(_quietly, _in, netns, put_back, ifname)
+            if ifname not in ifnames or before.get(ifname, mode) != mode:
+                _in(netns, _detach, ifname)  # gone, or one mode at a time on an interface
+            if ifname in ifnames:  # replaces the old program in place: no gap
+                _in(netns, _attach, dp, ifname, mode)
+        for a in addr_plan.add:
+            addresses.add(netns, a)
+            undo.callback(_quietly, addresses.remove, netns, a)
+        for a in addr_plan.remove:
+            addresses.remove(netns, a)
+            undo.callback(_quietly, addresses.add, netns, a)
+        write_state_file(_state_file(node), {
+            "node": node, "netns": netns, "ifnames": ifnames, "mode": mode,
+            "pin_dir": pin_dir, "sizes": asdict(sizes), "timeouts": asdict(timeouts),
+            "gateways": [g.to_dict() for g in gateways], "outside_if": outside_if,
+            "addresses": [a.to_dict() for a in addr_plan.owned]})
+        undo.pop_all()  # 3. done: keep it all
     dp.attached.clear()  # stays attached after we exit
     return dp
 
 
-def stop_node(node: str, ifnames: list[str] | None = None, *, netns: str | None = None,
-              pin_root: str = PIN_ROOT) -> None:
-    """Stop its agent, detach from the node's interfaces, remove its pinned maps and state."""
-    import bcc
+def _refuse_vips(dp, nat_ips: list[str]) -> None:
+    """A NAT IP that is a listener's VIP on this node would make its packets ambiguous."""
+    vips = {be32_to_ip(k.value) for k in dp.table("vips").keys()}
+    for ip in nat_ips:
+        if ip in vips:
+            raise ConfigError(f"NAT IP {ip} is a load balancer VIP on this node; a NAT IP "
+                              f"and a VIP must differ")
 
-    from .agent import stop_agent
+
+def stop_node(node: str, ifnames: list[str] | None = None, *, netns: str | None = None,
+              pin_root: str = PIN_ROOT) -> list[str]:
+    """Stop its agent, detach from the node's interfaces, remove the addresses hyperplane
+    added for it (NAT IPs and VIPs), its pinned maps and state. Tolerates a half-built or
+    damaged node; returns warnings about what could not be cleaned up."""
+    from .agent import release_vips, stop_agent
+    check_node_name(node)
+    warnings = []
     stop_agent(node)
     try:
         state = node_state(node)
@@ -94,26 +281,26 @@ def stop_node(node: str, ifnames: list[str] | None = None, *, netns: str | None 
         netns = netns or state["netns"]
     except NotFound:
         state = None
-    if netns and not _netns.exists(netns):
-        netns = None
-        ifnames = []
-
-    def detach():
+    except ConfigError:
+        state = None
+        warnings.append(f"the state file of node {node!r} was damaged, so the data path may "
+                        f"still be attached to its interfaces and its NAT IPs still added")
+    # A node whose namespace is gone took its interfaces and addresses with it (and their
+    # names must never be looked up in this process's own namespace instead).
+    if not netns or _netns.exists(netns):
         for ifname in ifnames or []:
-            for flags in (1 << 1, 1 << 2):
-                try:
-                    bcc.BPF.remove_xdp(ifname.encode(), flags)
-                except Exception:
-                    pass
-
-    _in(netns, detach)
-    remove_pins(os.path.join(pin_root, node))
-    for path in (_state_file(node), os.path.join(NODE_STATE_DIR, f"{node}.agent.json"),
-                 os.path.join(NODE_STATE_DIR, f"{node}.agent.log")):
+            _in(netns, _detach, ifname)
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+            if state is not None:
+                addresses.release(netns, addresses.Added.from_dicts(state.get("addresses")))
+            release_vips(node, netns)
+        except (HyperplaneError, OSError) as exc:
+            warnings.append(f"could not remove the addresses node {node!r} added: {exc}")
+    remove_pins(os.path.join(pin_root, node))
+    for suffix in (".json", ".agent.json", ".agent.log", ".agent.vips.json"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(state_path(node, suffix))
+    return warnings
 
 
 def open_node(node: str):

@@ -21,7 +21,8 @@ class Timeouts:
 
     def __post_init__(self):
         for name, value in asdict(self).items():
-            if not isinstance(value, int) or not 1 <= value <= 7 * 24 * 3600:
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or not 1 <= value <= 7 * 24 * 3600:
                 raise ConfigError(f"timeout {name} must be whole seconds from 1 to 604800, "
                                   f"not {value!r}")
 
@@ -33,7 +34,10 @@ class Timeouts:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "Timeouts":
-        data = dict(data or {})
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"timeouts must be a table of seconds by name, not {data!r}")
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"unknown timeout(s): {', '.join(sorted(unknown))}; known: "

@@ -20,8 +20,12 @@ class Store:
 
     @contextmanager
     def _locked(self):
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with open(self.path + ".lock", "a") as lock:
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            lock = open(self.path + ".lock", "a")
+        except OSError as exc:
+            raise ConfigError(f"cannot use the store {self.path}: {exc.strerror}") from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -29,13 +33,22 @@ class Store:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _load(self) -> dict:
+        """The store's content; a store that cannot be read or is not a JSON object (empty,
+        truncated, garbage, not UTF-8) is a ConfigError, never a traceback."""
         try:
-            with open(self.path) as f:
-                return json.load(f)
+            with open(self.path, "rb") as f:
+                data = json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
             return {}
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"the store {self.path} is not valid JSON ({exc}); fix or remove it")
+        except OSError as exc:
+            raise ConfigError(f"cannot read the store {self.path}: {exc.strerror}") from None
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
+            raise ConfigError(f"the store {self.path} is not valid JSON ({exc}); fix or "
+                              f"remove it") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"the store {self.path} must hold a JSON object, not "
+                              f"{type(data).__name__}; fix or remove it")
+        return data
 
     def read(self) -> dict:
         with self._locked():
@@ -52,7 +65,11 @@ class Store:
         with self._locked():
             new = fn(self._load())
             tmp = f"{self.path}.tmp.{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(new, f, indent=2, sort_keys=True)
-            os.replace(tmp, self.path)
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(new, f, indent=2, sort_keys=True)
+                os.replace(tmp, self.path)
+            except OSError as exc:
+                raise ConfigError(f"cannot write the store {self.path}: {exc.strerror}") \
+                    from None
             return new

@@ -1,17 +1,22 @@
-"""The node agent: store -> maps, health checks from the node's namespace, drains."""
+"""The node agent: store -> maps, health checks from the node's namespace, drains, the
+VIP addresses it adds, and that no bad store stops it."""
+import json
 import os
 import time
 
 import pytest
 
 from hyperplane import netns
-from hyperplane.agent import Agent, AgentConfig
+from hyperplane.agent import Agent, AgentConfig, read_status, status_path
+from hyperplane.flows import now_ns
 from hyperplane.loader import Sizes
+from hyperplane.nat import GatewayConfig
 from hyperplane.node import start_nat_node, stop_node
 from hyperplane.store import Store
 
 NS = f"hpt-agent-{os.getpid() % 100000}"
 NODE = f"hpt-agent-{os.getpid() % 100000}"
+NAT_IP = "198.18.0.100"
 
 
 @pytest.fixture
@@ -25,15 +30,21 @@ def node(tmp_path):
     closed = netns.socket_in(NS)
     closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
     try:
-        start_nat_node(NODE, [], [], netns=NS, sizes=Sizes(max_flows=4096, max_listeners=4,
-                                                           maglev_size=251, max_targets=16))
+        # an outside interface for the NAT IP and the VIPs (its peer leads nowhere)
+        netns.veth(NS, "out0", NS, "out0p")
+        netns.add_address(NS, "out0", "198.18.0.1/24")
+        start_nat_node(NODE, [], [GatewayConfig("gw", 0, [NAT_IP], ["10.10.0.0/24"])],
+                       netns=NS, sizes=Sizes(max_flows=4096, max_listeners=4,
+                                             maglev_size=251, max_targets=16))
         yield {"up": listener.getsockname()[1], "down": closed.getsockname()[1],
                "store": str(tmp_path / "store.json")}
     finally:
         listener.close()
         closed.close()
-        stop_node(NODE)
-        netns.remove(NS)
+        try:
+            stop_node(NODE)
+        finally:
+            netns.remove(NS)
 
 
 def _config(up, down, delay=300):
@@ -67,8 +78,7 @@ def test_health_drives_the_maglev_table_and_drains_end(node):
         up_id, down_id = f"127.0.0.1:{node['up']}", f"127.0.0.1:{node['down']}"
 
         def states():
-            with open(f"/run/hyperplane/nodes/{NODE}.agent.json") as f:
-                import json
+            with open(status_path(NODE)) as f:
                 return {k: v["state"] for k, v in json.load(f)["target_groups"]["web"].items()}
 
         assert _tick_until(agent, lambda: states() == {up_id: "healthy", down_id: "unhealthy"}), \
@@ -111,7 +121,6 @@ def test_a_bad_store_is_reported_and_the_last_good_state_kept(node):
 
 
 def test_reset_on_unhealthy_deletes_the_targets_flows(node):
-    from hyperplane.flows import now_ns
     cfg = _config(node["up"], node["down"])
     cfg["target_groups"][0]["reset_on_unhealthy"] = True
     cfg["target_groups"][0]["health_check"]["interval_s"] = 0.3
@@ -134,3 +143,101 @@ def test_reset_on_unhealthy_deletes_the_targets_flows(node):
         assert left == [up], left
     finally:
         agent.shutdown()
+
+
+def _listeners(agent):
+    return sorted(bytes(k) + bytes(v) for k, v in agent.dp.table("listeners").items())
+
+
+def _expired_flow(agent):
+    """An NLB flow idle since the clock began: the next garbage collection removes it."""
+    flows = agent.dp.table("flows")
+    k = flows.Key()
+    k.src_ip, k.src_port, k.proto = 0x0A0B0C0D, 4242, 6
+    v = flows.Leaf()
+    v.kind, v.tcp_state, v.last_seen_ns = 3, 2, 1
+    flows[k] = v
+    return lambda: any(bytes(key) == bytes(k) for key in flows.keys())
+
+
+def _too_many_listeners(up, down):
+    cfg = _config(up, down)
+    cfg["listeners"] = [{**cfg["listeners"][0], "port": p} for p in range(80, 85)]
+    return cfg
+
+
+def _vip_is_the_nat_ip(up, down):
+    cfg = _config(up, down)
+    cfg["listeners"][0]["vip"] = NAT_IP
+    return cfg
+
+
+@pytest.mark.parametrize("bad, words", [
+    (b'{"load_balancers": [{"name": "lb", "lb', "is not valid JSON"),
+    (b"", "is not valid JSON"),
+    (b"\xff\xfe\x00\x01", "is not valid JSON"),
+    (b"[]", "must hold a JSON object"),
+    (_too_many_listeners, "5 listeners need 5 listener slots"),
+    (_vip_is_the_nat_ip, "the VIP is a NAT IP of this node"),
+], ids=["truncated", "empty", "not UTF-8", "not an object", "over capacity", "VIP = NAT IP"])
+def test_a_bad_store_never_stops_the_agent(node, bad, words):
+    path = node["store"]
+    good = _config(node["up"], node["down"])
+    Store(path).update(lambda _: good)
+    agent = Agent(AgentConfig(NODE, path, gc_every_s=0))
+    agent.startup()
+    try:
+        agent.tick(time.monotonic())
+        listeners = _listeners(agent)
+        assert len(listeners) == 1 and agent.config_error is None
+        with open(path, "wb") as f:
+            f.write(bad if isinstance(bad, bytes) else
+                    json.dumps(bad(node["up"], node["down"])).encode())
+        flow_left = _expired_flow(agent)
+        agent.tick(time.monotonic())
+        assert agent.config_error and words in agent.config_error, agent.config_error
+        assert _listeners(agent) == listeners, "the last good state was not kept"
+        assert not flow_left(), "garbage collection stopped with the bad store"
+        status = read_status(NODE)
+        assert words in status["config_error"] and set(status["target_groups"]) == {"web"}
+        # fixed: applied again, the error is gone
+        with open(path, "w") as f:
+            json.dump(good, f)
+        agent.tick(time.monotonic())
+        assert agent.config_error is None and read_status(NODE)["config_error"] is None
+    finally:
+        agent.shutdown()
+
+
+def _addresses():
+    return {a["address"]: a["label"] for a in netns.ipv4_addresses(NS) if a["prefixlen"] == 32}
+
+
+def test_the_agent_adds_the_vips_it_needs_and_removes_only_its_own(node):
+    netns.add_address(NS, "out0", "198.18.0.201/32")   # the user's own VIP address
+    cfg = _config(node["up"], node["down"])
+    cfg["listeners"].append({**cfg["listeners"][0], "vip": "198.18.0.201"})
+    Store(node["store"]).update(lambda _: cfg)
+    agent = Agent(AgentConfig(NODE, node["store"]))
+    agent.startup()
+    try:
+        agent.tick(time.monotonic())
+        assert _addresses()["198.18.0.200"] == "out0:hp"
+        assert _addresses()["198.18.0.201"] == "out0"
+        assert _addresses()[NAT_IP] == "out0:hp", "nat up did not add its NAT IP"
+
+        def drop_listeners(data):
+            data["listeners"] = []
+            return data
+        Store(node["store"]).update(drop_listeners)
+        agent.tick(time.monotonic())
+        assert "198.18.0.200" not in _addresses(), "a VIP the agent added stayed"
+        assert "198.18.0.201" in _addresses(), "the agent removed the user's address"
+
+        Store(node["store"]).update(lambda _: cfg)
+        agent.tick(time.monotonic())
+        assert "198.18.0.200" in _addresses()
+    finally:
+        agent.shutdown()
+    stop_node(NODE)   # nat down: every address hyperplane added goes, the user's stays
+    assert set(_addresses()) == {"198.18.0.201"}

@@ -129,6 +129,15 @@ def test_bad_values_are_rejected_naming_the_field(make, words: str) -> None:
     (lambda d: d["target_groups"].append({"name": "dns"}), "target group name 'dns' is used twice"),
     (lambda d: d.update(listeners={}), "listeners must be a list"),
     (lambda d: d.update(routes=[]), "no field 'routes'"),
+    (lambda d: d["listeners"][0].update(vip=174325770), "vip must be an IPv4 address like"),
+    (lambda d: d["listeners"][0].update(vip="255.255.255.255"), "vip must be a unicast"),
+    (lambda d: d["listeners"][0].update(vip="0.0.0.0"), "vip must be a unicast"),
+    (lambda d: d["target_groups"][0]["targets"][0].update(ip=167837707),
+     "ip must be an IPv4 address like"),
+    (lambda d: d["target_groups"][0].update(health_check=[]),
+     "health check must be a table of fields, got"),
+    (lambda d: d["target_groups"][0].update(health_check="fast"),
+     "health check must be a table of fields, got 'fast'"),
 ])
 def test_bad_config_dicts_are_rejected_saying_where(edit, words: str) -> None:
     data = sample()
@@ -221,3 +230,23 @@ def test_maglev_backends_index_targets_and_leave_out_unroutable_ones() -> None:
     shares = Counter(build_table(backends))
     assert set(shares) == {0, 1}
     assert abs(shares[1] / shares[0] - 3) < 0.05
+
+
+# --- what one node holds --------------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes, nat_ips, words", [
+    ({"max_lbs": 1}, (), None),
+    ({"max_lbs": 0}, (), "lb_id 0 is beyond this node's 0 load balancer slots"),
+    ({"max_listeners": 2}, (), "2 listeners need 3 listener slots"),
+    ({"max_targets": 3}, (), "4 targets are registered; this node holds at most 3"),
+    ({}, ("10.100.0.10",), "Listener 10.100.0.10:80: the VIP is a NAT IP of this node"),
+])
+def test_a_config_beyond_a_nodes_capacity_is_refused(sizes, nat_ips, words) -> None:
+    from hyperplane.loader import Sizes
+    from hyperplane.nlb import check_fits
+    config = NlbConfig.from_dict(sample())
+    if words is None:
+        check_fits(config, Sizes(**sizes), nat_ips)
+    else:
+        with pytest.raises(ConfigError, match=words):
+            check_fits(config, Sizes(**sizes), nat_ips)
