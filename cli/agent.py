@@ -14,7 +14,8 @@ command = click.Group("agent", help="The node agent.")
 @node_option
 @click.option("--store", "store_path", default=DEFAULT_STORE, show_default=True,
               envvar="HPCTL_STORE")
-@click.option("--tick", type=float, default=0.2, show_default=True, help="Seconds between ticks.")
+@click.option("--tick", type=click.FloatRange(min=0.01), default=0.2, show_default=True,
+              help="Seconds between ticks.")
 def run(node, store_path, tick):
     """Run until SIGTERM / Ctrl-C."""
     from hyperplane import agent

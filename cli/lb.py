@@ -152,7 +152,7 @@ def tg_create(name, hc_protocol, hc_port, hc_path, interval, timeout, healthy, u
     hc = {"protocol": hc_protocol, "path": hc_path, "interval_s": interval,
           "timeout_s": timeout if timeout is not None else min(10.0, interval), "healthy_threshold": healthy, "unhealthy_threshold": unhealthy,
           "allow_fast": fast}
-    if hc_port:
+    if hc_port is not None:
         hc["port"] = hc_port
     _change(store_path, lambda cfg: cfg["target_groups"].append(
         {"name": name, "targets": [], "health_check": hc,

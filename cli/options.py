@@ -24,9 +24,9 @@ def node_option(f):
 
 def resolve_node(node: str | None) -> str:
     from hyperplane.errors import NotFound
-    from hyperplane.node import running_nodes
+    from hyperplane.node import check_node_name, running_nodes
     if node:
-        return node
+        return check_node_name(node)
     nodes = running_nodes()
     if len(nodes) == 1:
         return nodes[0]

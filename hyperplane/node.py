@@ -83,7 +83,7 @@ def write_state_file(path: str, data: dict) -> None:
 
 
 def node_state(node: str) -> dict:
-    path = _state_file(node)
+    path = _state_file(check_node_name(node))
     try:
         state = read_state_file(path, f"no node {node!r} is running here (no {path}); start "
                                       f"one with hpctl nat up or hpctl lab up")

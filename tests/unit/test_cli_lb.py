@@ -53,6 +53,8 @@ def test_build_a_load_balancer(capsys, store):
       "--tg", "web"), "no load balancer 'nope'"),
     (("lb", "tg", "create", "web", "--interval", "1"), "interval"),
     (("lb", "register", "--tg", "missing", "10.0.0.1:80"), "no target group"),
+    (("lb", "tg", "create", "web", "--interval", "5", "--hc-port", "0"),
+     "health check port must be 1-65535"),
 ])
 def test_bad_changes_are_refused_and_change_nothing(capsys, store, args, message):
     hpctl(capsys, store, "lb", "create", "web-nlb")
@@ -198,3 +200,10 @@ def subprocess_pid_that_exited() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def test_an_agent_tick_of_zero_is_refused(capsys, nodes):
+    nodes()
+    with pytest.raises(SystemExit) as exc:
+        main(["agent", "run", "--node", "n1", "--tick", "0"])
+    assert exc.value.code == 2 and "--tick" in capsys.readouterr().err

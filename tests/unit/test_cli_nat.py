@@ -114,3 +114,11 @@ def test_a_damaged_state_file_is_one_sentence_and_exit_2(capsys, tmp_path, conte
 def test_nat_down_of_a_node_that_does_not_exist_says_so(capsys):
     code, _, err = hpctl(capsys, "nat", "down", "--node", "hpt-no-such-node")
     assert code == 4 and "no node 'hpt-no-such-node' here" in err and one_sentence(err)
+
+
+@pytest.mark.parametrize("args", [("nat", "show", "--node", "../etc/x"),
+                                  ("nat", "down", "--node", "../etc/x"),
+                                  ("lb", "health", "--node", "a/b")])
+def test_a_node_name_that_is_a_path_is_refused(capsys, args):
+    code, _, err = hpctl(capsys, *args)
+    assert code == 2 and "A node name must be" in err and one_sentence(err), err
