@@ -82,21 +82,44 @@ def test_nat_up_adds_its_nat_ips_removes_them_again_and_leaves_the_users_alone(n
     netns.add_address(NS, "out0", "198.18.0.101/32")      # the user's, before hyperplane
     assert not answers("198.18.0.100"), "the NAT IP answers before hyperplane added it"
 
-    dp = node.start_nat_node(NODE, IFNAMES, [gateway("198.18.0.100", "198.18.0.101")],
-                             netns=NS)
+    dp = node.start_nat_node(NODE, IFNAMES, [
+        gateway("198.18.0.100", "198.18.0.101"),
+        gateway("198.18.0.103", name="gw2", gw_id=1, inside="10.11.0.0/24")], netns=NS)
     assert addrs()["198.18.0.100"] == ("out0", "out0:hp")
     assert addrs()["198.18.0.101"] == ("out0", "out0"), "the user's address was changed"
     assert answers("198.18.0.100"), "the node does not answer for its NAT IP"
-    assert node.node_state(NODE)["addresses"] == [{"ip": "198.18.0.100", "ifname": "out0"}]
+    assert [a["ip"] for a in node.node_state(NODE)["addresses"]] == ["198.18.0.100",
+                                                                     "198.18.0.103"]
 
-    # a re-run without .100: its address and map entry go, the user's .101 stays
-    node.start_nat_node(NODE, IFNAMES, [gateway("198.18.0.101", "198.18.0.102")], netns=NS)
-    assert "198.18.0.100" not in addrs() and addrs()["198.18.0.102"] == ("out0", "out0:hp")
+    # a re-run without .100, .103, gw2 and 10.10.0.0/24: they go; the user's .101 stays
+    node.start_nat_node(NODE, IFNAMES, [gateway("198.18.0.101", "198.18.0.102",
+                                                inside="10.12.0.0/24")], netns=NS)
+    assert addrs()["198.18.0.102"] == ("out0", "out0:hp") and "198.18.0.101" in addrs()
+    assert "198.18.0.100" not in addrs() and "198.18.0.103" not in addrs()
     assert map_nat_ips(dp) == {"198.18.0.101", "198.18.0.102"}, "an old NAT IP stayed"
+    inside = dp.table("inside_nets")
+    assert {f"{be32_to_ip(k.addr)}/{k.prefixlen}" for k in inside.keys()} == {"10.12.0.0/24"}
+    gateways = dp.table("gateways")
+    assert gateways[gateways.Key(1)].n_nat_ips == 0, "the dropped gateway's slot stayed"
 
     node.stop_node(NODE)
     assert "198.18.0.102" not in addrs(), "nat down left the NAT IP it added"
     assert "198.18.0.101" in addrs(), "nat down removed the user's address"
+
+
+def test_a_nat_ip_that_is_a_vip_of_the_node_is_refused(node):
+    from hyperplane.nlb import NlbDataplane
+    from hyperplane.nlb_config import NlbConfig
+    dp = node.start_nat_node(NODE, IFNAMES, [gateway("198.18.0.100")], netns=NS)
+    NlbDataplane(dp).apply(NlbConfig.from_dict({
+        "load_balancers": [{"name": "lb", "lb_id": 0}], "target_groups": [{"name": "web"}],
+        "listeners": [{"lb": "lb", "vip": "198.18.0.200", "port": 80, "protocol": "TCP",
+                       "target_group": "web"}]}))
+    state = node.node_state(NODE)
+    with pytest.raises(ConfigError, match="NAT IP 198.18.0.200 is a load balancer VIP"):
+        node.start_nat_node(NODE, IFNAMES, [gateway("198.18.0.200")], netns=NS)
+    assert node.node_state(NODE) == state and map_nat_ips(dp) == {"198.18.0.100"}
+    assert "198.18.0.200" not in addrs()
 
 
 def test_a_nat_ip_goes_on_the_default_routes_interface_or_the_one_named(node):
