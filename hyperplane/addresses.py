@@ -17,8 +17,10 @@ import ipaddress
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from . import netns as _netns
-from .errors import ConfigError
+from .errors import ConfigError, HyperplaneError
 
 LABEL_SUFFIX = ":hp"
 IFNAMSIZ = 16  # with the terminating NUL: labels have at most 15 characters
@@ -108,11 +110,17 @@ def plan_in(ns: str | None, wanted: Iterable[str], owned: Iterable[Added], *,
 
 
 def add(ns: str | None, a: Added) -> None:
-    _netns.add_labeled_address(ns, a.ifname, a.ip, 32, label(a.ifname))
+    try:
+        _netns.add_labeled_address(ns, a.ifname, a.ip, 32, label(a.ifname))
+    except NetlinkError as exc:
+        raise HyperplaneError(f"cannot add {a.ip}/32 to {a.ifname}: {exc}") from None
 
 
 def remove(ns: str | None, a: Added) -> None:
-    _netns.delete_address(ns, a.ifname, a.ip, 32)
+    try:
+        _netns.delete_address(ns, a.ifname, a.ip, 32)
+    except NetlinkError as exc:
+        raise HyperplaneError(f"cannot remove {a.ip}/32 from {a.ifname}: {exc}") from None
 
 
 def release(ns: str | None, owned: Iterable[Added]) -> None:
