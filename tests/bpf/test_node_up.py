@@ -21,6 +21,7 @@ PEER = f"hpt-cfg-{os.getpid()}-o"
 NODE = f"hpt-cfg-{os.getpid()}"
 PINS = os.path.join(PIN_ROOT, NODE)
 IFNAMES = ["in0", "out0"]
+TC_INGRESS = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
 
 
 def gateway(*nat_ips, inside="10.10.0.0/24", name="gw", gw_id=0):
@@ -70,12 +71,17 @@ def map_nat_ips(dp) -> set[str]:
     return {be32_to_ip(k.value) for k in dp.table("nat_ips").keys()}
 
 
-def xdp_of(ifname: str):
-    """How the data path is attached to ifname (None: not as XDP). A rolled-back mode
-    change re-attaches the newly loaded program, on the same pinned maps: the program id
-    may change, the mode may not."""
+def attached(ifname: str):
+    """How the data path is attached to ifname: ("xdp", mode), ("tc", bpf filters on the
+    ingress hook), or None. A rolled-back change may re-attach the newly loaded program,
+    on the same pinned maps: its id may change, the hook and mode may not."""
     xdp = {link["ifname"]: link["xdp"] for link in netns.links(NS)}[ifname]
-    return xdp and xdp["mode"]
+    if xdp:
+        return "xdp", xdp["mode"]
+    with netns.ipr(NS) as ip:
+        tc = [f for f in ip.get_filters(index=ip.link_lookup(ifname=ifname)[0],
+                                        parent=TC_INGRESS) if f.get_attr("TCA_KIND") == "bpf"]
+    return ("tc", len(tc)) if tc else None
 
 
 def test_nat_up_adds_its_nat_ips_removes_them_again_and_leaves_the_users_alone(node):
@@ -144,16 +150,17 @@ def test_a_failed_nat_up_of_a_new_node_leaves_nothing_behind(node):
     assert not os.path.exists(PINS), "pinned maps without a node were left behind"
     assert not node.node_exists(NODE)
     assert "198.18.0.100" not in addrs()
-    assert xdp_of("in0") is None and xdp_of("out0") is None
+    assert attached("in0") is None and attached("out0") is None, "still attached"
 
 
 def test_a_failed_nat_up_of_a_running_node_leaves_it_as_it_was(node):
     dp = node.start_nat_node(NODE, IFNAMES, [gateway("198.18.0.100")], netns=NS)
-    state, xdp, ours = node.node_state(NODE), {i: xdp_of(i) for i in IFNAMES}, addrs()
+    state, hooks, ours = node.node_state(NODE), {i: attached(i) for i in IFNAMES}, addrs()
+    assert all(hooks.values()), hooks
 
     def unchanged():
         assert node.node_state(NODE) == state
-        assert {i: xdp_of(i) for i in IFNAMES} == xdp, "the data path was detached"
+        assert {i: attached(i) for i in IFNAMES} == hooks, "the data path was detached"
         assert addrs() == ours
         assert map_nat_ips(dp) == {"198.18.0.100"}
         assert answers("198.18.0.100")
