@@ -40,8 +40,19 @@
 #ifndef HP_MAX_LBS
 #define HP_MAX_LBS 16              /* load balancers per node */
 #endif
+#ifndef HP_MAX_PENDING
+#define HP_MAX_PENDING 131072      /* unconfirmed flow entries (LRU: floods evict these) */
+#endif
+#ifndef HP_MAX_CURSORS
+#define HP_MAX_CURSORS 65536       /* NAT port cursors, one per recent destination (LRU) */
+#endif
+#ifndef HP_ICMP_RATE
+#define HP_ICMP_RATE 1000          /* ICMP errors this node sends per second per CPU */
+#endif
 
-/* Verdicts: every packet ends in exactly one (invariant 2). Keep in sync: verdicts.py */
+/* Verdicts: every packet ends in exactly one (invariant 2). Keep in sync: verdicts.py.
+ * Ordered by what happens to the packet: TX_* leave the node (redirected, or bounced back
+ * out of the interface they came in on), PASS_* go to the kernel, DROP_* are dropped. */
 enum hp_verdict {
 	V_TX_NAT_OUT = 0,        /* inside -> outside, source translated, redirected */
 	V_TX_NAT_IN = 1,         /* reply to a NAT IP, destination translated back */
@@ -49,26 +60,41 @@ enum hp_verdict {
 	V_TX_NLB_OUT = 3,        /* target -> client, source set back to the listener */
 	V_TX_ICMP_ERROR = 4,     /* ICMP error about a known flow, outer+embedded translated */
 	V_TX_FRAGMENT = 5,       /* non-first UDP fragment of a translated datagram */
-	V_TX_RST = 6,            /* TCP from inside with no live flow: RST sent back */
-	V_PASS_NON_IP = 7,       /* ARP, IPv6 and other non-IPv4: to the kernel */
-	V_PASS_NO_RESOURCE = 8,  /* IPv4 not for any NAT gateway or listener: kernel */
-	V_PASS_LOCAL = 9,        /* ping to a NAT IP or VIP: the node answers */
-	V_PASS_TTL = 10,         /* TTL <= 1: kernel sends Time Exceeded (untranslated) */
-	V_PASS_FIB = 11,         /* route needs the kernel (no neighbour, MTU): untranslated */
-	V_DROP_MALFORMED = 12,   /* truncated or inconsistent header */
-	V_DROP_IP_OPTIONS = 13,  /* IPv4 header with options toward a resource */
-	V_DROP_FRAGMENT = 14,    /* TCP/ICMP fragment, or UDP fragment with no first part */
-	V_DROP_UNKNOWN_PROTO = 15, /* not TCP, UDP or ICMP, toward a resource */
-	V_DROP_NO_FLOW = 16,     /* to a NAT IP, no flow (and no owner to hand it to) */
-	V_DROP_PORT_ALLOC = 17,  /* no free NAT port for this destination */
-	V_DROP_TABLE_FULL = 18,  /* flow or reservation table refused an insert */
-	V_DROP_NO_ROUTE = 19,    /* FIB says unreachable / blackhole / prohibited */
-	V_DROP_ICMP_UNSUPPORTED = 20, /* ICMP type we do not translate */
-	V_DROP_NO_TARGET = 21,   /* listener has no target in its table */
-	V_DROP_NO_LISTENER = 22, /* to a VIP on a port/proto with no listener */
-	V_DROP_TCP_NOT_SYN = 23, /* to a listener, no flow, not a SYN */
-	V_MAX = 24,
+	V_TX_RST = 6,            /* TCP with no live flow: RST sent back (bounced) */
+	V_TX_TIME_EXCEEDED = 7,  /* TTL <= 1: this node sends ICMP time exceeded (bounced) */
+	V_TX_FRAG_NEEDED = 8,    /* too big for the next hop with DF: ICMP frag. needed (bounced) */
+	V_PASS_NON_IP = 9,       /* ARP, IPv6 and other non-IPv4: to the kernel */
+	V_PASS_NO_RESOURCE = 10, /* IPv4 not for any NAT gateway or listener: kernel */
+	V_PASS_LOCAL = 11,       /* ping to a NAT IP or VIP: the node answers */
+	V_PASS_FRAGMENTING = 12, /* translated, too big for the next hop, no DF: the kernel
+				  * fragments and forwards it (tc: skb->mark HP_MARK_ASSIST) */
+	V_PASS_NEIGH = 13,       /* XDP: translated, next hop not resolved yet: the kernel
+				  * resolves it (ARP) and forwards (tc redirects via the
+				  * neighbour subsystem instead and counts TX) */
+	V_DROP_MALFORMED = 14,   /* truncated or inconsistent header */
+	V_DROP_IP_OPTIONS = 15,  /* IPv4 header with options toward a resource */
+	V_DROP_FRAGMENT = 16,    /* TCP/ICMP fragment, or UDP fragment with no first part */
+	V_DROP_UNKNOWN_PROTO = 17, /* not TCP, UDP or ICMP, toward a resource */
+	V_DROP_NO_FLOW = 18,     /* to a NAT IP or from a target, no flow */
+	V_DROP_PORT_ALLOC = 19,  /* no free NAT port for this destination */
+	V_DROP_TABLE_FULL = 20,  /* flow or reservation table refused an insert */
+	V_DROP_NO_ROUTE = 21,    /* FIB: unreachable / blackhole / prohibited / not forwardable */
+	V_DROP_ICMP_UNSUPPORTED = 22, /* ICMP type we do not translate */
+	V_DROP_NO_TARGET = 23,   /* listener has no target in its table */
+	V_DROP_NO_LISTENER = 24, /* to a VIP on a port/proto with no listener */
+	V_DROP_TCP_NOT_SYN = 25, /* to a listener, no flow, a RST (never answered) */
+	V_DROP_WRONG_IFACE = 26, /* arrived on an interface its source is not routed through
+				  * (strict reverse-path check): spoofed or misrouted */
+	V_DROP_TCP_INVALID = 27, /* a RST outside the receiver's window (conntrack's rule) */
+	V_DROP_TUPLE_TAKEN = 28, /* NLB: the target already sees this client ip:port from
+				  * another connection (AWS: a client IP preservation collision) */
+	V_DROP_ICMP_RATELIMIT = 29, /* an ICMP error this node would send, over its rate */
+	V_DROP_NO_REPLY = 30,    /* a RST / ICMP error that cannot be built (no source
+				  * address, in-band VLAN at tc, an ICMP error about an error) */
+	V_MAX = 31,
 };
+#define V_LAST_TX V_TX_FRAG_NEEDED
+#define V_LAST_PASS V_PASS_NEIGH
 
 /* Flow events on the ring buffer. Keep in sync: verdicts.py FlowEventType */
 enum hp_event_type {
@@ -79,13 +105,20 @@ enum hp_event_type {
 
 /* Counted events that are not packet verdicts. Keep in sync: verdicts.py Stat */
 enum hp_stat {
-	S_FLOW_CREATED = 0,
+	S_FLOW_CREATED = 0,      /* new flows (unconfirmed first) */
 	S_FLOW_CLOSED = 1,
 	S_FLOW_EXPIRED = 2,
 	S_EVENT_LOST = 3,        /* ring buffer full: the controller missed an event */
 	S_RESV_RECLAIMED = 4,    /* a stale port reservation taken over by a new flow */
 	S_FIB_LOOKUP = 5,        /* next hop looked up (cache miss or refresh) */
-	S_MAX = 6,
+	S_FLOW_CONFIRMED = 6,    /* moved from the unconfirmed to the flow table */
+	S_CONFIRM_FULL = 7,      /* the flow table was full: the flow stays unconfirmed */
+	S_CREATE_RACE = 8,       /* another CPU created the same flow first: its entry used */
+	S_STALE_REPLACED = 9,    /* an expired entry in the way of a new flow was deleted */
+	S_NEIGH_RESOLVE = 10,    /* tc: sent through the neighbour subsystem (no MAC yet) */
+	S_RST_IGNORED = 11,      /* a RST outside the window was dropped (flow kept) */
+	S_IFACE_MOVED = 12,      /* a flow's ingress interface changed with its route */
+	S_MAX = 13,
 };
 
 /* What a flow entry is for. Keep in sync: verdicts.py FlowKind */
@@ -100,8 +133,8 @@ enum hp_flow_kind {
 enum hp_tcp_state {
 	TCP_S_NONE = 0,          /* UDP / ICMP */
 	TCP_S_SYN_SENT = 1,      /* SYN seen, no answer yet: half-open timeout */
-	TCP_S_ESTABLISHED = 2,   /* SYN-ACK seen */
-	TCP_S_FIN_WAIT = 3,      /* a FIN seen from one side */
+	TCP_S_ESTABLISHED = 2,   /* SYN-ACK seen (or the client's ACK) */
+	TCP_S_FIN_WAIT = 3,      /* a FIN seen from one side: half-closed, still idle 350 s */
 	TCP_S_CLOSED = 4,        /* FIN from both sides or RST: closing timeout */
 };
 
@@ -109,15 +142,26 @@ enum hp_tcp_state {
 enum hp_timeout {
 	TO_TCP_ESTABLISHED = 0,  /* 350 s (AWS NAT gateway / NLB idle timeout) */
 	TO_TCP_SYN = 1,          /* half-open */
-	TO_TCP_CLOSING = 2,      /* after FIN or RST */
+	TO_TCP_CLOSING = 2,      /* after FIN from both sides or RST */
 	TO_UDP = 3,
 	TO_ICMP = 4,
 	TO_MAX = 5,
 };
 
+/* Per-resource counter slots written by user space (flows the agent deleted), after the
+ * gateways come the listeners. Keep in sync: hyperplane/verdicts.py USER_ENDS_* */
+#define USER_ENDS_NAT_BASE 0
+#define USER_ENDS_LB_BASE HP_MAX_GATEWAYS
+
 #define HP_NSEC 1000000000ULL
 #ifndef HP_NH_REFRESH_NS
 #define HP_NH_REFRESH_NS (1 * HP_NSEC) /* re-check a cached next hop this often */
+#endif
+#ifndef HP_RESV_GRACE_NS
+/* A reservation younger than this is never reclaimed as stale: its flow may be being
+ * created on another CPU right now. The agent's GC uses the same grace. Keep in sync:
+ * hyperplane/flows.py RESV_GRACE_S */
+#define HP_RESV_GRACE_NS (2 * HP_NSEC)
 #endif
 
 #endif

@@ -1,4 +1,8 @@
-/* Flow table helpers: timeouts, events, TCP state, deletion. */
+/* Flow tables: lookup, creation (race-free), confirmation, TCP state, deletion, timeouts.
+ *
+ * A new flow's two entries go into `pending` (an LRU); the first reply (TCP: the SYN-ACK,
+ * or the client's ACK when this node did not see the SYN-ACK) moves them to `flows`,
+ * which never evicts. A flood of spoofed SYNs therefore only churns `pending`. */
 #ifndef HP_FLOW_H
 #define HP_FLOW_H
 
@@ -12,6 +16,32 @@ static __always_inline void stat_inc(__u32 idx)
 	__u64 *c = stats.lookup(&idx);
 	if (c)
 		*c += 1; /* per-CPU slot: no atomic needed */
+}
+
+static __always_inline struct scratch *scratch_get(void)
+{
+	__u32 zero = 0;
+	return scratch.lookup(&zero);
+}
+
+/* x, through memory the verifier does not track: what is derived from the result no
+ * longer ties verifier states to how x was computed (a loop counter would otherwise be
+ * marked precise, and every iteration's exit verified separately). Verifier workaround. */
+static __always_inline __u32 opaque_u32(struct scratch *s, __u32 x)
+{
+	*(volatile __u32 *)&s->opaque = x;
+	return *(volatile __u32 *)&s->opaque;
+}
+
+/* Zeroed route lookup parameters in the per-CPU scratch space (the stack is too small
+ * for every lookup's own copy). */
+static __always_inline struct bpf_fib_lookup *fib_params(void)
+{
+	struct scratch *s = scratch_get();
+	if (!s)
+		return 0;
+	__builtin_memset(&s->fib, 0, sizeof(s->fib));
+	return &s->fib;
 }
 
 static __always_inline struct hp_config *get_config(void)
@@ -40,11 +70,17 @@ static __always_inline int is_reply_kind(__u8 kind)
 	return kind == KIND_NAT_IN || kind == KIND_NLB_OUT;
 }
 
+static __always_inline int is_nat_kind(__u8 kind)
+{
+	return kind == KIND_NAT_OUT || kind == KIND_NAT_IN;
+}
+
 static __always_inline __u64 flow_timeout_ns(struct hp_config *cfg, __u8 proto, __u8 tcp_state)
 {
 	__u32 idx = TO_ICMP;
 	if (proto == IPPROTO_TCP) {
-		if (tcp_state == TCP_S_ESTABLISHED)
+		/* half-closed (one FIN) is still an open connection: AWS's 350 s idle rule */
+		if (tcp_state == TCP_S_ESTABLISHED || tcp_state == TCP_S_FIN_WAIT)
 			idx = TO_TCP_ESTABLISHED;
 		else if (tcp_state == TCP_S_SYN_SENT)
 			idx = TO_TCP_SYN;
@@ -58,6 +94,28 @@ static __always_inline __u64 flow_timeout_ns(struct hp_config *cfg, __u8 proto, 
 	return (__u64)cfg->timeout_s[idx] * HP_NSEC;
 }
 
+/* The entry of key in the table v's flags name (an entry's twin is in the same table). */
+static __always_inline struct flow_value *flow_in(struct flow_key *k, __u8 flags)
+{
+	if (flags & FLOW_F_PENDING)
+		return pending.lookup(k);
+	return flows.lookup(k);
+}
+
+/* The entry of a packet's key in either table. A confirmation moves entries from pending
+ * to flows (insert, then delete): looking at flows again after a miss in pending closes
+ * the window in which a packet would find neither. */
+static __always_inline struct flow_value *flow_find(struct flow_key *k)
+{
+	struct flow_value *v = flows.lookup(k);
+	if (v)
+		return v;
+	v = pending.lookup(k);
+	if (v)
+		return v;
+	return flows.lookup(k);
+}
+
 /* Idle past its timeout in both directions? Only the rare case (this direction idle)
  * looks at the twin, so a one-way stream stays alive on its quiet side. */
 static __always_inline int flow_expired(struct hp_config *cfg, struct flow_value *v,
@@ -66,7 +124,7 @@ static __always_inline int flow_expired(struct hp_config *cfg, struct flow_value
 	__u64 to = flow_timeout_ns(cfg, proto, v->tcp_state);
 	if (v->last_seen_ns + to >= now)
 		return 0;
-	struct flow_value *t = flows.lookup(&v->twin);
+	struct flow_value *t = flow_in(&v->twin, v->flags);
 	if (t && t->last_seen_ns + to >= now)
 		return 0;
 	return 1;
@@ -90,6 +148,40 @@ static __always_inline void emit_event(__u32 type, struct flow_key *k, struct fl
 	flow_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
+/* --- per-resource flow counters (active = confirmed - ended - user_ends) ------------- */
+
+#define RES_CONFIRMED 0
+#define RES_ENDED 1
+#define RES_REFUSED 2
+
+static __always_inline void res_count(__u8 kind, __u16 resource, int what)
+{
+	__u32 id = resource;
+	if (is_nat_kind(kind)) {
+		struct gw_metrics *m = gw_stats.lookup(&id);
+		if (!m)
+			return;
+		if (what == RES_CONFIRMED)
+			m->flows_confirmed++;
+		else if (what == RES_ENDED)
+			m->flows_ended++;
+		else
+			m->flows_refused++;
+	} else {
+		struct lb_metrics *m = lb_stats.lookup(&id);
+		if (!m)
+			return;
+		if (what == RES_CONFIRMED)
+			m->flows_confirmed++;
+		else if (what == RES_ENDED)
+			m->flows_ended++;
+		else
+			m->flows_refused++;
+	}
+}
+
+/* --- deletion ------------------------------------------------------------------------- */
+
 /* The reservation of a NAT flow, built from its reply-direction key. */
 static __always_inline void resv_key_of(struct flow_key *reply, struct nat_resv_key *rk)
 {
@@ -101,31 +193,81 @@ static __always_inline void resv_key_of(struct flow_key *reply, struct nat_resv_
 	rk->pad[0] = rk->pad[1] = rk->pad[2] = 0;
 }
 
+/* Release a NAT port if the reservation is still the one of flow `orig`. */
+static __always_inline void resv_release(struct flow_key *reply, struct flow_key *orig)
+{
+	struct nat_resv_key rk = {};
+	resv_key_of(reply, &rk);
+	struct nat_resv_value *rv = nat_resv.lookup(&rk);
+	if (rv && rv->orig.src_ip == orig->src_ip && rv->orig.src_port == orig->src_port &&
+	    rv->orig.dst_ip == orig->dst_ip)
+		nat_resv.delete(&rk);
+}
+
 /* Remove both entries of a flow and, for NAT, its port reservation (if still its own). */
 static __always_inline void flow_delete(struct flow_key *k, struct flow_value *v)
 {
 	struct flow_key key = *k;
 	struct flow_key twin = v->twin;
 	__u8 kind = v->kind;
-	if (kind == KIND_NAT_OUT || kind == KIND_NAT_IN) {
-		struct nat_resv_key rk = {};
-		struct flow_key *orig = kind == KIND_NAT_OUT ? &key : &twin;
-		resv_key_of(kind == KIND_NAT_IN ? &key : &twin, &rk);
-		struct nat_resv_value *rv = nat_resv.lookup(&rk);
-		if (rv && rv->orig.src_ip == orig->src_ip && rv->orig.src_port == orig->src_port)
-			nat_resv.delete(&rk);
+	__u8 flags = v->flags;
+	if (!(flags & FLOW_F_PENDING) && v->tcp_state != TCP_S_CLOSED)
+		res_count(kind, v->resource, RES_ENDED);
+	if (is_nat_kind(kind))
+		resv_release(kind == KIND_NAT_IN ? &key : &twin, kind == KIND_NAT_OUT ? &key : &twin);
+	if (flags & FLOW_F_PENDING) {
+		pending.delete(&twin);
+		pending.delete(&key);
+	} else {
+		flows.delete(&twin);
+		flows.delete(&key);
 	}
-	flows.delete(&twin);
-	flows.delete(&key);
 }
 
+/* An entry in the way of a new flow: delete it if its flow is over (expired, or its twin
+ * gone). Returns 1 when the key is free now. */
+static __always_inline int flow_clear_stale(struct hp_config *cfg, struct flow_key *k,
+					    struct flow_value *v, __u64 now)
+{
+	if (!flow_expired(cfg, v, k->proto, now) && flow_in(&v->twin, v->flags))
+		return 0;
+	stat_inc(S_STALE_REPLACED);
+	flow_delete(k, v);
+	return 1;
+}
+
+/* --- creation --------------------------------------------------------------------------- */
+
+/* The reply key of a new flow translated to (nsrc:nsport -> ndst:ndport) is free in both
+ * tables (stale entries are cleared). */
+static __always_inline int reply_key_free(struct hp_config *cfg, struct flow_key *reply,
+					  __u64 now)
+{
+	struct flow_value *old = flows.lookup(reply);
+	if (old && !flow_clear_stale(cfg, reply, old, now))
+		return 0;
+	old = pending.lookup(reply);
+	if (old && !flow_clear_stale(cfg, reply, old, now))
+		return 0;
+	return 1;
+}
+
+#define CREATE_OK 0
+#define CREATE_RACE 1   /* another CPU created the same flow first: *out is its entry */
+#define CREATE_TAKEN 2  /* the reply tuple belongs to another live flow */
+#define CREATE_FULL 3
+
 /* Create both entries of a new flow whose original direction (p->key) is translated to
- * (nsrc:nsport -> ndst:ndport). The reply key is that tuple reversed, and the reply entry
- * translates back to p->key reversed. Returns the original entry, or 0 when the table
- * refused an insert (nothing is left behind then). */
-static __always_inline struct flow_value *flow_create(struct pkt *p, __be32 nsrc, __be16 nsport,
-						      __be32 ndst, __be16 ndport, __u8 kind,
-						      __u8 reply_kind, __u16 resource, __u16 target)
+ * (nsrc:nsport -> ndst:ndport), unconfirmed. The reply key is that tuple reversed, and
+ * the reply entry translates back to p->key reversed. Both are inserted with BPF_NOEXIST:
+ * two CPUs missing on the same new tuple end with one flow, the loser using the
+ * winner's. The original direction arrives where this packet did; the reply
+ * direction's interface is learned through the reverse-path check of its first packet
+ * (in_ifindex 0). */
+static __always_inline int flow_create(struct pkt *p, struct hp_config *cfg, __be32 nsrc,
+				       __be16 nsport, __be32 ndst, __be16 ndport, __u8 kind,
+				       __u8 reply_kind, __u16 resource, __u16 target,
+				       struct flow_value **out)
 {
 	struct flow_key reply = {};
 	reply.src_ip = ndst;
@@ -133,74 +275,182 @@ static __always_inline struct flow_value *flow_create(struct pkt *p, __be32 nsrc
 	reply.src_port = ndport;
 	reply.dst_port = nsport;
 	reply.proto = p->key.proto;
+	if (!reply_key_free(cfg, &reply, p->now))
+		return CREATE_TAKEN;
 
-	struct flow_value v = {};
-	v.created_ns = p->now;
-	v.last_seen_ns = p->now;
-	v.resource = resource;
-	v.target = target;
-	v.tcp_state = p->key.proto == IPPROTO_TCP ? TCP_S_SYN_SENT : TCP_S_NONE;
+	struct scratch *s = scratch_get();
+	if (!s)
+		return CREATE_FULL;
+	struct flow_value *v = &s->flow;
+	__builtin_memset(v, 0, sizeof(*v));
+	v->created_ns = p->now;
+	v->last_seen_ns = p->now;
+	v->resource = resource;
+	v->target = target;
+	v->flags = FLOW_F_PENDING;
+	v->wscale = WSCALE_NONE;
+	v->tcp_state = p->key.proto == IPPROTO_TCP ? TCP_S_SYN_SENT : TCP_S_NONE;
 
-	v.twin = p->key;
-	v.kind = reply_kind;
-	v.new_src_ip = p->key.dst_ip;
-	v.new_src_port = p->key.dst_port;
-	v.new_dst_ip = p->key.src_ip;
-	v.new_dst_port = p->key.src_port;
-	if (flows.update(&reply, &v) != 0)
-		return 0;
+	v->twin = p->key;
+	v->kind = reply_kind;
+	v->new_src_ip = p->key.dst_ip;
+	v->new_src_port = p->key.dst_port;
+	v->new_dst_ip = p->key.src_ip;
+	v->new_dst_port = p->key.src_port;
+	int rc = pending.insert(&reply, v);
+	if (rc)
+		return rc == -EEXIST ? CREATE_TAKEN : CREATE_FULL;
 
-	v.twin = reply;
-	v.kind = kind;
-	v.new_src_ip = nsrc;
-	v.new_src_port = nsport;
-	v.new_dst_ip = ndst;
-	v.new_dst_port = ndport;
-	if (flows.update(&p->key, &v) != 0) {
-		flows.delete(&reply);
-		return 0;
+	v->twin = reply;
+	v->kind = kind;
+	v->in_ifindex = p->ifindex;
+	v->new_src_ip = nsrc;
+	v->new_src_port = nsport;
+	v->new_dst_ip = ndst;
+	v->new_dst_port = ndport;
+	rc = pending.insert(&p->key, v);
+	if (rc) {
+		pending.delete(&reply);
+		if (rc != -EEXIST)
+			return CREATE_FULL;
+		*out = flow_find(&p->key);
+		stat_inc(S_CREATE_RACE);
+		return *out ? CREATE_RACE : CREATE_FULL;
 	}
-	struct flow_value *out = flows.lookup(&p->key);
-	if (!out) {
-		flows.delete(&reply);
-		return 0;
+	*out = pending.lookup(&p->key);
+	if (!*out) { /* evicted at once: the LRU is under heavy pressure */
+		pending.delete(&reply);
+		return CREATE_FULL;
 	}
 	stat_inc(S_FLOW_CREATED);
-	emit_event(EV_FLOW_CREATED, &p->key, &v, p->now);
-	return out;
+	emit_event(EV_FLOW_CREATED, &p->key, *out, p->now);
+	return CREATE_OK;
 }
 
-/* Follow SYN / FIN / RST. Returns 1 when this packet closed the flow. State changes are
- * rare, so only then is the twin entry looked up and kept in step. */
-static __always_inline int tcp_track(struct flow_value *v, __u8 flags, int *established)
+/* Move both entries of an unconfirmed flow to the flow table. Returns the entry of `k`
+ * that packets now use (the moved one, or v when the table is full). The entries are
+ * inserted straight from the pending map's values (no stack copies: the stack is 512
+ * bytes). */
+static __always_inline struct flow_value *flow_confirm(struct flow_key *k, struct flow_value *v)
 {
-	if (!(flags & (TH_SYN | TH_FIN | TH_RST)))
-		return 0;
+	struct flow_key key = *k;
+	struct flow_key twin_key = v->twin;
+	struct flow_value *t = pending.lookup(&twin_key);
+	if (!t)
+		return v; /* the twin was evicted: the flow is dying; leave it */
+	v->flags &= ~FLOW_F_PENDING;
+	t->flags &= ~FLOW_F_PENDING;
+	int rc = flows.insert(&twin_key, t);
+	if (rc && rc != -EEXIST)
+		goto full;
+	int rc2 = flows.insert(&key, v);
+	if (rc2 && rc2 != -EEXIST) {
+		if (!rc)
+			flows.delete(&twin_key);
+		goto full;
+	}
+	if (!rc && !rc2) { /* not moved concurrently by another CPU */
+		stat_inc(S_FLOW_CONFIRMED);
+		res_count(v->kind, v->resource, RES_CONFIRMED);
+	}
+	pending.delete(&twin_key);
+	pending.delete(&key);
+	struct flow_value *moved = flows.lookup(&key);
+	return moved ? moved : v;
+full:
+	v->flags |= FLOW_F_PENDING;
+	t->flags |= FLOW_F_PENDING;
+	stat_inc(S_CONFIRM_FULL);
+	res_count(v->kind, v->resource, RES_REFUSED);
+	return v;
+}
+
+/* --- TCP ------------------------------------------------------------------------------- */
+
+#define TCP_TRACK_OK 0
+#define TCP_TRACK_CLOSED 1      /* this packet closed the flow */
+#define TCP_TRACK_ESTABLISHED 2 /* this packet established it */
+#define TCP_TRACK_INVALID 3     /* a RST outside the window: drop it, keep the flow */
+
+/* Is a RST from v's direction plausible? conntrack's rule: its sequence number falls in
+ * the window the other side advertised last (or, before the other side said anything,
+ * a RST answering a SYN acknowledges exactly that SYN). Without any data (a flow
+ * learned from another node) there is nothing to judge by: accepted. */
+static __always_inline int rst_plausible(struct pkt *p, struct flow_value *v,
+					 struct flow_value *t)
+{
+	if (!t)
+		return 1;
+	__u32 seq = bpf_ntohl(p->tcp->seq);
+	if (t->flags & FLOW_F_ACK_SEEN) {
+		__u32 win = t->win ? t->win : 1;
+		return seq - t->ack < win;
+	}
+	if (t->syn_next && (p->tcp_flags & TH_ACK))
+		return bpf_ntohl(p->tcp->ack_seq) == t->syn_next;
+	return 1;
+}
+
+/* Follow SYN / FIN / RST and the last ACK and window of each side. The per-packet part is
+ * two stores; state changes are rare, and only then is the twin entry looked up and kept
+ * in step. */
+static __always_inline int tcp_track(struct pkt *p, struct flow_value *v)
+{
+	__u8 flags = p->tcp_flags;
+	struct tcphdr *th = p->tcp;
+	if (flags & TH_ACK) {
+		__u8 shift = v->wscale == WSCALE_NONE ? 0 : v->wscale;
+		v->ack = bpf_ntohl(th->ack_seq);
+		v->win = (__u32)bpf_ntohs(th->window) << (shift & 15);
+		v->flags |= FLOW_F_ACK_SEEN;
+	}
+	if (!(flags & (TH_SYN | TH_FIN | TH_RST)) && v->tcp_state != TCP_S_SYN_SENT)
+		return TCP_TRACK_OK;
+
+	struct flow_value *t = flow_in(&v->twin, v->flags);
 	__u8 state = v->tcp_state;
 	__u8 fin = v->fin_seen;
+	int rc = TCP_TRACK_OK;
 	if (flags & TH_RST) {
+		if (!rst_plausible(p, v, t))
+			return TCP_TRACK_INVALID;
 		state = TCP_S_CLOSED;
-	} else if ((flags & TH_SYN) && (flags & TH_ACK) && is_reply_kind(v->kind) &&
-		   state == TCP_S_SYN_SENT) {
+	} else if (flags & TH_SYN) {
+		v->syn_next = bpf_ntohl(th->seq) + 1;
+		v->wscale = tcp_wscale(th, p->data_end, p->l3_end);
+		if ((flags & TH_ACK) && is_reply_kind(v->kind) && state == TCP_S_SYN_SENT) {
+			state = TCP_S_ESTABLISHED;
+			rc = TCP_TRACK_ESTABLISHED;
+			/* RFC 7323: scaling only when both SYNs carried the option */
+			if (t && (t->wscale == WSCALE_NONE || v->wscale == WSCALE_NONE)) {
+				t->wscale = 0;
+				v->wscale = 0;
+			}
+		}
+	} else if ((flags & TH_ACK) && !is_reply_kind(v->kind) && state == TCP_S_SYN_SENT) {
+		/* the client's ACK of a SYN-ACK this node did not see (another node did) */
 		state = TCP_S_ESTABLISHED;
-		*established = 1;
+		rc = TCP_TRACK_ESTABLISHED;
 	}
 	if (flags & TH_FIN) {
 		fin |= 1;
 		state = fin == 3 ? TCP_S_CLOSED : TCP_S_FIN_WAIT;
 	}
 	if (state == v->tcp_state && fin == v->fin_seen)
-		return 0;
-	int closed = state == TCP_S_CLOSED && v->tcp_state != TCP_S_CLOSED;
+		return rc;
+	if (state == TCP_S_CLOSED && v->tcp_state != TCP_S_CLOSED) {
+		rc = TCP_TRACK_CLOSED;
+		if (!(v->flags & FLOW_F_PENDING))
+			res_count(v->kind, v->resource, RES_ENDED);
+	}
 	v->tcp_state = state;
 	v->fin_seen = fin;
-	struct flow_value *t = flows.lookup(&v->twin);
 	if (t) {
 		t->tcp_state = state;
 		/* the twin sees our FIN as its peer's (bit 1) */
 		t->fin_seen = (t->fin_seen & 1) | ((fin & 1) << 1);
 	}
-	return closed;
+	return rc;
 }
 
 #endif

@@ -1,48 +1,127 @@
-/* Translation and forwarding: next hop (cached bpf_fib_lookup), address/port rewrite with
- * incremental checksums, MAC rewrite and redirect. */
+/* Translation and forwarding: next hop (cached bpf_fib_lookup), the ingress check,
+ * address/port rewrite with incremental checksums, MAC rewrite and redirect. */
 #ifndef HP_FWD_H
 #define HP_FWD_H
 
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+#ifndef BPF_FIB_LOOKUP_SKIP_NEIGH
+#define BPF_FIB_LOOKUP_SKIP_NEIGH (1U << 2)
+#endif
+#ifndef BPF_FIB_LOOKUP_SRC
+#define BPF_FIB_LOOKUP_SRC (1U << 4)
+#endif
 
-/* Resolve where a packet with the translated tuple leaves. Returns 0 when nh is usable,
- * else the verdict: the kernel must handle it (untranslated), or there is no route. */
-static __always_inline int next_hop(struct xdp_md *ctx, struct next_hop *nh, struct iphdr *ip,
-				    __be32 src, __be32 dst, __be16 sport, __be16 dport, __u64 now)
+/* next_hop() results below the verdicts (which are all > RT_TOO_BIG when returned). */
+#define RT_OK 0       /* nh is usable */
+#define RT_NEIGH 1    /* routed, but the next hop's MAC is not known yet: r->ifindex, r->gw */
+#define RT_TOO_BIG 2  /* larger than the next hop's MTU: r->mtu */
+
+struct route {
+	__u32 ifindex;
+	__be32 gw;
+	__u16 mtu;
+};
+
+/* The L3 length of the packet in hand and the bytes of headers before its L4 payload. */
+static __always_inline __u32 l3_hdrs_len(struct pkt *p)
 {
+	__u32 len = p->iph->ihl * 4;
+	if (p->tcp)
+		len += p->tcp->doff * 4;
+	else if (p->udp)
+		len += sizeof(struct udphdr);
+	return len;
+}
+
+/* Resolve where a packet with the translated tuple leaves. Returns RT_OK when nh is
+ * usable, RT_NEIGH / RT_TOO_BIG with r filled, or a drop verdict. */
+static __always_inline int next_hop(HP_CTX *ctx, struct pkt *p, struct next_hop *nh,
+				    __be32 src, __be32 dst, __be16 sport, __be16 dport,
+				    struct route *r)
+{
+	struct iphdr *ip = p->iph;
 	__u16 ip_len = bpf_ntohs(ip->tot_len);
-	if (nh->ifindex && nh->checked_ns + HP_NH_REFRESH_NS > now && ip_len <= nh->mtu)
-		return 0;
-	struct bpf_fib_lookup f = {};
-	f.family = AF_INET;
-	f.tos = ip->tos;
-	f.l4_protocol = ip->protocol;
-	f.sport = sport;
-	f.dport = dport;
-	f.tot_len = ip_len;
-	f.ipv4_src = src;
-	f.ipv4_dst = dst;
-	f.ifindex = ctx->ingress_ifindex;
+	__u32 mtu_len = ctx_mtu_len(ctx, ip_len, l3_hdrs_len(p));
+	if (nh->ifindex && nh->checked_ns + HP_NH_REFRESH_NS > p->now && mtu_len <= nh->mtu)
+		return RT_OK;
+	struct bpf_fib_lookup *f = fib_params();
+	if (!f)
+		return V_DROP_NO_ROUTE;
+	f->family = AF_INET;
+	f->tos = ip->tos;
+	f->l4_protocol = ip->protocol;
+	f->sport = sport;
+	f->dport = dport;
+#ifndef HP_HOOK_TC
+	/* at tc, 0 makes the helper check the skb itself (GSO segments, not the total) */
+	f->tot_len = ip_len;
+#endif
+	f->ipv4_src = src;
+	f->ipv4_dst = dst;
+	f->ifindex = p->ifindex;
 	stat_inc(S_FIB_LOOKUP);
-	int rc = bpf_fib_lookup(ctx, &f, sizeof(f), 0);
+	int rc = bpf_fib_lookup(ctx, f, sizeof(*f), 0);
 	switch (rc) {
 	case BPF_FIB_LKUP_RET_SUCCESS:
 		break;
-	case BPF_FIB_LKUP_RET_BLACKHOLE:
-	case BPF_FIB_LKUP_RET_UNREACHABLE:
-	case BPF_FIB_LKUP_RET_PROHIBIT:
+	case BPF_FIB_LKUP_RET_NO_NEIGH:
+		r->ifindex = f->ifindex;
+		r->gw = f->ipv4_dst;
+		return RT_NEIGH;
+	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+		r->ifindex = f->ifindex;
+		r->mtu = f->mtu_result;
+		return RT_TOO_BIG;
+	default: /* unreachable, blackhole, prohibited, local, forwarding off */
 		return V_DROP_NO_ROUTE;
-	default: /* no neighbour yet, MTU exceeded, forwarding off, local: the kernel decides */
-		return V_PASS_FIB;
 	}
-	nh->ifindex = f.ifindex;
-	nh->mtu = f.mtu_result ? f.mtu_result : ip_len;
-	__builtin_memcpy(nh->smac, f.smac, 6);
-	__builtin_memcpy(nh->dmac, f.dmac, 6);
-	nh->checked_ns = now;
-	return 0;
+	__u32 mtu = 0;
+#ifdef HP_HOOK_TC
+	mtu = f->mtu_result; /* tot_len 0: the helper reports the device's MTU */
+#else
+	if (bpf_check_mtu(ctx, f->ifindex, &mtu, 0, 0) < 0)
+		mtu = ip_len;
+#endif
+	nh->ifindex = f->ifindex;
+	nh->mtu = mtu ? mtu : mtu_len;
+	__builtin_memcpy(nh->smac, f->smac, 6);
+	__builtin_memcpy(nh->dmac, f->dmac, 6);
+	nh->checked_ns = p->now;
+	return RT_OK;
+}
+
+/* Strict reverse-path check (RFC 3704): did the packet arrive on the interface this
+ * node routes its source through? Stops inside addresses spoofed from the outside and
+ * replies forged from the inside. */
+static __always_inline int ingress_ok(HP_CTX *ctx, struct pkt *p, struct hp_config *cfg)
+{
+	if (cfg->flags & HP_F_LOOSE_INGRESS)
+		return 1;
+	struct bpf_fib_lookup *f = fib_params();
+	if (!f)
+		return 0;
+	f->family = AF_INET;
+	f->tot_len = 20; /* the route is asked about, not this packet's size */
+	f->ipv4_dst = p->iph->saddr;
+	f->ifindex = p->ifindex;
+	int rc = bpf_fib_lookup(ctx, f, sizeof(*f), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	return rc == BPF_FIB_LKUP_RET_SUCCESS && f->ifindex == p->ifindex;
+}
+
+/* A packet of a known flow must arrive where that direction's packets do; when it does
+ * not, its route may have moved (then the flow follows), or it is forged. */
+static __always_inline int flow_ingress_ok(HP_CTX *ctx, struct pkt *p, struct hp_config *cfg,
+					   struct flow_value *v)
+{
+	if (v->in_ifindex == p->ifindex)
+		return 1;
+	if (!ingress_ok(ctx, p, cfg))
+		return 0;
+	v->in_ifindex = p->ifindex;
+	stat_inc(S_IFACE_MOVED);
+	return 1;
 }
 
 /* The L4 checksum a translation must keep right, and whether it covers the addresses. */
@@ -72,15 +151,26 @@ static __always_inline void dec_ttl(struct iphdr *ip)
 	hp_csum_replace2(&ip->check, old, *w);
 }
 
-/* Rewrite addresses and ports to the translated tuple. Non-first fragments (no L4
- * header) only have addresses. */
+/* Rewrite addresses and ports to the translated tuple, and the TTL when this node
+ * forwards the packet itself (not when the kernel will). Non-first fragments (no L4
+ * header) only have addresses. TCP/UDP checksums: at XDP updated here (always full); at
+ * tc collected in p->fix for l4_fix_apply(), which knows a partial checksum. */
 static __always_inline void rewrite(struct pkt *p, __be32 nsrc, __be32 ndst, __be16 nsport,
-				    __be16 ndport)
+				    __be16 ndport, int ttl)
 {
 	struct iphdr *ip = p->iph;
 	int pseudo = 0;
 	__u16 *l4c = l4_check(p, &pseudo);
 	__u16 *sport = 0, *dport = 0;
+#ifdef HP_HOOK_TC
+	int deferred = pseudo; /* TCP or UDP with a checksum */
+	if (deferred) {
+		p->fix.off = (void *)l4c - p->data;
+		p->fix.udp = p->udp != 0;
+	}
+#else
+	const int deferred = 0;
+#endif
 
 	if (p->tcp) {
 		sport = &p->tcp->source;
@@ -96,40 +186,82 @@ static __always_inline void rewrite(struct pkt *p, __be32 nsrc, __be32 ndst, __b
 		else
 			dport = &p->icmp->un.echo.id;
 	}
-	if (ip->saddr != nsrc) {
-		hp_csum_replace4(&ip->check, ip->saddr, nsrc);
-		if (l4c && pseudo)
-			hp_csum_replace4(l4c, ip->saddr, nsrc);
-		ip->saddr = nsrc;
+	/* Every field is rewritten, changed or not: an unchanged one adds nothing to a
+	 * checksum, and fewer branches keep the verifier's paths few. */
+	hp_csum_replace4(&ip->check, ip->saddr, nsrc);
+	hp_csum_replace4(&ip->check, ip->daddr, ndst);
+	if (deferred) {
+		p->fix.pseudo = csum_delta4(csum_delta4(0, ip->saddr, nsrc), ip->daddr, ndst);
+	} else if (l4c && pseudo) {
+		hp_csum_replace4(l4c, ip->saddr, nsrc);
+		hp_csum_replace4(l4c, ip->daddr, ndst);
 	}
-	if (ip->daddr != ndst) {
-		hp_csum_replace4(&ip->check, ip->daddr, ndst);
-		if (l4c && pseudo)
-			hp_csum_replace4(l4c, ip->daddr, ndst);
-		ip->daddr = ndst;
-	}
-	if (sport && *sport != nsport) {
-		if (l4c)
+	ip->saddr = nsrc;
+	ip->daddr = ndst;
+	if (sport) {
+		if (deferred)
+			p->fix.ports = csum_delta2(p->fix.ports, *sport, nsport);
+		else if (l4c)
 			hp_csum_replace2(l4c, *sport, nsport);
 		*sport = nsport;
 	}
-	if (dport && *dport != ndport) {
-		if (l4c)
+	if (dport) {
+		if (deferred)
+			p->fix.ports = csum_delta2(p->fix.ports, *dport, ndport);
+		else if (l4c)
 			hp_csum_replace2(l4c, *dport, ndport);
 		*dport = ndport;
 	}
 	/* UDP: a computed 0 is sent as 0xffff (0 means "no checksum") */
-	if (l4c && p->udp && *l4c == 0)
+	if (!deferred && l4c && p->udp && *l4c == 0)
 		*l4c = 0xffff;
-	dec_ttl(ip);
+	if (ttl)
+		dec_ttl(ip);
 }
 
-static __always_inline int send_to(struct pkt *p, struct next_hop *nh)
+/* tc: apply the collected TCP/UDP checksum changes. bpf_l4_csum_replace() updates a full
+ * checksum, or, for a partial one (the pseudo-header sum that the device finishes), only
+ * the pseudo-header part. Invalidates every packet pointer: call it last. */
+static __always_inline void l4_fix_apply(HP_CTX *ctx, struct pkt *p)
 {
-	__builtin_memcpy(p->eth->h_dest, nh->dmac, 6);
-	__builtin_memcpy(p->eth->h_source, nh->smac, 6);
-	p->action = bpf_redirect(nh->ifindex, 0);
-	return p->action == XDP_REDIRECT ? 0 : V_DROP_NO_ROUTE;
+#ifdef HP_HOOK_TC
+	if (!p->fix.off)
+		return;
+	__u64 mm = p->fix.udp ? BPF_F_MARK_MANGLED_0 : 0;
+	if (p->fix.pseudo)
+		bpf_l4_csum_replace(ctx, p->fix.off, 0, p->fix.pseudo, BPF_F_PSEUDO_HDR | mm);
+	if (p->fix.ports)
+		bpf_l4_csum_replace(ctx, p->fix.off, 0, p->fix.ports, mm);
+	p->fix.off = 0;
+#endif
+}
+
+/* Send a translated packet on its way. RT_OK: to the cached next hop. RT_NEIGH: at tc
+ * through the neighbour subsystem (it resolves the MAC, ARP, and queues meanwhile); at
+ * XDP to the kernel, which does the same. Returns a TX verdict (tx), or another. */
+static __always_inline int send_out(HP_CTX *ctx, struct pkt *p, int rt, struct next_hop *nh,
+				    struct route *r, int tx)
+{
+	if (rt == RT_OK) {
+		__builtin_memcpy(p->eth->h_dest, nh->dmac, 6);
+		__builtin_memcpy(p->eth->h_source, nh->smac, 6);
+		l4_fix_apply(ctx, p);
+		p->action = ctx_redirect(nh->ifindex);
+		return p->action < 0 ? V_DROP_NO_ROUTE : tx;
+	}
+#ifdef HP_HOOK_TC
+	l4_fix_apply(ctx, p);
+	struct bpf_redir_neigh rn = {};
+	rn.nh_family = AF_INET;
+	rn.ipv4_nh = r->gw;
+	stat_inc(S_NEIGH_RESOLVE);
+	p->action = hp_redirect_neigh(r->ifindex, &rn, sizeof(rn), 0) == TC_ACT_REDIRECT
+		    ? TC_ACT_REDIRECT : -1;
+	return p->action < 0 ? V_DROP_NO_ROUTE : tx;
+#else
+	p->action = ctx_pass(ctx, 1);
+	return V_PASS_NEIGH;
+#endif
 }
 
 #endif

@@ -1,6 +1,7 @@
-/* hyperplane: the XDP data path of a node. One program serves NAT gateways and network
- * load balancers: parse, look the flow up, translate and forward; on a miss, classify and
- * create the flow. Every packet ends in exactly one counted verdict (enum hp_verdict). */
+/* hyperplane: the data path of a node. One program serves NAT gateways and network load
+ * balancers: parse, look the flow up, translate and forward; on a miss, classify and
+ * create the flow. Every packet ends in exactly one counted verdict (enum hp_verdict).
+ * The same C is built for native XDP and for the tc hook (hook.h). */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -9,15 +10,28 @@
 #include <linux/udp.h>
 #include <linux/icmp.h>
 #include <uapi/linux/errno.h>
+#include <uapi/linux/pkt_cls.h>
 
 #include "consts.h"
 #include "structs.h"
 #include "maps.h"
+#include "hook.h"
 #include "csum.h"
 #include "parsing.h"
 
+/* TCP/UDP checksum changes a tc build applies last (fwd.h l4_fix_apply). */
+struct l4_fix {
+	__u32 pseudo;             /* change of the addresses the pseudo-header covers */
+	__u32 ports;              /* change of words inside the L4 header */
+	__u32 off;                /* the checksum's offset in the frame; 0 = nothing to do */
+	__u8 udp;
+};
+
 /* What the stages know about the packet in hand. */
 struct pkt {
+	void *data;               /* frame start (for offsets) */
+	void *data_end;           /* frame end */
+	void *l3_end;             /* IP datagram end (tot_len): trailers are not headers */
 	struct ethhdr *eth;
 	struct iphdr *iph;
 	/* At most one L4 header is set; none for a non-first fragment. Separate typed
@@ -27,22 +41,42 @@ struct pkt {
 	struct udphdr *udp;
 	struct icmphdr *icmp;
 	struct flow_key key;
+	struct l4_fix fix;
 	__u64 now;
-	__u32 len;                /* frame length, for byte counters */
+	__u32 len;                /* bytes, for counters (a GSO superpacket's whole length) */
+	__u32 segs;               /* packets, for counters (a GSO superpacket's segments) */
+	__u32 ifindex;            /* where the packet came in */
+	__u16 l3_off;             /* Ethernet (+ VLAN tags) length */
 	__u8 tcp_flags;
 	__u8 icmp_type;
 	__u8 frag;                /* 1: part of a fragmented datagram */
 	__u8 frag_first;          /* 1: the part with the L4 header */
-	int action;               /* XDP action of a TX verdict */
+	__u16 mtu;                /* DO_FRAG_NEEDED: the next hop's MTU */
+	int action;               /* the hook's action for a TX verdict */
 };
 
 #include "flow.h"
 #include "fwd.h"
 #include "nat.h"
 #include "nlb.h"
+#include "icmp_gen.h"
 #include "icmp_err.h"
 #include "rst.h"
 
+/* Tail-called programs (the slow paths; bpf/maps.h progs). Keep in sync:
+ * hyperplane/loader.py PROGRAMS. */
+#define PROG_NEW 0    /* a packet of no known flow: classify it, create its flow */
+#define PROG_REPLY 1  /* answer it (RST, ICMP error), or translate an ICMP error */
+#define PROG_MAIN 2   /* the main program, for PROG_NEW to hand a new flow back */
+
+/* What a slow path is asked to do (scratch.todo); above every verdict. */
+#define DO_NEW (V_MAX + 1)            /* classify and create */
+#define DO_RST (V_MAX + 2)            /* answer with a RST */
+#define DO_TIME_EXCEEDED (V_MAX + 3)  /* answer with ICMP time exceeded */
+#define DO_FRAG_NEEDED (V_MAX + 4)    /* answer with ICMP fragmentation needed (p->mtu) */
+#define DO_ICMP_ERROR (V_MAX + 5)     /* translate an ICMP error about a flow */
+
+#define IP_DF 0x4000
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 
@@ -50,37 +84,37 @@ struct pkt {
 static __always_inline void count_resource(struct pkt *p, struct flow_value *v)
 {
 	__u32 id = v->resource;
-	if (v->kind == KIND_NAT_OUT || v->kind == KIND_NAT_IN) {
+	if (is_nat_kind(v->kind)) {
 		struct gw_metrics *m = gw_stats.lookup(&id);
 		if (!m)
 			return;
 		if (v->kind == KIND_NAT_OUT) {
-			m->packets_in_from_source++;
+			m->packets_in_from_source += p->segs;
 			m->bytes_in_from_source += p->len;
-			m->packets_out_to_destination++;
+			m->packets_out_to_destination += p->segs;
 			m->bytes_out_to_destination += p->len;
 		} else {
-			m->packets_in_from_destination++;
+			m->packets_in_from_destination += p->segs;
 			m->bytes_in_from_destination += p->len;
-			m->packets_out_to_source++;
+			m->packets_out_to_source += p->segs;
 			m->bytes_out_to_source += p->len;
 		}
 	} else {
 		struct lb_metrics *m = lb_stats.lookup(&id);
 		if (m) {
-			m->processed_packets++;
+			m->processed_packets += p->segs;
 			m->processed_bytes += p->len;
 		}
 		__u32 tid = v->target;
 		__u64 *tp = target_packets.lookup(&tid);
 		if (tp)
-			*tp += 1;
+			*tp += p->segs;
 	}
 }
 
 static __always_inline void count_drop(struct flow_value *v)
 {
-	if (v->kind == KIND_NAT_OUT || v->kind == KIND_NAT_IN) {
+	if (is_nat_kind(v->kind)) {
 		__u32 id = v->resource;
 		struct gw_metrics *m = gw_stats.lookup(&id);
 		if (m)
@@ -88,20 +122,59 @@ static __always_inline void count_drop(struct flow_value *v)
 	}
 }
 
+static __always_inline void count_tcp_close(struct pkt *p, struct flow_value *v)
+{
+	stat_inc(S_FLOW_CLOSED);
+	emit_event(EV_FLOW_CLOSED, &p->key, v, p->now);
+	if ((p->tcp_flags & TH_RST) && (v->kind == KIND_NLB_IN || v->kind == KIND_NLB_OUT)) {
+		__u32 id = v->resource;
+		struct lb_metrics *m = lb_stats.lookup(&id);
+		if (m) {
+			if (v->kind == KIND_NLB_IN)
+				m->tcp_client_reset++;
+			else
+				m->tcp_target_reset++;
+		}
+	}
+}
+
+static __always_inline int tx_verdict(__u8 kind)
+{
+	switch (kind) {
+	case KIND_NAT_OUT: return V_TX_NAT_OUT;
+	case KIND_NAT_IN: return V_TX_NAT_IN;
+	case KIND_NLB_IN: return V_TX_NLB_IN;
+	default: return V_TX_NLB_OUT;
+	}
+}
 
 /* Translate and forward a packet of a known flow. */
-static __always_inline int forward_flow(struct xdp_md *ctx, struct pkt *p, struct hp_config *cfg,
+static __always_inline int forward_flow(HP_CTX *ctx, struct pkt *p, struct hp_config *cfg,
 					struct flow_value *v)
 {
 	struct iphdr *ip = p->iph;
+	if (!flow_ingress_ok(ctx, p, cfg, v))
+		return V_DROP_WRONG_IFACE;
+	int track = TCP_TRACK_OK;
+	if (p->tcp) {
+		track = tcp_track(p, v);
+		if (track == TCP_TRACK_INVALID) {
+			stat_inc(S_RST_IGNORED);
+			return V_DROP_TCP_INVALID;
+		}
+	}
 	if (ip->ttl <= 1)
-		return V_PASS_TTL;
-	int rc = next_hop(ctx, &v->nh, ip, v->new_src_ip, v->new_dst_ip, v->new_src_port,
-			  v->new_dst_port, p->now);
-	if (rc) {
-		if (rc != V_PASS_FIB)
-			count_drop(v);
-		return rc;
+		return DO_TIME_EXCEEDED;
+	struct route r = {};
+	int rt = next_hop(ctx, p, &v->nh, v->new_src_ip, v->new_dst_ip, v->new_src_port,
+			  v->new_dst_port, &r);
+	if (rt == RT_TOO_BIG && (ip->frag_off & bpf_htons(IP_DF))) {
+		p->mtu = r.mtu;
+		return DO_FRAG_NEEDED;
+	}
+	if (rt > RT_TOO_BIG) {
+		count_drop(v);
+		return rt;
 	}
 	if (p->frag && p->frag_first) {
 		struct frag_key fk = { .src_ip = ip->saddr, .dst_ip = ip->daddr, .ip_id = ip->id,
@@ -113,46 +186,41 @@ static __always_inline int forward_flow(struct xdp_md *ctx, struct pkt *p, struc
 	v->last_seen_ns = p->now;
 	/* plain adds: one direction of a flow is normally handled by one CPU (RSS), and an
 	 * atomic costs ~10 ns per packet; the exact counts are the per-CPU verdicts */
-	v->packets += 1;
+	v->packets += p->segs;
 	v->bytes += p->len;
-	if (p->key.proto == IPPROTO_TCP) {
-		int established = 0;
-		if (tcp_track(v, p->tcp_flags, &established)) {
-			stat_inc(S_FLOW_CLOSED);
-			emit_event(EV_FLOW_CLOSED, &p->key, v, p->now);
-			if ((p->tcp_flags & TH_RST) && (v->kind == KIND_NLB_IN || v->kind == KIND_NLB_OUT)) {
-				__u32 id = v->resource;
-				struct lb_metrics *m = lb_stats.lookup(&id);
-				if (m) {
-					if (v->kind == KIND_NLB_IN)
-						m->tcp_client_reset++;
-					else
-						m->tcp_target_reset++;
-				}
-			}
-		}
-		if (established && v->kind == KIND_NAT_IN) {
-			__u32 id = v->resource;
-			struct gw_metrics *m = gw_stats.lookup(&id);
-			if (m)
-				m->connection_established++;
-		}
+	if (track == TCP_TRACK_CLOSED)
+		count_tcp_close(p, v);
+	if (track == TCP_TRACK_ESTABLISHED && v->kind == KIND_NAT_IN) {
+		__u32 id = v->resource;
+		struct gw_metrics *m = gw_stats.lookup(&id);
+		if (m)
+			m->connection_established++;
 	}
-	rewrite(p, v->new_src_ip, v->new_dst_ip, v->new_src_port, v->new_dst_port);
 	count_resource(p, v);
-	rc = send_to(p, &v->nh);
-	if (rc)
-		return rc;
-	switch (v->kind) {
-	case KIND_NAT_OUT: return V_TX_NAT_OUT;
-	case KIND_NAT_IN: return V_TX_NAT_IN;
-	case KIND_NLB_IN: return V_TX_NLB_IN;
-	default: return V_TX_NLB_OUT;
+	__u8 kind = v->kind;
+	/* the first reply (TCP: the connection established) confirms a flow */
+	if ((v->flags & FLOW_F_PENDING) &&
+	    (track == TCP_TRACK_ESTABLISHED || (!p->tcp && is_reply_kind(kind))))
+		v = flow_confirm(&p->key, v);
+	if (rt == RT_TOO_BIG) {
+		/* no DF: the kernel fragments the translated packet and forwards it */
+		rewrite(p, v->new_src_ip, v->new_dst_ip, v->new_src_port, v->new_dst_port, 0);
+		l4_fix_apply(ctx, p);
+		p->action = ctx_pass(ctx, 1);
+		return V_PASS_FRAGMENTING;
 	}
+	/* the kernel decrements the TTL of what it forwards itself (XDP, no neighbour) */
+#ifdef HP_HOOK_TC
+	int ttl = 1;
+#else
+	int ttl = rt == RT_OK;
+#endif
+	rewrite(p, v->new_src_ip, v->new_dst_ip, v->new_src_port, v->new_dst_port, ttl);
+	return send_out(ctx, p, rt, &v->nh, &r, tx_verdict(kind));
 }
 
 /* A later fragment of a UDP datagram whose first fragment we translated. */
-static __always_inline int forward_fragment(struct xdp_md *ctx, struct pkt *p)
+static __always_inline int forward_fragment(HP_CTX *ctx, struct pkt *p)
 {
 	struct iphdr *ip = p->iph;
 	struct frag_key fk = { .src_ip = ip->saddr, .dst_ip = ip->daddr, .ip_id = ip->id,
@@ -161,18 +229,28 @@ static __always_inline int forward_fragment(struct xdp_md *ctx, struct pkt *p)
 	if (!fv)
 		return V_DROP_FRAGMENT;
 	if (ip->ttl <= 1)
-		return V_PASS_TTL;
+		return V_DROP_NO_REPLY; /* errors are only sent about first fragments */
 	struct next_hop nh = {};
-	int rc = next_hop(ctx, &nh, ip, fv->new_src_ip, fv->new_dst_ip, 0, 0, p->now);
-	if (rc)
-		return rc;
-	rewrite(p, fv->new_src_ip, fv->new_dst_ip, 0, 0);
-	rc = send_to(p, &nh);
-	return rc ? rc : V_TX_FRAGMENT;
+	struct route r = {};
+	int rt = next_hop(ctx, p, &nh, fv->new_src_ip, fv->new_dst_ip, 0, 0, &r);
+	if (rt == RT_TOO_BIG) {
+		rewrite(p, fv->new_src_ip, fv->new_dst_ip, 0, 0, 0);
+		p->action = ctx_pass(ctx, 1);
+		return V_PASS_FRAGMENTING;
+	}
+	if (rt > RT_TOO_BIG)
+		return rt;
+#ifdef HP_HOOK_TC
+	int ttl = 1;
+#else
+	int ttl = rt == RT_OK;
+#endif
+	rewrite(p, fv->new_src_ip, fv->new_dst_ip, 0, 0, ttl);
+	return send_out(ctx, p, rt, &nh, &r, V_TX_FRAGMENT);
 }
 
 /* Parse up to L4 and fill p->key. Returns 0, or a verdict for a malformed packet. */
-static __always_inline int parse_l4(struct pkt *p, struct cursor *c, void *data_end)
+static __always_inline int parse_l4(struct pkt *p, struct cursor *c)
 {
 	struct iphdr *ip = p->iph;
 	p->key.src_ip = ip->saddr;
@@ -180,7 +258,7 @@ static __always_inline int parse_l4(struct pkt *p, struct cursor *c, void *data_
 	p->key.proto = ip->protocol;
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *t;
-		if (parse_tcp(c, data_end, &t) < 0)
+		if (parse_tcp(c, p->data_end, p->l3_end, &t) < 0)
 			return V_DROP_MALFORMED;
 		p->tcp = t;
 		p->key.src_port = t->source;
@@ -188,14 +266,14 @@ static __always_inline int parse_l4(struct pkt *p, struct cursor *c, void *data_
 		p->tcp_flags = ((__u8 *)t)[13];
 	} else if (ip->protocol == IPPROTO_UDP) {
 		struct udphdr *u;
-		if (parse_udp(c, data_end, &u) < 0)
+		if (parse_udp(c, p->data_end, p->l3_end, p->frag, &u) < 0)
 			return V_DROP_MALFORMED;
 		p->udp = u;
 		p->key.src_port = u->source;
 		p->key.dst_port = u->dest;
 	} else if (ip->protocol == IPPROTO_ICMP) {
 		struct icmphdr *h;
-		int type = parse_icmp(c, data_end, &h);
+		int type = parse_icmp(c, p->data_end, p->l3_end, &h);
 		if (type < 0)
 			return V_DROP_MALFORMED;
 		p->icmp = h;
@@ -214,13 +292,13 @@ static __always_inline int tcp_opens(struct pkt *p)
 	return (p->tcp_flags & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN;
 }
 
-/* A packet of no known flow: which resource is it for, and what happens to it? */
-static __always_inline int classify(struct xdp_md *ctx, struct pkt *p, struct hp_config *cfg)
+/* A packet of no known flow: which resource is it for, and what happens to it? Returns
+ * 0 with *v set to a new flow to forward, or a verdict (or DO_*). */
+static __always_inline int classify(HP_CTX *ctx, struct pkt *p, struct hp_config *cfg,
+				    struct flow_value **v)
 {
 	struct iphdr *ip = p->iph;
 	__u8 proto = ip->protocol;
-	struct flow_value *v = 0;
-	int rc;
 
 	/* toward a NAT IP: the reply of a flow this node does not know */
 	struct nat_ip_value *ni = nat_ips.lookup(&ip->daddr);
@@ -238,7 +316,9 @@ static __always_inline int classify(struct xdp_md *ctx, struct pkt *p, struct hp
 		return V_DROP_NO_FLOW;
 	}
 
-	/* toward a listener */
+	/* toward a listener, or from an inside network of a NAT gateway to outside it */
+	struct listener_value *l = 0;
+	__u32 gw_id = 0;
 	struct vip_value *vip = vips.lookup(&ip->daddr);
 	if (vip) {
 		if (ip->ihl != 5)
@@ -250,9 +330,31 @@ static __always_inline int classify(struct xdp_md *ctx, struct pkt *p, struct hp
 		if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 			return V_DROP_UNKNOWN_PROTO;
 		struct listener_key lk = { .vip = ip->daddr, .port = p->key.dst_port, .proto = proto };
-		struct listener_value *l = listeners.lookup(&lk);
+		l = listeners.lookup(&lk);
 		if (!l)
 			return V_DROP_NO_LISTENER;
+	} else {
+		/* from a target of a load balancer with no flow: never forwarded untranslated
+		 * (its private source would leave the node) */
+		if (p->tcp || p->udp) {
+			struct endpoint_key ek = { .ip = ip->saddr, .port = p->key.src_port };
+			if (target_endpoints.lookup(&ek))
+				return V_DROP_NO_FLOW;
+		}
+		struct inside_key ik = { .prefixlen = 32, .addr = ip->saddr };
+		__u32 *gw = inside_nets.lookup(&ik);
+		if (!gw)
+			return V_PASS_NO_RESOURCE;
+		gw_id = *gw;
+		ik.addr = ip->daddr;
+		if (inside_nets.lookup(&ik))
+			return V_PASS_NO_RESOURCE; /* inside to inside: not translated */
+	}
+	/* a source that is not routed through the interface it came in on: spoofed */
+	if (!ingress_ok(ctx, p, cfg))
+		return V_DROP_WRONG_IFACE;
+
+	if (l) {
 		if (proto == IPPROTO_TCP && !tcp_opens(p)) {
 			if (p->tcp_flags & TH_RST)
 				return V_DROP_TCP_NOT_SYN; /* never answer a RST */
@@ -260,25 +362,13 @@ static __always_inline int classify(struct xdp_md *ctx, struct pkt *p, struct hp
 			struct lb_metrics *m = lb_stats.lookup(&lid);
 			if (m)
 				m->tcp_elb_reset++;
-			return send_rst(ctx, p);
+			return DO_RST;
 		}
 		if (ip->ttl <= 1)
-			return V_PASS_TTL;
-		rc = nlb_new_flow(p, cfg, l, &v);
-		if (rc)
-			return rc;
-		return forward_flow(ctx, p, cfg, v);
+			return DO_TIME_EXCEEDED;
+		return nlb_new_flow(p, cfg, l, v);
 	}
 
-	/* from an inside network of a NAT gateway, to anywhere outside it */
-	struct inside_key ik = { .prefixlen = 32, .addr = ip->saddr };
-	__u32 *gw = inside_nets.lookup(&ik);
-	if (!gw)
-		return V_PASS_NO_RESOURCE;
-	__u32 gw_id = *gw;
-	ik.addr = ip->daddr;
-	if (inside_nets.lookup(&ik))
-		return V_PASS_NO_RESOURCE; /* inside to inside: not translated */
 	if (ip->ihl != 5)
 		return V_DROP_IP_OPTIONS;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP)
@@ -291,33 +381,75 @@ static __always_inline int classify(struct xdp_md *ctx, struct pkt *p, struct hp
 		/* not an opening SYN and no live flow: a timed-out connection (AWS: RST) */
 		if ((p->tcp_flags & TH_RST) || !(cfg->flags & HP_F_RST_ON_NO_FLOW))
 			return V_DROP_NO_FLOW;
-		return send_rst(ctx, p);
+		return DO_RST;
 	}
 	if (ip->ttl <= 1)
-		return V_PASS_TTL;
-	rc = nat_new_flow(p, cfg, gw_id, &v);
-	if (rc)
-		return rc;
-	return forward_flow(ctx, p, cfg, v);
+		return DO_TIME_EXCEEDED;
+	return nat_new_flow(p, cfg, gw_id, v);
 }
 
-static __always_inline int process(struct xdp_md *ctx, struct pkt *p)
+/* The flow a parsed packet belongs to, or 0. Deletes an expired one on the way (then the
+ * packet is a new flow), and a closed one that the same 5-tuple opens again. */
+static __always_inline struct flow_value *known_flow(struct pkt *p, struct hp_config *cfg)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	struct iphdr *ip = p->iph;
+	/* AWS forwards UDP fragments only; later fragments have no L4 header (frags map) */
+	if (ip->ihl != 5 || (p->frag && (ip->protocol != IPPROTO_UDP || !p->frag_first)))
+		return 0;
+	if (ip->protocol == IPPROTO_ICMP && p->icmp_type != ICMP_ECHO &&
+	    p->icmp_type != ICMP_ECHOREPLY)
+		return 0;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP &&
+	    ip->protocol != IPPROTO_ICMP)
+		return 0;
+	struct flow_value *v = flow_find(&p->key);
+	if (!v)
+		return 0;
+	if (flow_expired(cfg, v, ip->protocol, p->now)) {
+		if (is_nat_kind(v->kind)) {
+			__u32 id = v->resource;
+			struct gw_metrics *m = gw_stats.lookup(&id);
+			if (m)
+				m->idle_timeout++;
+		}
+		stat_inc(S_FLOW_EXPIRED);
+		emit_event(EV_FLOW_EXPIRED, &p->key, v, p->now);
+		flow_delete(&p->key, v);
+		return 0;
+	}
+	if (v->tcp_state == TCP_S_CLOSED && !is_reply_kind(v->kind) && tcp_opens(p)) {
+		flow_delete(&p->key, v); /* the same 5-tuple opens anew after a close */
+		return 0;
+	}
+	return v;
+}
+
+/* Parse a packet into p: Ethernet, IPv4, and the L4 header (none for a later
+ * fragment). Returns 0, or the verdict of a packet that goes no further. Every program
+ * starts with this (a tail call keeps the packet, not the parsed pointers). */
+static __always_inline int parse_packet(HP_CTX *ctx, struct pkt *p, struct hp_config **cfg)
+{
+	ctx_pull(ctx);
+	void *data = ctx_data(ctx);
+	void *data_end = ctx_data_end(ctx);
 	struct cursor c = { .pos = data };
-	p->len = data_end - data;
+	p->data = data;
+	p->data_end = data_end;
+	p->len = ctx_len(ctx);
+	p->segs = ctx_segs(ctx);
+	p->ifindex = ctx_ingress_ifindex(ctx);
 
 	int eth_proto = parse_eth(&c, data_end, &p->eth);
 	if (eth_proto < 0)
 		return V_DROP_MALFORMED;
 	if (eth_proto != bpf_htons(ETH_P_IP))
 		return V_PASS_NON_IP;
-	if (parse_ipv4(&c, data_end, &p->iph) < 0)
+	p->l3_off = c.pos - data;
+	if (parse_ipv4(&c, data_end, &p->iph, &p->l3_end) < 0)
 		return V_DROP_MALFORMED;
 	struct iphdr *ip = p->iph;
-	struct hp_config *cfg = get_config();
-	if (!cfg)
+	*cfg = get_config();
+	if (!*cfg)
 		return V_PASS_NO_RESOURCE;
 	/* the coarse clock (jiffy resolution) is plenty for timeouts in seconds and costs
 	 * 20-30 ns less per packet than bpf_ktime_get_ns() on this kind of VM */
@@ -325,70 +457,137 @@ static __always_inline int process(struct xdp_md *ctx, struct pkt *p)
 	__u16 frag_off = bpf_ntohs(ip->frag_off);
 	p->frag = (frag_off & (IP_MF | IP_OFFSET)) != 0;
 	p->frag_first = p->frag && !(frag_off & IP_OFFSET);
-
 	if (frag_off & IP_OFFSET) {
 		/* a later fragment: no L4 header */
-		if (ip->protocol == IPPROTO_UDP && ip->ihl == 5) {
-			int rc = forward_fragment(ctx, p);
-			if (rc != V_DROP_FRAGMENT)
-				return rc;
-		}
 		p->key.src_ip = ip->saddr;
 		p->key.dst_ip = ip->daddr;
 		p->key.proto = ip->protocol;
-		return classify(ctx, p, cfg);
+		return 0;
 	}
-
-	int rc = parse_l4(p, &c, data_end);
-	if (rc)
-		return rc;
-	if (ip->ihl == 5 && (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP ||
-			     ip->protocol == IPPROTO_ICMP)) {
-		if (ip->protocol == IPPROTO_ICMP && is_icmp_error(p->icmp_type)) {
-			rc = icmp_error(ctx, p, data_end);
-			if (rc >= 0)
-				return rc;
-		}
-		if (ip->protocol != IPPROTO_ICMP || p->icmp_type == ICMP_ECHO ||
-		    p->icmp_type == ICMP_ECHOREPLY) {
-			struct flow_value *v = flows.lookup(&p->key);
-			if (v) {
-				if (flow_expired(cfg, v, ip->protocol, p->now)) {
-					if (v->kind == KIND_NAT_OUT || v->kind == KIND_NAT_IN) {
-						__u32 id = v->resource;
-						struct gw_metrics *m = gw_stats.lookup(&id);
-						if (m)
-							m->idle_timeout++;
-					}
-					stat_inc(S_FLOW_EXPIRED);
-					emit_event(EV_FLOW_EXPIRED, &p->key, v, p->now);
-					flow_delete(&p->key, v);
-				} else if (v->tcp_state == TCP_S_CLOSED && !is_reply_kind(v->kind) &&
-					   (p->tcp_flags & (TH_SYN | TH_ACK)) == TH_SYN) {
-					/* the same 5-tuple opens anew after a close */
-					flow_delete(&p->key, v);
-				} else {
-					return forward_flow(ctx, p, cfg, v);
-				}
-			}
-		}
-	}
-	return classify(ctx, p, cfg);
+	return parse_l4(p, &c);
 }
 
-int xdp_hyperplane(struct xdp_md *ctx)
+/* Every packet ends here with one counted verdict (invariant 2) and the hook's action. */
+static __always_inline int finish(HP_CTX *ctx, struct pkt *p, int verdict)
 {
-	struct pkt p = {};
-	int verdict = process(ctx, &p);
 	__u32 idx = verdict;
 	if (idx >= V_MAX)
 		idx = V_DROP_MALFORMED;
 	__u64 *cnt = verdicts.lookup(&idx);
 	if (cnt)
 		*cnt += 1;
-	if (idx <= V_TX_RST)
-		return p.action;
-	if (idx <= V_PASS_FIB)
-		return XDP_PASS;
-	return XDP_DROP;
+	if (idx <= V_LAST_TX)
+		return p->action >= 0 ? p->action : ctx_drop();
+	if (idx <= V_LAST_PASS)
+		return p->action >= 0 ? p->action : ctx_pass(ctx, 0);
+	return ctx_drop();
+}
+
+/* Hand the packet to a slow path; returns only when the tail call failed (a program
+ * missing from progs: counted as malformed, never passed on untranslated). */
+static __always_inline int go_slow(HP_CTX *ctx, struct scratch *s, __u32 prog, int todo,
+				   __u16 mtu)
+{
+	s->todo = todo;
+	s->mtu = mtu;
+	progs.call(ctx, prog);
+	s->reentry = 0;
+	return V_DROP_MALFORMED;
+}
+
+/* The main program: known flows are translated and forwarded here; everything else goes
+ * to a slow path. */
+int HP_ENTRY(HP_CTX *ctx)
+{
+	struct pkt p = {};
+	p.action = -1;
+	struct hp_config *cfg = 0;
+	struct scratch *s = scratch_get();
+	if (!s)
+		return finish(ctx, &p, V_DROP_MALFORMED);
+	__u8 reentry = s->reentry;
+	s->reentry = 0;
+	int rc = parse_packet(ctx, &p, &cfg);
+	if (rc || !cfg)
+		return finish(ctx, &p, rc);
+	struct iphdr *ip = p.iph;
+	if (p.frag && !p.frag_first) {
+		if (ip->protocol == IPPROTO_UDP && ip->ihl == 5) {
+			rc = forward_fragment(ctx, &p);
+			if (rc != V_DROP_FRAGMENT)
+				return finish(ctx, &p, rc);
+		}
+		return finish(ctx, &p, go_slow(ctx, s, PROG_NEW, DO_NEW, 0));
+	}
+	if (p.icmp && ip->ihl == 5 && is_icmp_error(p.icmp_type))
+		return finish(ctx, &p, go_slow(ctx, s, PROG_REPLY, DO_ICMP_ERROR, 0));
+	struct flow_value *v = known_flow(&p, cfg);
+	if (!v) {
+		if (reentry) /* created by PROG_NEW, gone at once: the LRU is overrun */
+			return finish(ctx, &p, V_DROP_TABLE_FULL);
+		return finish(ctx, &p, go_slow(ctx, s, PROG_NEW, DO_NEW, 0));
+	}
+	rc = forward_flow(ctx, &p, cfg, v);
+	if (rc > V_MAX)
+		rc = go_slow(ctx, s, PROG_REPLY, rc, p.mtu);
+	return finish(ctx, &p, rc);
+}
+
+/* PROG_NEW: a packet of no known flow. A flow it creates is forwarded by the main
+ * program, which finds it now. */
+int HP_PROG(new)(HP_CTX *ctx)
+{
+	struct pkt p = {};
+	p.action = -1;
+	struct hp_config *cfg = 0;
+	struct scratch *s = scratch_get();
+	if (!s)
+		return finish(ctx, &p, V_DROP_MALFORMED);
+	int rc = parse_packet(ctx, &p, &cfg);
+	if (rc || !cfg)
+		return finish(ctx, &p, rc);
+	struct flow_value *v = 0;
+	rc = classify(ctx, &p, cfg, &v);
+	if (rc == 0 && v) {
+		s->reentry = 1;
+		progs.call(ctx, PROG_MAIN);
+		s->reentry = 0;
+		return finish(ctx, &p, V_DROP_MALFORMED);
+	}
+	if (rc > V_MAX)
+		rc = go_slow(ctx, s, PROG_REPLY, rc, 0);
+	return finish(ctx, &p, rc);
+}
+
+/* PROG_REPLY: answers this node sends, and ICMP errors about flows. */
+int HP_PROG(reply)(HP_CTX *ctx)
+{
+	struct pkt p = {};
+	p.action = -1;
+	struct hp_config *cfg = 0;
+	struct scratch *s = scratch_get();
+	if (!s)
+		return finish(ctx, &p, V_DROP_MALFORMED);
+	int rc = parse_packet(ctx, &p, &cfg);
+	if (rc || !cfg)
+		return finish(ctx, &p, rc);
+	switch (s->todo) {
+	case DO_RST:
+		rc = send_rst(ctx, &p);
+		break;
+	case DO_TIME_EXCEEDED:
+		rc = icmp_reply(ctx, &p, ICMP_TIME_EXCEEDED, 0, 0);
+		break;
+	case DO_FRAG_NEEDED:
+		rc = icmp_reply(ctx, &p, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, s->mtu);
+		break;
+	case DO_ICMP_ERROR:
+		rc = icmp_error(ctx, &p, cfg);
+		if (rc < 0) /* about no flow of ours: classified like any packet */
+			rc = go_slow(ctx, s, PROG_NEW, DO_NEW, 0);
+		break;
+	default:
+		rc = V_DROP_MALFORMED;
+	}
+	return finish(ctx, &p, rc);
 }

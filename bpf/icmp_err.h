@@ -1,28 +1,26 @@
 /* ICMP errors (unreachable, fragmentation needed, time exceeded, parameter problem) about
  * a translated flow: the embedded header is a packet of the flow going the other way, so
- * the outer header and the embedded addresses, ports and checksums are all translated. */
+ * the outer header and the embedded addresses, ports and checksums are all translated.
+ * An error travelling outward (from any inside host or router, or from the targets' side)
+ * leaves from the NAT IP / VIP, never from its private source, as Linux NAT does. */
 #ifndef HP_ICMP_ERR_H
 #define HP_ICMP_ERR_H
 
-static __always_inline int is_icmp_error(__u8 type)
-{
-	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED ||
-	       type == ICMP_PARAMETERPROB;
-}
-
 /* Returns a verdict, or -1 when the error is about no flow of ours (classified then like
  * any other packet). */
-static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, void *data_end)
+static __always_inline int icmp_error(HP_CTX *ctx, struct pkt *p, struct hp_config *cfg)
 {
 	if (!p->icmp)
 		return -1;
+	void *data_end = p->data_end;
+	void *end = p->l3_end;
 	struct cursor c = { .pos = p->icmp + 1 };
 	struct iphdr *in;
-	int iproto = parse_inner_ipv4(&c, data_end, &in);
+	int iproto = parse_inner_ipv4(&c, data_end, end, &in);
 	if (iproto < 0)
 		return -1;
 	void *il4 = c.pos; /* 8 bytes present (parse_inner_ipv4) */
-	if (il4 + 8 > data_end)
+	if (!HP_HAVE(il4, 8, data_end, end))
 		return -1;
 	__u16 *iports = il4;
 
@@ -42,8 +40,8 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, void *d
 			il4c = iports + 3;
 			if (*il4c == 0)
 				il4c = 0;
-		} else if (il4 + 18 <= data_end) {
-			il4c = iports + 8; /* the TCP checksum, if the error carried it */
+		} else if (HP_HAVE(il4, 18, data_end, end)) {
+			il4c = iports + 8; /* the TCP checksum, if the error quoted it */
 		}
 		ipseudo = 1;
 	} else if (iproto == IPPROTO_ICMP) {
@@ -61,17 +59,25 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, void *d
 	k.src_port = idport ? *idport : 0;
 	k.dst_port = isport ? *isport : 0;
 
-	struct flow_value *v = flows.lookup(&k);
+	struct flow_value *v = flow_find(&k);
 	if (!v)
 		return -1;
+	if (!flow_ingress_ok(ctx, p, cfg, v))
+		return V_DROP_WRONG_IFACE;
 	struct iphdr *ip = p->iph;
 	if (ip->ttl <= 1)
-		return V_PASS_TTL;
-	__be32 nsrc = ip->saddr == k.src_ip ? v->new_src_ip : ip->saddr;
+		return V_DROP_NO_REPLY; /* never an error about an error */
+	/* outward (the entry rewrites sources): from the NAT IP / VIP; inward: from the
+	 * public router or host that sent it */
+	__be32 nsrc = (v->kind == KIND_NAT_OUT || v->kind == KIND_NLB_OUT) ? v->new_src_ip
+									  : ip->saddr;
 	__be32 ndst = v->new_dst_ip;
-	int rc = next_hop(ctx, &v->nh, ip, nsrc, ndst, 0, 0, p->now);
-	if (rc)
-		return rc;
+	struct route r = {};
+	int rt = next_hop(ctx, p, &v->nh, nsrc, ndst, 0, 0, &r);
+	if (rt == RT_TOO_BIG)
+		return V_DROP_NO_REPLY; /* an error does not get an error */
+	if (rt > RT_TOO_BIG)
+		return rt;
 
 	/* embedded packet: src -> T'.dst, dst -> T'.src, its sport -> T'.dport,
 	 * its dport -> T'.sport; every change also moves the outer ICMP checksum */
@@ -122,10 +128,10 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p, void *d
 		hp_csum_replace4(&ip->check, ip->daddr, ndst);
 		ip->daddr = ndst;
 	}
-	dec_ttl(ip);
+	if (rt == RT_OK)
+		dec_ttl(ip);
 	v->last_seen_ns = p->now;
-	rc = send_to(p, &v->nh);
-	return rc ? rc : V_TX_ICMP_ERROR;
+	return send_out(ctx, p, rt, &v->nh, &r, V_TX_ICMP_ERROR);
 }
 
 #endif

@@ -1,6 +1,7 @@
 /* Every map of the data path, declared once. With -DHP_PIN_DIR="/run/hyperplane/bpf/<node>"
  * the state maps are pinned there (and reused if present), so restarting the agent or
- * loading a new program keeps every flow. */
+ * loading a new program keeps every flow; the XDP and tc builds of the program share
+ * them. */
 #ifndef HP_MAPS_H
 #define HP_MAPS_H
 
@@ -12,12 +13,18 @@
 	BPF_F_TABLE(type, key, leaf, name, size, flags)
 #endif
 
-/* Flow table: two entries per flow (original and reply direction). A plain hash, not an
- * LRU: a full table refuses new flows (DROP_TABLE_FULL, counted) instead of silently
- * evicting live ones; expired flows are deleted when met and by the agent's GC. */
+/* Confirmed flows (a reply was seen): two entries per flow (original and reply
+ * direction). A plain hash, not an LRU: a full table refuses new flows (counted) instead
+ * of silently evicting live ones; expired flows are deleted when met and by the GC. */
 HP_MAP("hash", struct flow_key, struct flow_value, flows, HP_MAX_FLOWS, 0);
+/* Unconfirmed flows (no reply yet: half-open TCP, first UDP/ICMP packets), same layout.
+ * An LRU: a flood of spoofed SYNs or one-way packets evicts its own kind, never a
+ * confirmed flow (conntrack's early_drop of unassured entries). */
+HP_MAP("lru_hash", struct flow_key, struct flow_value, pending, HP_MAX_PENDING, 0);
 /* NAT ports taken per destination; a plain hash so a live reservation is never evicted. */
 HP_MAP("hash", struct nat_resv_key, struct nat_resv_value, nat_resv, HP_MAX_RESERVATIONS, 0);
+/* Where the next NAT port search toward a destination starts (a hint: LRU). */
+HP_MAP("lru_hash", struct nat_cursor_key, u32, nat_cursor, HP_MAX_CURSORS, 0);
 /* NAT gateways by id. */
 HP_MAP("array", u32, struct gw_config, gateways, HP_MAX_GATEWAYS, 0);
 /* NAT IP -> gateway id. */
@@ -40,13 +47,38 @@ HP_MAP("hash", struct listener_key, struct listener_value, listeners, HP_MAX_LIS
 HP_MAP("array", u32, u32, maglev, HP_MAX_LISTENERS * HP_MAGLEV_SIZE, 0);
 /* NLB targets by index. */
 HP_MAP("array", u32, struct target_value, targets, HP_MAX_TARGETS, 0);
+/* NLB target endpoints (ip, port) -> target index: their packets need a flow. */
+HP_MAP("hash", struct endpoint_key, u32, target_endpoints, HP_MAX_TARGETS, 0);
 /* Per-listener NLB metrics, per CPU. */
 HP_MAP("percpu_array", u32, struct lb_metrics, lb_stats, HP_MAX_LISTENERS, 0);
 /* Per-target processed packets, per CPU (for per-target metrics). */
 HP_MAP("percpu_array", u32, u64, target_packets, HP_MAX_TARGETS, 0);
+/* Confirmed flows that user space deleted (GC, resets), per resource: gateways, then
+ * listeners (USER_ENDS_*). Written only by user space; active = confirmed - ended - this. */
+HP_MAP("array", u32, u64, user_ends, HP_MAX_GATEWAYS + HP_MAX_LISTENERS, 0);
 
 /* Events and housekeeping that are not packet verdicts (enum hp_stat), per CPU. */
 HP_MAP("percpu_array", u32, u64, stats, S_MAX, 0);
+/* ICMP error rate limit, per CPU (index 0). */
+HP_MAP("percpu_array", u32, struct icmp_bucket, icmp_budget, 1, 0);
+
+/* Per-CPU scratch space for values too big for the 512-byte BPF stack (not pinned: it
+ * holds nothing between packets). */
+struct scratch {
+	__u8 todo;                /* what a tail-called program is to do (DO_*) */
+	__u8 reentry;             /* 1: PROG_NEW created the flow and calls the main program */
+	__u16 mtu;                /* DO_FRAG_NEEDED: the next hop's MTU */
+	struct flow_value flow;   /* a new flow's entry, being built */
+	struct bpf_fib_lookup fib; /* a route lookup's parameters and result */
+	struct icmp_err_hdrs icmp; /* an ICMP error being built */
+	__u32 opaque;             /* see opaque_u32() */
+};
+BPF_F_TABLE("percpu_array", u32, struct scratch, scratch, 1, 0);
+
+/* The slow paths, tail-called from the main program (hyperplane.bpf.c PROG_*): each is
+ * verified on its own, which keeps every program within the verifier's budget. Filled
+ * by the loader. */
+BPF_PROG_ARRAY(progs, 3);
 
 /* Flow created / closed / expired events for the controller (not pinned: a reader
  * attaches to the running program's ring). */

@@ -21,10 +21,14 @@ static __always_inline int nlb_new_flow(struct pkt *p, struct hp_config *cfg,
 		return V_DROP_NO_TARGET;
 
 	/* the client IP is kept; the target answers from the listener's address */
-	*out = flow_create(p, p->key.src_ip, p->key.src_port, t->ip, t->port, KIND_NLB_IN,
-			   KIND_NLB_OUT, lid, tid);
-	if (!*out)
-		return V_DROP_TABLE_FULL;
+	int rc = flow_create(p, cfg, p->key.src_ip, p->key.src_port, t->ip, t->port, KIND_NLB_IN,
+			     KIND_NLB_OUT, lid, tid, out);
+	if (rc == CREATE_RACE)
+		return 0;
+	if (rc != CREATE_OK) {
+		res_count(KIND_NLB_IN, lid, RES_REFUSED);
+		return rc == CREATE_TAKEN ? V_DROP_TUPLE_TAKEN : V_DROP_TABLE_FULL;
+	}
 	struct lb_metrics *m = lb_stats.lookup(&lid);
 	if (m)
 		m->new_flow++;

@@ -27,26 +27,37 @@ struct next_hop {
 };
 
 /* One direction of a flow. Both entries of a flow carry the TCP state; each carries the
- * key of its twin so rare events (state change, close, expiry check) can reach it. */
+ * key of its twin so rare events (state change, close, expiry check) can reach it. The
+ * fields every packet reads come first. */
 struct flow_value {
-	struct flow_key twin;     /* the other direction's key */
 	__be32 new_src_ip;        /* the tuple after translation */
 	__be32 new_dst_ip;
 	__be16 new_src_port;
 	__be16 new_dst_port;
-	__u64 created_ns;
-	__u64 last_seen_ns;       /* bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC_COARSE) */
-	__u64 packets;
-	__u64 bytes;
+	__u32 in_ifindex;         /* packets of this direction arrive here (ingress check) */
 	__u8 kind;                /* enum hp_flow_kind */
 	__u8 tcp_state;           /* enum hp_tcp_state */
 	__u8 fin_seen;            /* bit 0: FIN from this entry's direction, bit 1: from twin's */
-	__u8 pad;
+	__u8 flags;               /* FLOW_F_* */
 	__u16 resource;           /* gateway id (NAT) or listener id (NLB) */
 	__u16 target;             /* NLB target index, else 0 */
+	__u64 last_seen_ns;       /* bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC_COARSE) */
+	__u64 packets;
+	__u64 bytes;
 	/* Next hop cached from bpf_fib_lookup so the established path skips the FIB. */
 	struct next_hop nh;
+	struct flow_key twin;     /* the other direction's key */
+	__u64 created_ns;
+	/* TCP, for judging a RST (conntrack's window rule); 0 = not seen */
+	__u32 ack;                /* the last ACK number this direction sent */
+	__u32 win;                /* its last window, scaled */
+	__u32 syn_next;           /* its SYN's sequence number + 1 */
+	__u8 wscale;              /* window scale from its SYN, WSCALE_NONE if absent */
+	__u8 pad2[3];
 };
+#define FLOW_F_PENDING 1      /* in the unconfirmed (LRU) table, not the flow table */
+#define FLOW_F_ACK_SEEN 2     /* this direction has sent an ACK (ack/win are valid) */
+#define WSCALE_NONE 0xff
 
 /* A NAT port taken for one destination: (NAT IP, NAT port, proto, dst IP, dst port).
  * Laid out as the reply direction's flow key, so the reservation of a port is found from
@@ -91,6 +102,7 @@ struct hp_config {
 	__u32 hash_seed;          /* random per cluster: NAT ports are not predictable */
 };
 #define HP_F_RST_ON_NO_FLOW 1 /* TCP from inside without a live flow gets a RST (AWS) */
+#define HP_F_LOOSE_INGRESS 2  /* skip the strict reverse-path check (asymmetric routing) */
 
 /* Per-gateway metrics, per CPU; AWS NAT gateway names (REFERENCE.md). */
 struct gw_metrics {
@@ -107,6 +119,9 @@ struct gw_metrics {
 	__u64 packets_out_to_destination;
 	__u64 packets_in_from_destination;
 	__u64 packets_out_to_source;
+	__u64 flows_confirmed;        /* flows moved to the flow table (replies seen) */
+	__u64 flows_ended;            /* confirmed flows closed or expired in the data path */
+	__u64 flows_refused;          /* new flows refused: a table was full */
 };
 
 /* Remembers how the first fragment of a UDP datagram was translated, for the rest. */
@@ -170,6 +185,41 @@ struct lb_metrics {
 	__u64 tcp_client_reset;   /* TCP_Client_Reset_Count */
 	__u64 tcp_target_reset;   /* TCP_Target_Reset_Count */
 	__u64 tcp_elb_reset;      /* TCP_ELB_Reset_Count */
+	__u64 flows_confirmed;    /* flows moved to the flow table (replies seen) */
+	__u64 flows_ended;        /* confirmed flows closed or expired in the data path */
+	__u64 flows_refused;      /* new flows refused: a table was full, or the tuple taken */
+};
+
+/* NAT: where the next port search toward one destination starts (RFC 6056 algorithm 4:
+ * a per-destination counter from a secret-hashed offset). */
+struct nat_cursor_key {
+	__be32 dst_ip;
+	__be16 dst_port;
+	__u8 proto;
+	__u8 pad;
+	__u32 gw_id;
+};
+
+/* NLB: a registered target endpoint (a packet from it with no flow is never forwarded
+ * untranslated). */
+struct endpoint_key {
+	__be32 ip;
+	__be16 port;
+	__u16 pad;
+};
+
+/* The start of an ICMP error this node sends: its headers and the quoted packet. */
+struct icmp_err_hdrs {
+	struct iphdr ip;
+	struct icmphdr icmp;
+	struct iphdr quote_ip;
+	__u8 quote_l4[20];
+};
+
+/* Token bucket for the ICMP errors this node sends, per CPU. */
+struct icmp_bucket {
+	__u64 last_ns;
+	__u64 tokens;
 };
 
 #endif

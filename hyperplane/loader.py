@@ -10,8 +10,64 @@ from importlib import resources
 from .errors import ConfigError, EnvironmentProblem
 
 PIN_ROOT = "/run/hyperplane/bpf"
-PROGRAM = b"xdp_hyperplane"
+# The same C is built for two hooks (bpf/hook.h): native XDP, and tc ingress for devices
+# without native XDP or whose packets may be GSO superpackets with partial checksums
+# (veth; a NIC with GRO), which generic XDP cannot translate correctly.
+HOOKS = ("xdp", "tc")
+# Per hook: the main program, then the slow paths it tail-calls, in the order of their
+# slots in the `progs` map. Keep in sync: bpf/hyperplane.bpf.c PROG_*.
+PROGRAMS = {"xdp": (b"xdp_hyperplane", b"xdp_hp_new", b"xdp_hp_reply"),
+            "tc": (b"tc_hyperplane", b"tc_hp_new", b"tc_hp_reply")}
+PROG_SLOTS = {1: 0, 2: 1, 0: 2}  # index in PROGRAMS[hook] -> slot in progs
+# Attach modes: a hook, or "auto" (native XDP where the driver has it, tc elsewhere).
+MODES = ("auto", "xdp", "tc")
+# XDP attach flags, to detach whatever mode an older version attached in.
 XDP_MODES = {"generic": 1 << 1, "native": 1 << 2}  # XDP_FLAGS_SKB_MODE / XDP_FLAGS_DRV_MODE
+TC_PRIORITY = 0xc0de  # our filter's preference on the clsact ingress hook
+TC_INGRESS = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
+# Drivers whose native XDP sees every packet with a full checksum (virtual devices that
+# hand over skbs - veth, bridges, tunnels - go to tc).
+_TC_DRIVERS = {"veth", "bridge", "tun", "dummy", "vxlan", "geneve", "macvlan", "ipvlan"}
+
+
+def validate_mode(mode: str) -> str:
+    """An attach mode, or a ConfigError that says which exist."""
+    if mode == "native":  # the old name of native XDP
+        return "xdp"
+    if mode == "generic":
+        raise ConfigError("generic XDP cannot translate GSO packets with partial checksums "
+                          "correctly; use mode tc (or auto) for this interface")
+    if mode not in MODES:
+        raise ConfigError(f"attach mode must be one of {', '.join(MODES)}, not {mode!r}")
+    return mode
+
+
+def choose_hook(ifname: str, mode: str) -> str:
+    """The hook for an interface (in the calling thread's namespace) under mode."""
+    mode = validate_mode(mode)
+    if mode != "auto":
+        return mode
+    driver = interface_driver(ifname)
+    return "tc" if not driver or driver in _TC_DRIVERS else "xdp"
+
+
+def interface_driver(ifname: str) -> str:
+    """The interface's driver (what `ethtool -i` prints), '' when unknown. Asked through
+    an ioctl on a socket, which lives in the calling thread's network namespace (/sys may
+    show another namespace's devices)."""
+    import array
+    import fcntl
+    import socket
+    import struct
+    ethtool_gdrvinfo, siocethtool = 0x00000003, 0x8946
+    info = array.array("B", struct.pack("I", ethtool_gdrvinfo) + bytes(192))
+    ifreq = struct.pack("16sP", ifname.encode()[:15], info.buffer_info()[0])
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fcntl.ioctl(s.fileno(), siocethtool, ifreq)
+    except OSError:
+        return ""
+    return bytes(info[4:36]).split(b"\0", 1)[0].decode(errors="replace")
 
 
 def bpf_dir() -> str:
@@ -85,24 +141,45 @@ def _import_bcc():
 
 
 class Datapath:
-    """One compiled instance of bpf/hyperplane.bpf.c and its maps.
+    """bpf/hyperplane.bpf.c compiled for a hook, and its maps.
 
     With pin_dir set, the state maps live there and survive this process: a new Datapath
-    with the same pin_dir finds every flow again."""
+    with the same pin_dir finds every flow again, and the other hook's build (compiled
+    when an interface needs it) shares them."""
 
     def __init__(self, sizes: Sizes | None = None, pin_dir: str | None = None,
-                 extra_cflags: list[str] | None = None, load_program: bool = True):
+                 extra_cflags: list[str] | None = None, load_program: bool = True,
+                 hook: str = "xdp"):
         if os.geteuid() != 0:
-            raise EnvironmentProblem("loading XDP programs needs root; run as root (sudo).")
-        bcc = _import_bcc()
+            raise EnvironmentProblem("loading BPF programs needs root; run as root (sudo).")
+        if hook not in HOOKS:
+            raise ConfigError(f"hook must be one of {', '.join(HOOKS)}, not {hook!r}")
         self.sizes = sizes or Sizes()
         self.pin_dir = pin_dir
-        cflags = [f"-I{bpf_dir()}", *self.sizes.cflags(), *(extra_cflags or [])]
+        self.hook = hook
+        self.extra_cflags = list(extra_cflags or [])
         if pin_dir:
             _ensure_bpffs_dir(pin_dir)
-            cflags.append(f'-DHP_PIN_DIR="{pin_dir}"')
+        self.builds: dict[str, object] = {}
+        self.fns: dict[str, object] = {}
+        self.bpf = self._compile(hook)
+        if pin_dir:
+            self._check_pins()
+        # load_program=False only opens the (pinned) maps
+        if load_program:
+            self._load(hook)
+        self.fn = self.fns.get(hook)
+        self.attached: list[tuple[str, str, int]] = []  # (ifname, hook, ifindex or flags)
+
+    def _compile(self, hook: str):
+        bcc = _import_bcc()
+        cflags = [f"-I{bpf_dir()}", *self.sizes.cflags(), *self.extra_cflags]
+        if hook == "tc":
+            cflags.append("-DHP_HOOK_TC")
+        if self.pin_dir:
+            cflags.append(f'-DHP_PIN_DIR="{self.pin_dir}"')
         try:
-            self.bpf = bcc.BPF(text=program_text().encode(), cflags=cflags)
+            build = bcc.BPF(text=program_text().encode(), cflags=cflags)
         except Exception as exc:
             if "headers" in str(exc).lower() or not os.path.exists(
                     f"/lib/modules/{os.uname().release}/build"):
@@ -110,15 +187,30 @@ class Datapath:
                     f"bcc cannot compile: kernel headers are missing at /lib/modules/"
                     f"{os.uname().release}/build; run scripts/setup.sh.") from exc
             raise
-        if pin_dir:
-            self._check_pins()
-        # load_program=False only opens the (pinned) maps, e.g. for hpctl's read commands
-        self.fn = self.bpf.load_func(PROGRAM, bcc.BPF.XDP) if load_program else None
-        self.attached: list[tuple[str, int]] = []
+        self.builds[hook] = build
+        return build
 
-    PINNED = ("flows", "nat_resv", "gateways", "nat_ips", "inside_nets", "config", "verdicts",
-              "gw_stats", "frags", "vips", "listeners", "maglev", "targets", "lb_stats",
-              "target_packets", "stats")
+    def _load(self, hook: str):
+        bcc = _import_bcc()
+        if hook not in self.builds:
+            if not self.pin_dir:
+                raise ConfigError("a second hook shares the maps only through pins: give "
+                                  "the data path a pin directory")
+            self._compile(hook)
+        import ctypes
+        prog_type = bcc.BPF.SCHED_CLS if hook == "tc" else bcc.BPF.XDP
+        build = self.builds[hook]
+        fns = [build.load_func(name, prog_type) for name in PROGRAMS[hook]]
+        progs = build[b"progs"]
+        for i, fn in enumerate(fns):
+            progs[ctypes.c_int(PROG_SLOTS[i])] = ctypes.c_int(fn.fd)
+        self.fns[hook] = fns[0]
+        return fns[0]
+
+    PINNED = ("flows", "pending", "nat_resv", "nat_cursor", "gateways", "nat_ips",
+              "inside_nets", "config", "verdicts", "gw_stats", "frags", "vips", "listeners",
+              "maglev", "targets", "target_endpoints", "lb_stats", "target_packets",
+              "user_ends", "stats", "icmp_budget")
 
     def _check_pins(self) -> None:
         """bcc reuses a pinned map by its path without comparing it to the definition; a map
@@ -147,33 +239,74 @@ class Datapath:
     def table(self, name: str):
         return self.bpf[name.encode()]
 
-    def attach(self, ifname: str, mode: str = "generic") -> None:
-        if mode not in XDP_MODES:
-            raise ConfigError(f"XDP mode must be one of {', '.join(XDP_MODES)}, not {mode!r}")
+    def attach(self, ifname: str, mode: str = "auto") -> str:
+        """Attach to ifname (in the calling thread's namespace); returns the hook used.
+        Replaces whatever hyperplane program was attached there before."""
+        hook = choose_hook(ifname, mode)
+        fn = self.fns.get(hook) or self._load(hook)
+        detach(ifname)
         try:
-            self.bpf.attach_xdp(ifname.encode(), self.fn, XDP_MODES[mode])
+            if hook == "xdp":
+                self.builds[hook].attach_xdp(ifname.encode(), fn, XDP_MODES["native"])
+            else:
+                _tc_attach(ifname, fn.fd, PROGRAMS["tc"][0].decode())
         except Exception as exc:
-            raise ConfigError(f"cannot attach XDP ({mode}) to {ifname}: {exc}") from exc
-        self.attached.append((ifname, XDP_MODES[mode]))
+            if mode == "auto" and hook == "xdp":  # no native XDP after all: tc
+                return self.attach(ifname, "tc")
+            raise ConfigError(f"cannot attach the data path ({hook}) to {ifname}: "
+                              f"{exc}") from exc
+        self.attached.append((ifname, hook))
+        return hook
 
     def detach_all(self) -> None:
-        import bcc
         while self.attached:
-            ifname, flags = self.attached.pop()
-            try:
-                bcc.BPF.remove_xdp(ifname.encode(), flags)
-            except Exception:
-                pass  # the interface is gone (namespace deleted): nothing attached
+            ifname, _hook = self.attached.pop()
+            detach(ifname)
 
     def close(self) -> None:
         self.detach_all()
-        self.bpf.cleanup()
+        for build in self.builds.values():
+            build.cleanup()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _tc_attach(ifname: str, prog_fd: int, name: str) -> None:
+    """A direct-action bpf filter on ifname's clsact ingress hook (pyroute2)."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=ifname)
+        if not index:
+            raise ConfigError(f"no interface {ifname}")
+        try:
+            ipr.tc("add", "clsact", index[0])
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+        ipr.tc("add-filter", "bpf", index[0], ":1", fd=prog_fd, name=name,
+               parent=TC_INGRESS, prio=TC_PRIORITY, classid=1, direct_action=True)
+
+
+def detach(ifname: str) -> None:
+    """Remove the data path from ifname (calling thread's namespace), whichever hook and
+    mode it was attached with; nothing attached, or no such interface, is fine."""
+    import contextlib
+    bcc = _import_bcc()
+    for flags in XDP_MODES.values():
+        with contextlib.suppress(Exception):
+            bcc.BPF.remove_xdp(ifname.encode(), flags)
+    with contextlib.suppress(Exception):
+        from pyroute2 import IPRoute
+        with IPRoute() as ipr:
+            index = ipr.link_lookup(ifname=ifname)
+            if index:
+                ipr.tc("del-filter", "bpf", index[0], ":1", parent=TC_INGRESS,
+                       prio=TC_PRIORITY)
 
 
 PERCPU_TYPES = (5, 6)  # BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY

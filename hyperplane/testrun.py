@@ -1,4 +1,4 @@
-"""BPF_PROG_TEST_RUN: run a loaded XDP program on a packet in the kernel, without a NIC.
+"""BPF_PROG_TEST_RUN: run a loaded XDP or tc program on a packet in the kernel, without a NIC.
 
 bcc has no binding for it, so this calls libbpf's bpf_prog_test_run_opts (libbpf1 is a
 dependency of Debian's bcc)."""
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .errors import EnvironmentProblem
 
 XDP_ACTIONS = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"}
+TC_ACTIONS = {-1: "TC_ACT_UNSPEC", 0: "TC_ACT_OK", 2: "TC_ACT_SHOT", 7: "TC_ACT_REDIRECT"}
 
 
 class _TestRunOpts(ctypes.Structure):
@@ -47,6 +48,30 @@ class _XdpMd(ctypes.Structure):
     ]
 
 
+class _SkBuff(ctypes.Structure):
+    # struct __sk_buff (uapi/linux/bpf.h) as test_run's ctx_in for a tc program: only mark,
+    # priority, ingress_ifindex, ifindex, cb, tstamp, wire_len, gso_segs, gso_size and
+    # hwtstamp may be set; ifindex picks the device the skb arrives on
+    _fields_ = [
+        ("len", ctypes.c_uint32), ("pkt_type", ctypes.c_uint32), ("mark", ctypes.c_uint32),
+        ("queue_mapping", ctypes.c_uint32), ("protocol", ctypes.c_uint32),
+        ("vlan_present", ctypes.c_uint32), ("vlan_tci", ctypes.c_uint32),
+        ("vlan_proto", ctypes.c_uint32), ("priority", ctypes.c_uint32),
+        ("ingress_ifindex", ctypes.c_uint32), ("ifindex", ctypes.c_uint32),
+        ("tc_index", ctypes.c_uint32), ("cb", ctypes.c_uint32 * 5), ("hash", ctypes.c_uint32),
+        ("tc_classid", ctypes.c_uint32), ("data", ctypes.c_uint32),
+        ("data_end", ctypes.c_uint32), ("napi_id", ctypes.c_uint32),
+        ("family", ctypes.c_uint32), ("remote_ip4", ctypes.c_uint32),
+        ("local_ip4", ctypes.c_uint32), ("remote_ip6", ctypes.c_uint32 * 4),
+        ("local_ip6", ctypes.c_uint32 * 4), ("remote_port", ctypes.c_uint32),
+        ("local_port", ctypes.c_uint32), ("data_meta", ctypes.c_uint32),
+        ("flow_keys", ctypes.c_uint64), ("tstamp", ctypes.c_uint64),
+        ("wire_len", ctypes.c_uint32), ("gso_segs", ctypes.c_uint32), ("sk", ctypes.c_uint64),
+        ("gso_size", ctypes.c_uint32), ("tstamp_type", ctypes.c_uint32),
+        ("hwtstamp", ctypes.c_uint64),
+    ]
+
+
 _lib = None
 
 
@@ -67,17 +92,22 @@ def _libbpf():
 
 @dataclass
 class RunResult:
-    retval: int            # the XDP action
+    retval: int            # the hook's action
     data: bytes            # the packet after the program
     duration_ns: int       # mean per repeat, as the kernel measured it
+    hook: str = "xdp"
 
     @property
     def action(self) -> str:
+        if self.hook == "tc":
+            return TC_ACTIONS.get(ctypes.c_int32(self.retval).value, str(self.retval))
         return XDP_ACTIONS.get(self.retval, str(self.retval))
 
 
-def test_run(prog_fd: int, packet: bytes, *, repeat: int = 1, ingress_ifindex: int = 0) -> RunResult:
-    """Run the program once (or `repeat` times) on `packet`."""
+def test_run(prog_fd: int, packet: bytes, *, repeat: int = 1, ingress_ifindex: int = 0,
+             hook: str = "xdp", gso_size: int = 0, gso_segs: int = 0) -> RunResult:
+    """Run the program once (or `repeat` times) on `packet`. A tc program's skb can be
+    made a GSO superpacket (gso_size, gso_segs)."""
     lib = _libbpf()
     data_in = ctypes.create_string_buffer(bytes(packet), len(packet))
     out_size = len(packet) + 512
@@ -90,13 +120,17 @@ def test_run(prog_fd: int, packet: bytes, *, repeat: int = 1, ingress_ifindex: i
     opts.data_size_out = out_size
     opts.repeat = repeat
     ctx = None
-    if ingress_ifindex:
+    if hook == "tc":
+        ctx = _SkBuff(ingress_ifindex=ingress_ifindex, ifindex=ingress_ifindex,
+                      gso_size=gso_size, gso_segs=gso_segs)
+    elif ingress_ifindex:
         # the kernel wants data_end == the packet size when a ctx is given
         ctx = _XdpMd(data_end=len(packet), ingress_ifindex=ingress_ifindex)
+    if ctx is not None:
         opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
         opts.ctx_size_in = ctypes.sizeof(ctx)
     rc = lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"BPF_PROG_TEST_RUN failed: {os.strerror(err)}")
-    return RunResult(opts.retval, data_out.raw[:opts.data_size_out], opts.duration)
+    return RunResult(opts.retval, data_out.raw[:opts.data_size_out], opts.duration, hook)

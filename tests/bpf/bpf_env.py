@@ -1,4 +1,5 @@
-"""Packet tests: the data path run on crafted packets through BPF_PROG_TEST_RUN.
+"""Packet tests: the data path run on crafted packets through BPF_PROG_TEST_RUN, once for
+each hook it is built for (native XDP, tc).
 
 The program does its own route lookups (bpf_fib_lookup), so it runs inside a namespace
 made for the test with the lab's addresses, routes and permanent neighbours; nothing
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from hyperplane import netns, sandbox
-from hyperplane.loader import Datapath, Sizes
+from hyperplane.loader import HOOKS, Datapath, Sizes
 from hyperplane.metrics import stat_counts, verdict_counts
 from hyperplane.nat import GatewayConfig, apply_gateway
 from hyperplane.settings import Timeouts, write_config
@@ -24,6 +25,15 @@ NS = f"hpt-bpf-{os.getpid() % 100000}"
 SIZES = Sizes(max_flows=4096, max_reservations=2048, max_listeners=4, maglev_size=251,
               max_targets=16)
 
+# The shortest IPv4 frame each hook's BPF_PROG_TEST_RUN accepts: XDP any frame past the
+# Ethernet header; tc (an skb) an IPv4 header too - shorter IPv4 frames never reach tc.
+MIN_IPV4_FRAME = {"xdp": 14, "tc": 34}
+
+# The hook's return value for each action a verdict names (Verdict.action): at tc a packet
+# bounced back out of its interface is a redirect too.
+RETVALS = {"xdp": {"XDP_REDIRECT": 4, "XDP_TX": 3, "XDP_PASS": 2, "XDP_DROP": 1},
+           "tc": {"XDP_REDIRECT": 7, "XDP_TX": 7, "XDP_PASS": 0, "XDP_DROP": 2}}
+
 
 def require_root():
     if os.geteuid() != 0:
@@ -35,24 +45,31 @@ def require_root():
 class Env:
     dp: Datapath
     ifindex: dict
+    hook: str = "xdp"
 
-    def run(self, packet, iface: str = "in0"):
-        """Run one packet; return (verdict, action, output bytes)."""
+    def run(self, packet, iface: str = "in0", **skb):
+        """Run one packet; return (verdict, action, output bytes). The action is the one
+        the verdict names (Verdict.action), after checking that the hook's return value is
+        that action's. skb: gso_size / gso_segs for a tc superpacket."""
         before = verdict_counts(self.dp)
         res = netns.call_in(NS, test_run, self.dp.prog_fd, bytes(packet),
-                            ingress_ifindex=self.ifindex[iface])
+                            ingress_ifindex=self.ifindex[iface], hook=self.hook, **skb)
         after = verdict_counts(self.dp)
         moved = [Verdict[name] for name in after if after[name] != before[name]]
         assert len(moved) == 1 and after[moved[0].name] - before[moved[0].name] == 1, \
             f"expected exactly one verdict counted, got {moved}"
-        return moved[0], res.action, res.data
+        verdict = moved[0]
+        want = RETVALS[self.hook][verdict.action]
+        assert res.retval == want, (f"{self.hook}: verdict {verdict.name} returned "
+                                    f"{res.action} ({res.retval}), not {want}")
+        return verdict, verdict.action, res.data
 
     def stats(self):
         return stat_counts(self.dp)
 
     def reset(self):
-        for name in ("flows", "nat_resv", "frags", "gw_stats", "stats", "lb_stats",
-                     "target_packets"):
+        for name in ("flows", "pending", "nat_resv", "nat_cursor", "frags", "gw_stats", "stats",
+                     "lb_stats", "target_packets", "icmp_budget", "user_ends"):
             self.dp.table(name).clear()
 
     def set_timeouts(self, **kw):
@@ -64,20 +81,26 @@ class Env:
 
 
 @pytest.fixture(scope="session")
-def env():
+def sandbox_ns():
     require_root()
     netns.remove(NS)
-    ifindex = sandbox.build(NS)
+    try:
+        yield sandbox.build(NS)
+    finally:
+        netns.remove(NS)
+
+
+@pytest.fixture(scope="session", params=HOOKS)
+def env(request, sandbox_ns):
     dp = None
     try:
-        dp = Datapath(SIZES)
+        dp = Datapath(SIZES, hook=request.param)
         write_config(dp, Timeouts(), hash_seed=0x12345678)
         apply_gateway(dp, GatewayConfig("gw-test", 0, [NAT_IP], ["10.10.0.0/24"]))
-        yield Env(dp, ifindex)
+        yield Env(dp, sandbox_ns, request.param)
     finally:
         if dp is not None:
             dp.close()
-        netns.remove(NS)
 
 
 @pytest.fixture

@@ -303,7 +303,8 @@ ODD = [
     ("short-icmp", lambda: _raw_prefix(_ICMP, 14 + 20 + 4), Verdict.DROP_MALFORMED),
     ("ip-options", lambda: from_client(IP(src=CLIENT, dst=INET, options=b"\x01\x01\x01\x01") /
                                        TCP(flags="S")), Verdict.DROP_IP_OPTIONS),
-    ("ttl-1", lambda: from_client(IP(src=CLIENT, dst=INET, ttl=1) / TCP(flags="S")), Verdict.PASS_TTL),
+    ("ttl-1", lambda: from_client(IP(src=CLIENT, dst=INET, ttl=1) / TCP(flags="S")),
+     Verdict.TX_TIME_EXCEEDED),
     ("unknown-protocol", lambda: from_client(IP(src=CLIENT, dst=INET, proto=47) / b"gre!"),
      Verdict.DROP_UNKNOWN_PROTO),
     ("tcp-fragment", lambda: from_client(IP(src=CLIENT, dst=INET, flags="MF") / TCP(flags="S")),
@@ -326,18 +327,26 @@ ODD = [
 
 @pytest.mark.parametrize("name,packet,verdict", ODD, ids=[c[0] for c in ODD])
 def test_odd_packets_get_their_verdict(e, name, packet, verdict):
-    got, action, _ = e.run(packet(), "out0" if name in ("to-nat-ip-no-flow", "ping-nat-ip",
-                                                         "not-for-us") else "in0")
+    from bpf_env import MIN_IPV4_FRAME
+    iface = "out0" if name in ("to-nat-ip-no-flow", "ping-nat-ip", "not-for-us") else "in0"
+    frame = bytes(packet())
+    if frame[12:14] == b"\x08\x00" and len(frame) < MIN_IPV4_FRAME[e.hook]:
+        with pytest.raises(OSError):  # the kernel never hands the hook such a frame
+            e.run(frame, iface)
+        return
+    got, action, _ = e.run(frame, iface)
     assert got == verdict
     assert action == verdict.action
     assert not list(e.dp.table("flows").items()), "a rejected packet created a flow"
 
 
 def test_every_truncation_of_a_syn_is_rejected_cleanly(e):
-    """Cut a valid SYN at every byte past the Ethernet header (the kernel hands XDP no
-    shorter frame): each prefix is dropped as malformed, and no flow is made."""
+    """Cut a valid SYN at every byte past the shortest frame the hook can be given (XDP:
+    the Ethernet header; tc: an IPv4 header): each prefix is dropped as malformed, and
+    no flow is made."""
+    from bpf_env import MIN_IPV4_FRAME
     whole = bytes(tcp_syn())
-    for n in range(14, len(whole)):
+    for n in range(MIN_IPV4_FRAME[e.hook], len(whole)):
         verdict, _, _ = e.run(Raw(whole[:n]))
         assert verdict == Verdict.DROP_MALFORMED, f"prefix of {n} bytes: {verdict.name}"
     assert not list(e.dp.table("flows").items())
@@ -409,28 +418,56 @@ def test_fin_both_ways_closes_the_flow(e):
     assert e.stats()["FLOW_CLOSED"] == 1
 
 
-def test_full_flow_table_refuses_new_flows_and_keeps_old_ones(env):
-    """A full table is a clear, counted rejection: nothing live is evicted."""
+def test_full_flow_table_keeps_every_confirmed_flow(env):
+    """A full flow table is a clear, counted refusal, and nothing live is evicted: four
+    confirmed flows fill it; a fifth still works unconfirmed (counted S_CONFIRM_FULL and
+    in its gateway's flows_refused), and the first four keep working."""
     from bpf_env import SIZES, Env
     from dataclasses import replace
     from hyperplane.loader import Datapath
     from hyperplane.settings import write_config
-    small = Datapath(replace(SIZES, max_flows=8))  # room for 4 flows
+    small = Datapath(replace(SIZES, max_flows=8), hook=env.hook)  # room for 4 flows
     try:
         write_config(small)
         apply_gateway(small, GatewayConfig("gw-small", 0, [NAT_IP], ["10.10.0.0/24"]))
-        run = Env(small, env.ifindex)
+        run = Env(small, env.ifindex, env.hook)
         ports = {}
-        for cport in range(47000, 47004):
+        for cport in range(47000, 47005):
             verdict, _, out = run.run(tcp_syn(sport=cport))
             assert verdict == Verdict.TX_NAT_OUT
             ports[cport] = Ether(out)[TCP].sport
+            reply = from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=ports[cport],
+                                                                flags="SA"))
+            assert run.run(reply, "out0")[0] == Verdict.TX_NAT_IN
+        assert run.stats()["CONFIRM_FULL"] == 1 and run.stats()["FLOW_CONFIRMED"] == 4
+        assert len(list(small.table("flows").items())) == 8
+        assert len(list(small.table("pending").items())) == 2, "the fifth stays unconfirmed"
+        assert int(sum(c.flows_refused for c in small.table("gw_stats")[0])) == 1
+        for cport, port in ports.items():
+            ack = from_client(IP(src=CLIENT, dst=INET) / TCP(sport=cport, dport=80, flags="A"))
+            assert run.run(ack)[0] == Verdict.TX_NAT_OUT, cport
+    finally:
+        small.close()
+
+
+def test_full_reservation_table_refuses_new_flows(env):
+    """No NAT port can be recorded: the new flow is refused (DROP_TABLE_FULL, counted in
+    the gateway's flows_refused) and the live ones keep their ports."""
+    from bpf_env import SIZES, Env
+    from dataclasses import replace
+    from hyperplane.loader import Datapath
+    from hyperplane.settings import write_config
+    small = Datapath(replace(SIZES, max_reservations=4), hook=env.hook)
+    try:
+        write_config(small)
+        apply_gateway(small, GatewayConfig("gw-small", 0, [NAT_IP], ["10.10.0.0/24"]))
+        run = Env(small, env.ifindex, env.hook)
+        for cport in range(47000, 47004):
+            assert run.run(tcp_syn(sport=cport))[0] == Verdict.TX_NAT_OUT
         verdict, action, _ = run.run(tcp_syn(sport=47004))
         assert (verdict, action) == (Verdict.DROP_TABLE_FULL, "XDP_DROP")
-        assert len(list(small.table("nat_resv").items())) == 4, "the refused flow kept its port"
-        for cport, port in ports.items():
-            reply = from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=port, flags="SA"))
-            assert run.run(reply, "out0")[0] == Verdict.TX_NAT_IN
+        assert len(list(small.table("nat_resv").items())) == 4
+        assert int(sum(c.flows_refused for c in small.table("gw_stats")[0])) == 1
     finally:
         small.close()
 
