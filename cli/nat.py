@@ -6,6 +6,7 @@ import json
 import click
 
 from hyperplane.errors import ConfigError, NotFound
+from hyperplane.loader import MODES
 from hyperplane.nat import GatewayConfig, NodeConfig
 
 from .options import emit_json, json_option, node_option, resolve_node
@@ -32,13 +33,14 @@ def _load_config_file(path: str) -> dict:
 
 @command.command("up")
 @click.option("--node", required=True, help="Name of this node (its maps are pinned under it).")
-@click.option("--if", "ifnames", multiple=True, help="Interface to attach XDP to (repeat).")
+@click.option("--if", "ifnames", multiple=True, help="Interface to attach the data path to (repeat).")
 @click.option("--netns", default=None, help="Network namespace the interfaces are in.")
 @click.option("--nat-ip", "nat_ips", multiple=True, help="Public NAT IP (repeat, up to 8).")
 @click.option("--inside", "inside", multiple=True, help="Inside network CIDR (repeat).")
 @click.option("--ports", default="1024-65535", show_default=True, help="NAT port range.")
-@click.option("--xdp-mode", type=click.Choice(["generic", "native"]), default="generic",
-              show_default=True)
+@click.option("--mode", "--xdp-mode", "mode", default=None,
+              help=f"How the data path attaches: one of {', '.join(MODES)}, checked by the "
+                   f"loader (default: its own, auto).")
 @click.option("--outside-if", default=None,
               help="Interface to add the NAT IPs to as /32 addresses (default: the one whose "
                    "network holds them, else the one of the default route).")
@@ -49,7 +51,7 @@ def _load_config_file(path: str) -> dict:
               help='JSON: {"ifnames": [...], "netns": ..., "xdp_mode": ..., "outside_if": ..., '
                    '"timeouts": {...}, "gateways": [{"name", "nat_ips", "inside_cidrs", '
                    '"port_min", "port_max"}]}')
-def up_cmd(node, ifnames, netns, nat_ips, inside, ports, xdp_mode, outside_if, agent,
+def up_cmd(node, ifnames, netns, nat_ips, inside, ports, mode, outside_if, agent,
            config_file):
     """Load the data path, configure the gateway(s), attach, and add the NAT IPs the node
     does not have yet. All or nothing: on an error the node is left as it was. Flows
@@ -70,7 +72,7 @@ def up_cmd(node, ifnames, netns, nat_ips, inside, ports, xdp_mode, outside_if, a
             raise click.BadParameter("use FIRST-LAST, e.g. 1024-65535", param_hint="--ports")
         gws = [GatewayConfig(name=f"{node}-gw", gw_id=0, nat_ips=list(nat_ips),
                              inside_cidrs=list(inside), port_min=lo, port_max=hi)]
-    start_nat_node(node, ifnames, gws, netns=netns or cfg.netns, mode=cfg.xdp_mode or xdp_mode,
+    start_nat_node(node, ifnames, gws, netns=netns or cfg.netns, mode=mode or cfg.xdp_mode,
                    timeouts=cfg.timeouts, outside_if=outside_if or cfg.outside_if)
     click.echo(f"node {node}: NAT up on {', '.join(ifnames)}", err=True)
     if agent:

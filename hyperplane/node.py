@@ -23,7 +23,7 @@ from . import netns as _netns
 from . import validate
 from .codec import be32_to_ip
 from .errors import ConfigError, HyperplaneError, NotFound
-from .loader import PIN_ROOT, Datapath, Sizes, remove_pins
+from .loader import PIN_ROOT, Datapath, Sizes, detach, remove_pins, validate_mode
 from .nat import GatewayConfig, check_gateways, write_gateways
 from .settings import Timeouts, write_config
 
@@ -145,19 +145,6 @@ def _attach(dp: Datapath, ifname: str, mode: str | None) -> None:
         dp.attach(ifname, mode)
 
 
-def _detach(ifname: str) -> None:
-    """Detach the data path from ifname in the calling thread's namespace, whichever hook
-    and mode it was attached with (nothing attached, or no such interface, is fine)."""
-    from . import loader
-    if hasattr(loader, "detach"):  # a loader with the tc hook knows every way it attaches
-        loader.detach(ifname)
-        return
-    import bcc
-    for flags in loader.XDP_MODES.values():
-        with contextlib.suppress(Exception):
-            bcc.BPF.remove_xdp(ifname.encode(), flags)
-
-
 def _snapshot(dp) -> dict:
     return {name: list(dp.table(name).items()) for name in NAT_TABLES}
 
@@ -192,6 +179,8 @@ def start_nat_node(node: str, ifnames: list[str], gateways: list[GatewayConfig],
     with validate.context(f"Node {node!r}"):
         validate.string_list("ifnames", ifnames)
     check_gateways(gateways, sizes)
+    if mode is not None:
+        validate_mode(mode)
     prev = node_state(node) if os.path.exists(_state_file(node)) else None
     if prev is not None and prev["netns"] != netns:
         raise ConfigError(f"node {node!r} runs in namespace {prev['netns'] or '(none)'}; stop "
@@ -225,22 +214,18 @@ def start_nat_node(node: str, ifnames: list[str], gateways: list[GatewayConfig],
         def put_back(ifname: str) -> None:
             """ifname as it was: without the data path, or with it in its old mode (the
             new program: it uses the same maps, which are restored too)."""
-            if ifname not in before:
-                _detach(ifname)
-                return
-            try:
-                _attach(dp, ifname, before[ifname])  # in place, where the mode allows
-            except HyperplaneError:
-                _detach(ifname)
+            if ifname in before:
                 _attach(dp, ifname, before[ifname])
+            else:
+                detach(ifname)
 
         for ifname in [*ifnames, *(i for i in before if i not in ifnames)]:
             # the undo step goes first: a failed attach may have detached the old program
             undo.callback(_quietly, _in, netns, put_back, ifname)
-            if ifname not in ifnames or before.get(ifname, mode) != mode:
-                _in(netns, _detach, ifname)  # gone, or one mode at a time on an interface
-            if ifname in ifnames:  # replaces the old program in place: no gap
-                _in(netns, _attach, dp, ifname, mode)
+            if ifname in ifnames:
+                _in(netns, _attach, dp, ifname, mode)  # replaces what was attached
+            else:
+                _in(netns, detach, ifname)
         for a in addr_plan.add:
             addresses.add(netns, a)
             undo.callback(_quietly, addresses.remove, netns, a)
@@ -289,7 +274,7 @@ def stop_node(node: str, ifnames: list[str] | None = None, *, netns: str | None 
     # names must never be looked up in this process's own namespace instead).
     if not netns or _netns.exists(netns):
         for ifname in ifnames or []:
-            _in(netns, _detach, ifname)
+            _in(netns, detach, ifname)
         try:
             if state is not None:
                 addresses.release(netns, addresses.Added.from_dicts(state.get("addresses")))

@@ -144,9 +144,14 @@ def test_a_nat_ip_goes_on_the_default_routes_interface_or_the_one_named(node):
 
 
 def test_a_failed_nat_up_of_a_new_node_leaves_nothing_behind(node):
-    # the loader refuses the mode only when attaching: after compiling and writing maps
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="mode must be one of"):   # checked before loading
         node.start_nat_node(NODE, IFNAMES, [gateway("198.18.0.100")], netns=NS, mode="bogus")
+    assert not os.path.exists(PINS)
+    # lo has no native XDP: found when attaching, after compiling, writing the maps and
+    # attaching to in0 and out0
+    with pytest.raises(ConfigError, match="cannot attach the data path .* to lo"):
+        node.start_nat_node(NODE, [*IFNAMES, "lo"], [gateway("198.18.0.100")], netns=NS,
+                            mode="xdp")
     assert not os.path.exists(PINS), "pinned maps without a node were left behind"
     assert not node.node_exists(NODE)
     assert "198.18.0.100" not in addrs()
@@ -174,7 +179,9 @@ def test_a_failed_nat_up_of_a_running_node_leaves_it_as_it_was(node):
                                             gateway("198.18.0.110", name="gw2", gw_id=1,
                                                     inside="10.10.0.128/25")], netns=NS)
     unchanged()
-    # found after compiling and writing the maps: every step is undone
-    with pytest.raises(ConfigError):
-        node.start_nat_node(NODE, IFNAMES, [gateway("198.18.0.120")], netns=NS, mode="bogus")
+    # found after compiling, writing the maps and moving in0 and out0 to native XDP (lo
+    # has none): every step is undone
+    with pytest.raises(ConfigError, match="cannot attach the data path .* to lo"):
+        node.start_nat_node(NODE, [*IFNAMES, "lo"], [gateway("198.18.0.120")], netns=NS,
+                            mode="xdp")
     unchanged()

@@ -84,7 +84,9 @@ def test_bad_flags_are_refused_before_anything_loads(capsys):
                          (["--nat-ip", "198.18.0.100", "--inside", "10.0.0.0/8", "--ports",
                            "1024-99999"], "port_max must be an integer from 1 to 65535"),
                          (["--nat-ip", "198.18.0.100", "--inside", "10.0.0.0/8", "--node",
-                           "../etc"], "A node name must be")):
+                           "../etc"], "A node name must be"),
+                         (["--nat-ip", "198.18.0.100", "--inside", "10.0.0.0/8", "--mode",
+                           "bogus"], "mode must be one of")):
         code, _, err = hpctl(capsys, "nat", "up", "--node", "n1", "--if", "lo", "--no-agent",
                              *flags)
         assert code == 2 and words in err and one_sentence(err), err
