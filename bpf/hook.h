@@ -87,6 +87,18 @@ static __always_inline __u32 ctx_segs(HP_CTX *ctx)
 #endif
 }
 
+/* Is the frame addressed to this host (or broadcast)? At tc the stack has decided it
+ * (a frame for another MAC is PACKET_OTHERHOST, which the kernel drops); XDP sees only
+ * what the NIC accepts. */
+static __always_inline int ctx_for_us(HP_CTX *ctx)
+{
+#ifdef HP_HOOK_TC
+	return ctx->pkt_type != 3; /* PACKET_OTHERHOST */
+#else
+	return 1;
+#endif
+}
+
 /* Make the headers directly readable (an skb's may sit in fragments). */
 static __always_inline void ctx_pull(HP_CTX *ctx)
 {

@@ -444,6 +444,8 @@ static __always_inline int parse_packet(HP_CTX *ctx, struct pkt *p, struct hp_co
 		return V_DROP_MALFORMED;
 	if (eth_proto != bpf_htons(ETH_P_IP))
 		return V_PASS_NON_IP;
+	if (!ctx_for_us(ctx))
+		return V_PASS_NO_RESOURCE; /* another host's frame: the kernel drops it */
 	p->l3_off = c.pos - data;
 	if (parse_ipv4(&c, data_end, &p->iph, &p->l3_end) < 0)
 		return V_DROP_MALFORMED;

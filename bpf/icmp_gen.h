@@ -94,7 +94,7 @@ static __always_inline int icmp_reply(HP_CTX *ctx, struct pkt *p, __u8 type, __u
 
 	__u8 macs[12];
 	__builtin_memcpy(macs, p->eth->h_source, 6);     /* new destination: the sender */
-	__builtin_memcpy(macs + 6, p->eth->h_dest, 6);   /* new source: us */
+	__builtin_memcpy(macs + 6, f->smac, 6);          /* new source: our interface */
 
 	h->ip.version = 4;
 	h->ip.ihl = 5;
@@ -110,19 +110,28 @@ static __always_inline int icmp_reply(HP_CTX *ctx, struct pkt *p, __u8 type, __u
 	if (type == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED)
 		h->icmp.un.frag.mtu = bpf_htons(mtu);
 #ifdef HP_HOOK_TC
-	/* verifier workaround: constant offsets into the quote (q is 8 or 20) */
+	/* A field that holds exactly the pseudo-header seed is a partial checksum's (a full
+	 * one equals it once in 65,536): only then is the quote made safe from the device.
+	 * Verifier workaround: constant offsets into the quote (q is 8 or 20). */
+	__u32 ps = (h->quote_ip.saddr & 0xffff) + (h->quote_ip.saddr >> 16) +
+		   (h->quote_ip.daddr & 0xffff) + (h->quote_ip.daddr >> 16) +
+		   bpf_htons(h->quote_ip.protocol);
 	if (q == 20) {
 		__u16 *w = (__u16 *)h->quote_l4;
-		w[8] = 0;
-		__u32 a = 0;
+		__u16 seed = ~csum_fold32(ps + bpf_htons(bpf_ntohs(h->quote_ip.tot_len) - 20));
+		if (w[8] == seed) {
+			w[8] = 0;
+			__u32 a = 0;
 #pragma unroll
-		for (int i = 0; i < 10; i++)
-			a += w[i];
-		w[8] = csum_fixed_point(a);
-	} else if (p->udp && p->udp->check) {
+			for (int i = 0; i < 10; i++)
+				a += w[i];
+			w[8] = csum_fixed_point(a);
+		}
+	} else if (p->udp) {
 		__u16 *w = (__u16 *)h->quote_l4;
-		w[3] = 0;
-		w[3] = csum_fixed_point((__u32)w[0] + w[1] + w[2]);
+		__u16 seed = ~csum_fold32(ps + w[2]); /* w[2]: the UDP length */
+		if (w[3] && w[3] == seed)
+			w[3] = csum_fixed_point((__u32)w[0] + w[1] + w[2]);
 	}
 #endif
 	__u32 body = sizeof(struct icmphdr) + 20 + q;

@@ -27,6 +27,7 @@ repeats one round. HP_FUZZ_PACKETS sets the number of packets (default 100,000).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -35,10 +36,11 @@ import pytest
 
 from fuzz_packets import (REGRESSIONS, Fuzzer, FuzzPacket, Live, followups, learn, openers,
                           regressions, seeds)
-from fuzz_run import VerdictReader, action_name, check_packet, run_packets
+from fuzz_run import as_delivered, VerdictReader, action_name, check_packet, run_packets
 from hyperplane import netns, sandbox
 from hyperplane.errors import EnvironmentProblem
-from hyperplane.loader import Datapath, Sizes
+from hyperplane.flows import flow_tables
+from hyperplane.loader import HOOKS, Datapath, Sizes
 from hyperplane.metrics import verdict_counts
 from hyperplane.nat import GatewayConfig, apply_gateway
 from hyperplane.nlb import NlbDataplane
@@ -52,7 +54,6 @@ SEED = int(os.environ.get("HP_FUZZ_SEED", "6"))
 PACKETS = int(os.environ.get("HP_FUZZ_PACKETS", "100000"))
 ONLY_ROUND = os.environ.get("HP_FUZZ_ROUND")
 ROUND_SIZE = 2500
-HOOK = "xdp"                         # the action values of the hook the program runs at
 SIZES = Sizes(max_flows=16384, max_reservations=8192, max_listeners=4, maglev_size=251,
               max_targets=16)
 # nothing expires during a run: the same seed gives the same verdicts
@@ -97,18 +98,21 @@ class FuzzEnv:
     dp: Datapath
     ifindex: dict
     reader: VerdictReader
+    hook: str
 
     def run(self, packets: list[tuple[bytes, str]]):
+        """Run frames; the caller checks them as delivered (see fuzz_run.as_delivered)."""
         batch = [(data, self.ifindex[iface]) for data, iface in packets]
-        return netns.call_in(NS, run_packets, self.dp.prog_fd, self.reader, batch)
+        return netns.call_in(NS, run_packets, self.dp.prog_fd, self.reader, batch, self.hook)
 
     def reset(self):
-        for name in ("flows", "nat_resv", "frags"):
+        """Empty every map that holds state between packets (not the configuration)."""
+        for name in (*flow_tables(), "nat_resv", "nat_cursor", "frags", "icmp_budget"):
             self.dp.table(name).clear()
 
 
-@pytest.fixture(scope="module")
-def fuzz_env():
+@pytest.fixture(scope="module", params=HOOKS)
+def fuzz_env(request):
     if os.geteuid() != 0:
         pytest.fail("the fuzz test needs root (BPF_PROG_TEST_RUN and a network namespace); "
                     "run scripts/test as root", pytrace=False)
@@ -117,7 +121,7 @@ def fuzz_env():
     try:
         try:
             ifindex = sandbox.build(NS, default_route=True)
-            dp = Datapath(SIZES)
+            dp = Datapath(SIZES, hook=request.param)
             reader = VerdictReader(dp.table("verdicts").map_fd,
                                    dp.table("verdicts").max_entries)
         except (EnvironmentProblem, OSError) as exc:
@@ -125,7 +129,7 @@ def fuzz_env():
         write_config(dp, TIMEOUTS, hash_seed=0x5EED1234)
         apply_gateway(dp, GatewayConfig("gw-fuzz", 0, [NAT_IP], ["10.10.0.0/24"]))
         NlbDataplane(dp).apply(nlb_config())
-        yield FuzzEnv(dp, ifindex, reader)
+        yield FuzzEnv(dp, ifindex, reader, request.param)
     finally:
         if dp is not None:
             dp.close()
@@ -248,7 +252,7 @@ def establish(env: FuzzEnv, report: Report, r: int, live0: Live | None) -> Live:
     env.reset()
     first = openers()
     results = env.run([(f.data, f.iface) for f in first])
-    check_batch(report, r, first, results, start=-100)
+    check_batch(report, r, first, results, env.hook, start=-100)
     tx = {f.name: out for f, (rv, out, v, _) in zip(first, results)
           if v in (Verdict.TX_NAT_OUT, Verdict.TX_NLB_IN)}
     missing = [f.name for f in first if f.name not in tx]
@@ -259,16 +263,16 @@ def establish(env: FuzzEnv, report: Report, r: int, live0: Live | None) -> Live:
         f"round {r}: the same opening packets on empty tables chose other ports/targets: " \
         f"{live} != {live0} (state survived the reset?)"
     more = followups(live)
-    check_batch(report, r, more, env.run([(f.data, f.iface) for f in more]), start=-50)
+    check_batch(report, r, more, env.run([(f.data, f.iface) for f in more]), env.hook, start=-50)
     return live
 
 
-def check_batch(report: Report, r: int, packets, results, start: int = 0) -> None:
+def check_batch(report: Report, r: int, packets, results, hook: str, start: int = 0) -> None:
     for i, (p, (retval, out, verdict, problem)) in enumerate(zip(packets, results)):
         report.packets += 1
         report.verdicts[verdict.name if verdict is not None else "NONE"] += 1
         broken = check_packet(p.data, p.iface, retval, out, verdict, problem, report.tally,
-                              HOOK)
+                              hook)
         if broken:
             report.failing_packets += 1
             origin = p.origin if isinstance(p, FuzzPacket) else p.name
@@ -276,7 +280,7 @@ def check_batch(report: Report, r: int, packets, results, start: int = 0) -> Non
             for prop, fault in broken:
                 report.add(Failure(r, start + i, p.iface, origin, ops, p.data, out,
                                    verdict.name if verdict is not None else "NONE",
-                                   action_name(retval, HOOK), prop, fault))
+                                   action_name(retval, hook), prop, fault))
 
 
 @pytest.mark.parametrize("name", REGRESSIONS)
@@ -285,7 +289,7 @@ def test_fuzz_regression(fuzz_env, name):
     report = Report(SEED)
     live = establish(fuzz_env, report, 0, None)
     frame = next(f for f in regressions(live) if f.name == name)
-    check_batch(report, 0, [frame], fuzz_env.run([(frame.data, frame.iface)]))
+    check_batch(report, 0, [frame], fuzz_env.run([(frame.data, frame.iface)]), fuzz_env.hook)
     first = report.first()
     assert first is None, f"{REGRESSIONS[name]}\n{report.summary()}\n{describe(first)}"
 
@@ -310,13 +314,14 @@ def test_fuzz_the_data_path(fuzz_env):
             fuzzer = Fuzzer(seeds(live), live, SEED)
         n = min(ROUND_SIZE, PACKETS - r * ROUND_SIZE) if ONLY_ROUND is None else ROUND_SIZE
         t = time.monotonic()
-        packets = fuzzer.round(r, n)
+        packets = [dataclasses.replace(p, data=as_delivered(p.data, env.hook))
+                   for p in fuzzer.round(r, n)]
         gen_s += time.monotonic() - t
         t = time.monotonic()
         results = env.run([(p.data, p.iface) for p in packets])
         run_s += time.monotonic() - t
         t = time.monotonic()
-        check_batch(report, r, packets, results)
+        check_batch(report, r, packets, results, env.hook)
         check_s += time.monotonic() - t
         after = sum(verdict_counts(env.dp).values())
         ran = report.packets - counted_before
