@@ -417,7 +417,7 @@ static __always_inline int tcp_track(struct pkt *p, struct flow_value *v)
 		state = TCP_S_CLOSED;
 	} else if (flags & TH_SYN) {
 		v->syn_next = bpf_ntohl(th->seq) + 1;
-		v->wscale = tcp_wscale(th, p->data_end, p->l3_end);
+		v->wscale = p->wscale;
 		if ((flags & TH_ACK) && is_reply_kind(v->kind) && state == TCP_S_SYN_SENT) {
 			state = TCP_S_ESTABLISHED;
 			rc = TCP_TRACK_ESTABLISHED;

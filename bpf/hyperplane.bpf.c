@@ -52,6 +52,8 @@ struct pkt {
 	__u8 frag;                /* 1: part of a fragmented datagram */
 	__u8 frag_first;          /* 1: the part with the L4 header */
 	__u16 mtu;                /* DO_FRAG_NEEDED: the next hop's MTU */
+	__u8 wscale_ready;        /* a SYN's window scale was read (PROG_WSCALE) */
+	__u8 wscale;
 	int action;               /* the hook's action for a TX verdict */
 };
 
@@ -68,6 +70,7 @@ struct pkt {
 #define PROG_NEW 0    /* a packet of no known flow: classify it, create its flow */
 #define PROG_REPLY 1  /* answer it (RST, ICMP error), or translate an ICMP error */
 #define PROG_MAIN 2   /* the main program, for PROG_NEW to hand a new flow back */
+#define PROG_WSCALE 3 /* read a SYN's window scale option, then back to the main program */
 
 /* What a slow path is asked to do (scratch.todo); above every verdict. */
 #define DO_NEW (V_MAX + 1)            /* classify and create */
@@ -75,6 +78,7 @@ struct pkt {
 #define DO_TIME_EXCEEDED (V_MAX + 3)  /* answer with ICMP time exceeded */
 #define DO_FRAG_NEEDED (V_MAX + 4)    /* answer with ICMP fragmentation needed (p->mtu) */
 #define DO_ICMP_ERROR (V_MAX + 5)     /* translate an ICMP error about a flow */
+#define DO_WSCALE (V_MAX + 6)         /* read the window scale of a SYN */
 
 #define IP_DF 0x4000
 #define IP_MF 0x2000
@@ -157,6 +161,8 @@ static __always_inline int forward_flow(HP_CTX *ctx, struct pkt *p, struct hp_co
 		return V_DROP_WRONG_IFACE;
 	int track = TCP_TRACK_OK;
 	if (p->tcp) {
+		if ((p->tcp_flags & TH_SYN) && !p->wscale_ready)
+			return DO_WSCALE; /* the option walk is its own program */
 		track = tcp_track(p, v);
 		if (track == TCP_TRACK_INVALID) {
 			stat_inc(S_RST_IGNORED);
@@ -509,6 +515,9 @@ int HP_ENTRY(HP_CTX *ctx)
 		return finish(ctx, &p, V_DROP_MALFORMED);
 	__u8 reentry = s->reentry;
 	s->reentry = 0;
+	p.wscale_ready = s->wscale_ready;
+	p.wscale = s->wscale;
+	s->wscale_ready = 0;
 	int rc = parse_packet(ctx, &p, &cfg);
 	if (rc || !cfg)
 		return finish(ctx, &p, rc);
@@ -530,8 +539,12 @@ int HP_ENTRY(HP_CTX *ctx)
 		return finish(ctx, &p, go_slow(ctx, s, PROG_NEW, DO_NEW, 0));
 	}
 	rc = forward_flow(ctx, &p, cfg, v);
-	if (rc > V_MAX)
+	if (rc == DO_WSCALE) {
+		s->reentry = reentry;
+		rc = go_slow(ctx, s, PROG_WSCALE, rc, 0);
+	} else if (rc > V_MAX) {
 		rc = go_slow(ctx, s, PROG_REPLY, rc, p.mtu);
+	}
 	return finish(ctx, &p, rc);
 }
 
@@ -592,4 +605,26 @@ int HP_PROG(reply)(HP_CTX *ctx)
 		rc = V_DROP_MALFORMED;
 	}
 	return finish(ctx, &p, rc);
+}
+
+/* PROG_WSCALE: the window scale option of a SYN (a walk over the options that would
+ * multiply the main program's verifier paths), handed back to the main program. */
+int HP_PROG(wscale)(HP_CTX *ctx)
+{
+	struct pkt p = {};
+	p.action = -1;
+	struct hp_config *cfg = 0;
+	struct scratch *s = scratch_get();
+	if (!s)
+		return finish(ctx, &p, V_DROP_MALFORMED);
+	int rc = parse_packet(ctx, &p, &cfg);
+	if (rc || !cfg)
+		return finish(ctx, &p, rc);
+	if (!p.tcp)
+		return finish(ctx, &p, V_DROP_MALFORMED);
+	s->wscale = tcp_wscale(p.tcp, p.data_end, p.l3_end);
+	s->wscale_ready = 1;
+	progs.call(ctx, PROG_MAIN);
+	s->wscale_ready = 0;
+	return finish(ctx, &p, V_DROP_MALFORMED);
 }

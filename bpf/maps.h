@@ -68,6 +68,8 @@ struct scratch {
 	__u8 todo;                /* what a tail-called program is to do (DO_*) */
 	__u8 reentry;             /* 1: PROG_NEW created the flow and calls the main program */
 	__u16 mtu;                /* DO_FRAG_NEEDED: the next hop's MTU */
+	__u8 wscale_ready;        /* 1: PROG_WSCALE parsed this SYN's window scale */
+	__u8 wscale;              /* ... which is this (WSCALE_NONE: no option) */
 	struct flow_value flow;   /* a new flow's entry, being built */
 	struct bpf_fib_lookup fib; /* a route lookup's parameters and result */
 	struct icmp_err_hdrs icmp; /* an ICMP error being built */
@@ -78,7 +80,7 @@ BPF_F_TABLE("percpu_array", u32, struct scratch, scratch, 1, 0);
 /* The slow paths, tail-called from the main program (hyperplane.bpf.c PROG_*): each is
  * verified on its own, which keeps every program within the verifier's budget. Filled
  * by the loader. */
-BPF_PROG_ARRAY(progs, 3);
+BPF_PROG_ARRAY(progs, 4);
 
 /* Flow created / closed / expired events for the controller (not pinned: a reader
  * attaches to the running program's ring). */

@@ -125,7 +125,6 @@ static __always_inline int parse_inner_ipv4(struct cursor *c, void *data_end, vo
  * 40 bytes; a malformed list ends the walk. */
 static __always_inline __u8 tcp_wscale(struct tcphdr *t, void *data_end, void *end)
 {
-	return WSCALE_NONE;
 	__u8 *opt = (__u8 *)(t + 1);
 	__u32 olen = t->doff * 4 - sizeof(*t);
 	__u32 i = 0;

@@ -16,9 +16,9 @@ PIN_ROOT = "/run/hyperplane/bpf"
 HOOKS = ("xdp", "tc")
 # Per hook: the main program, then the slow paths it tail-calls, in the order of their
 # slots in the `progs` map. Keep in sync: bpf/hyperplane.bpf.c PROG_*.
-PROGRAMS = {"xdp": (b"xdp_hyperplane", b"xdp_hp_new", b"xdp_hp_reply"),
-            "tc": (b"tc_hyperplane", b"tc_hp_new", b"tc_hp_reply")}
-PROG_SLOTS = {1: 0, 2: 1, 0: 2}  # index in PROGRAMS[hook] -> slot in progs
+PROGRAMS = {hook: tuple(f"{hook}_{name}".encode() for name in
+                        ("hyperplane", "hp_new", "hp_reply", "hp_wscale")) for hook in HOOKS}
+PROG_SLOTS = {0: 2, 1: 0, 2: 1, 3: 3}  # index in PROGRAMS[hook] -> slot in progs (PROG_*)
 # Attach modes: a hook, or "auto" (native XDP where the driver has it, tc elsewhere).
 MODES = ("auto", "xdp", "tc")
 # XDP attach flags, to detach whatever mode an older version attached in.
