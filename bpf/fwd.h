@@ -110,6 +110,21 @@ static __always_inline int ingress_ok(HP_CTX *ctx, struct pkt *p, struct hp_conf
 	return rc == BPF_FIB_LKUP_RET_SUCCESS && f->ifindex == p->ifindex;
 }
 
+/* Is the packet addressed to this node itself (its own address: local delivery)? */
+static __always_inline int to_this_node(HP_CTX *ctx, struct pkt *p)
+{
+	struct bpf_fib_lookup *f = fib_params();
+	if (!f)
+		return 0;
+	f->family = AF_INET;
+	f->tot_len = 20;
+	f->ipv4_src = p->iph->saddr;
+	f->ipv4_dst = p->iph->daddr;
+	f->ifindex = p->ifindex;
+	return bpf_fib_lookup(ctx, f, sizeof(*f), BPF_FIB_LOOKUP_SKIP_NEIGH) ==
+	       BPF_FIB_LKUP_RET_NOT_FWDED;
+}
+
 /* A packet of a known flow must arrive where that direction's packets do; when it does
  * not, its route may have moved (then the flow follows), or it is forged. */
 static __always_inline int flow_ingress_ok(HP_CTX *ctx, struct pkt *p, struct hp_config *cfg,

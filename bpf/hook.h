@@ -14,6 +14,7 @@
 #define HP_CTX struct __sk_buff
 #define HP_ENTRY tc_hyperplane
 #define HP_PROG(name) tc_hp_##name
+#define HP_HOOK_NAME "tc"
 #ifndef TC_ACT_OK
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
@@ -23,6 +24,7 @@
 #define HP_CTX struct xdp_md
 #define HP_ENTRY xdp_hyperplane
 #define HP_PROG(name) xdp_hp_##name
+#define HP_HOOK_NAME "xdp"
 #endif
 
 #ifndef BPF_F_PSEUDO_HDR

@@ -14,8 +14,8 @@
 
 #include "consts.h"
 #include "structs.h"
-#include "maps.h"
 #include "hook.h"
+#include "maps.h"
 #include "csum.h"
 #include "parsing.h"
 
@@ -341,11 +341,12 @@ static __always_inline int classify(HP_CTX *ctx, struct pkt *p, struct hp_config
 			return V_DROP_NO_LISTENER;
 	} else {
 		/* from a target of a load balancer with no flow: never forwarded untranslated
-		 * (its private source would leave the node) */
+		 * (its private source would leave the node); what it sends the node itself (a
+		 * health check's answer) is the node's */
 		if (p->tcp || p->udp) {
 			struct endpoint_key ek = { .ip = ip->saddr, .port = p->key.src_port };
 			if (target_endpoints.lookup(&ek))
-				return V_DROP_NO_FLOW;
+				return to_this_node(ctx, p) ? V_PASS_NO_RESOURCE : V_DROP_NO_FLOW;
 		}
 		struct inside_key ik = { .prefixlen = 32, .addr = ip->saddr };
 		__u32 *gw = inside_nets.lookup(&ik);
@@ -453,7 +454,7 @@ static __always_inline int parse_packet(HP_CTX *ctx, struct pkt *p, struct hp_co
 	if (!ctx_for_us(ctx))
 		return V_PASS_NO_RESOURCE; /* another host's frame: the kernel drops it */
 	p->l3_off = c.pos - data;
-	if (parse_ipv4(&c, data_end, &p->iph, &p->l3_end) < 0)
+	if (parse_ipv4(&c, data, data_end, p->len, &p->iph, &p->l3_end) < 0)
 		return V_DROP_MALFORMED;
 	struct iphdr *ip = p->iph;
 	*cfg = get_config();

@@ -79,8 +79,13 @@ BPF_F_TABLE("percpu_array", u32, struct scratch, scratch, 1, 0);
 
 /* The slow paths, tail-called from the main program (hyperplane.bpf.c PROG_*): each is
  * verified on its own, which keeps every program within the verifier's budget. Filled
- * by the loader. */
+ * by the loader. Pinned (one per hook: a program array holds one program type), because
+ * the kernel empties a program array when its last user-space reference closes. */
+#ifdef HP_PIN_DIR
+BPF_TABLE_PINNED("prog", u32, u32, progs, 4, HP_PIN_DIR "/progs_" HP_HOOK_NAME);
+#else
 BPF_PROG_ARRAY(progs, 4);
+#endif
 
 /* Flow created / closed / expired events for the controller (not pinned: a reader
  * attaches to the running program's ring). */

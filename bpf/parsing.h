@@ -43,9 +43,10 @@ static __always_inline int parse_eth(struct cursor *c, void *data_end, struct et
 
 /* IPv4. Returns the L4 protocol and sets *end to the datagram's end; the caller checks
  * ihl for options. Checks the header is whole and tot_len is consistent with it and with
- * the frame. */
-static __always_inline int parse_ipv4(struct cursor *c, void *data_end, struct iphdr **iph,
-				      void **end)
+ * the frame: frame_len bytes from `data` (at tc an skb's data_end ends its linear part,
+ * which may be less than a GSO superpacket's datagram). */
+static __always_inline int parse_ipv4(struct cursor *c, void *data, void *data_end,
+				      __u32 frame_len, struct iphdr **iph, void **end)
 {
 	struct iphdr *ip = c->pos;
 	if ((void *)(ip + 1) > data_end)
@@ -56,7 +57,7 @@ static __always_inline int parse_ipv4(struct cursor *c, void *data_end, struct i
 	if (c->pos + hlen > data_end)
 		return -1;
 	__u32 tot = bpf_ntohs(ip->tot_len);
-	if (tot < hlen || c->pos + tot > data_end)
+	if (tot < hlen || (__u32)(c->pos - data) + tot > frame_len)
 		return -1;
 	*iph = ip;
 	*end = c->pos + tot;

@@ -42,18 +42,20 @@ def _say(msg: str) -> None:
               help="xdp: the hyperplane NAT gateway and NLB; kernel: plain forwarding, no NAT "
                    "(benchmark floor); nft: Linux NAT (nftables snat); haproxy: HAProxy in "
                    "TCP mode on the VIP (NLB baseline), kernel forwarding otherwise.")
-@click.option("--xdp-mode", type=click.Choice(_lab.XDP_MODES), default="generic",
-              show_default=True, help="How XDP attaches to the node's veths (mode xdp).")
+@click.option("--attach", type=click.Choice(_lab.ATTACH_MODES), default="auto",
+              show_default=True,
+              help="Mode xdp: where the data path runs on the node's veths: auto (tc on "
+                   "veth), tc, or xdp (native; the peers get GRO on for it).")
 @click.option("--nlb/--no-nlb", default=True, show_default=True,
               help="Mode xdp: write the lab NLB (VIP 198.18.0.200, listeners TCP 80 and UDP "
                    "53) to the store and start its agent; mode haproxy: start HAProxy.")
 @prefix_option
 @json_option
-def up_cmd(mode, xdp_mode, nlb, prefix, as_json):
+def up_cmd(mode, attach, nlb, prefix, as_json):
     """Build the lab (and start the node in mode xdp, HAProxy in mode haproxy)."""
-    cfg = _lab.LabConfig(prefix=prefix, mode=mode, xdp_mode=xdp_mode, nlb=nlb).validate()
+    cfg = _lab.LabConfig(prefix=prefix, mode=mode, attach=attach, nlb=nlb).validate()
     _say(f"building lab {prefix!r} in mode {mode}"
-         + (f" ({xdp_mode} XDP)" if mode == "xdp" else "") + " ...")
+         + (f" (attach {attach})" if mode == "xdp" else "") + " ...")
     st = _lab.up(cfg)
     if as_json:
         emit_json(st)
@@ -145,8 +147,8 @@ def _print_status(st: dict) -> None:
 
     console = Console(width=None if sys.stdout.isatty() else 120)
     mode = st.get("mode") or "?"
-    if mode == "xdp" and st.get("xdp_mode"):
-        mode += f" ({st['xdp_mode']})"
+    if mode == "xdp" and st.get("attach"):
+        mode += f" (attach {st['attach']})"
     title = f"lab {st['prefix']}: mode {mode}" + ("" if st["up"] else " [partly up]")
     t = Table(title=title)
     for col in ("role", "namespace", "interface", "MAC", "addresses", "peer", "state", "XDP"):

@@ -13,11 +13,14 @@ NLB target hosts around one node.
                                                      (targets: default via 10.20.i.1)
 
 Modes (what the node does):
-  xdp      the hyperplane XDP data path on in0, out0 and tg1..tg3: the NAT gateway for the
+  xdp      the hyperplane data path on in0, out0 and tg1..tg3 (attached as `attach` says:
+           auto = tc on veth, native XDP on a NIC that has it): the NAT gateway for the
            client network and (with nlb=True) the NLB "lab-nlb", whose configuration is
            written to a store file and applied by an agent process (health checks, Maglev
-           tables, draining). The node kernel's forward chain drops (and counts) anything
-           XDP did not redirect; inet has no route back to 10.10.0.0/24.
+           tables, draining). The node adds the NAT IP and the VIP to out0 itself. The node
+           kernel's forward chain drops (and counts) anything the data path did not
+           redirect, except translated packets it handed over for fragmenting (marked); inet
+           has no route back to 10.10.0.0/24.
   kernel   plain kernel forwarding, no NAT (the benchmark floor); inet routes
            10.10.0.0/24 via 198.18.0.1.
   nft      Linux NAT for comparison: forward accept, snat 10.10.0.0/24 to 198.18.0.100.
@@ -25,8 +28,10 @@ Modes (what the node does):
            198.18.0.200:80 with the three targets as servers (roundrobin); the kernel
            forwards the rest (no NAT).
 
-`topology(cfg)` is the pure plan (tested without root); `up`, `down` and `status` act on
-the machine. The targets' servers (`python -m hyperplane.lab serve`) answer HTTP with their
+Like a real network, the lab keeps every interface's default offloads (TSO/GSO/GRO,
+checksum offload) and resolves neighbours by ARP; the node has a default route toward the
+internet host. `topology(cfg)` is the pure plan (tested without root); `up`, `down` and
+`status` act on the machine. The targets' servers (`python -m hyperplane.lab serve`) answer HTTP with their
 own name and the peer they saw, stream bodies at a bounded rate, and echo UDP. docs/lab.md
 has the same tables.
 """
@@ -46,13 +51,14 @@ from . import netns
 from .errors import ConfigError, EnvironmentProblem, HyperplaneError, NotFound
 
 MODES = ("xdp", "kernel", "nft", "haproxy")
-XDP_MODES = ("generic", "native")
+ATTACH_MODES = ("auto", "tc", "xdp")    # hyperplane.loader.MODES: how the data path attaches
 TARGET_ROLES = ("t1", "t2", "t3")
 ROLES = ("client", "node", "inet") + TARGET_ROLES
 STATE_DIR = "/run/hyperplane/lab"
 NFT_FAMILY = "inet"
 NFT_TABLE = "hyperplane_lab"
 NFT_FORWARD_COUNTER = "forward"
+NFT_ASSIST_COUNTER = "assist"
 NAT_IFNAMES = ["in0", "out0"]
 TARGET_IFNAMES = ["tg1", "tg2", "tg3"]            # node side of each target's veth
 NODE_IFNAMES = NAT_IFNAMES + TARGET_IFNAMES       # XDP is attached to all of them
@@ -85,8 +91,8 @@ HEALTH_CHECK = {"protocol": "tcp", "interval_s": 0.5, "timeout_s": 0.4,
                 "healthy_threshold": 2, "unhealthy_threshold": 2, "allow_fast": True}
 DEREGISTRATION_DELAY_S = 30
 
-# Fixed, locally administered MACs: the plan (and its permanent neighbour entries) is then
-# known before anything is built. Two labs never share a segment, so reuse is harmless.
+# Fixed, locally administered MACs: the plan is then known before anything is built. Two
+# labs never share a segment, so reuse is harmless. (Neighbours are resolved by ARP.)
 MACS = {
     "cl0": "02:68:70:0a:00:0a",
     "in0": "02:68:70:0a:00:01",
@@ -106,7 +112,7 @@ _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 class LabConfig:
     prefix: str = "hp"
     mode: str = "xdp"             # xdp | kernel | nft | haproxy
-    xdp_mode: str = "generic"     # generic | native (only for mode xdp)
+    attach: str = "auto"          # auto | tc | xdp (mode xdp only; hyperplane.loader.MODES)
     # The NLB: mode xdp writes the lab's NLB config to the store and starts the agent;
     # mode haproxy starts HAProxy. False builds the same topology without them (the NAT
     # tests use it, so no health-check traffic crosses the node while they count packets).
@@ -122,8 +128,9 @@ class LabConfig:
                               "starting with a letter")
         if self.mode not in MODES:
             raise ConfigError(f"lab mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.xdp_mode not in XDP_MODES:
-            raise ConfigError(f"xdp mode {self.xdp_mode!r} is not one of {', '.join(XDP_MODES)}")
+        if self.attach not in ATTACH_MODES:
+            raise ConfigError(f"attach mode {self.attach!r} is not one of "
+                              f"{', '.join(ATTACH_MODES)}")
         if not isinstance(self.nlb, bool):
             raise ConfigError(f"lab nlb must be true or false, not {self.nlb!r}")
         return self
@@ -144,14 +151,30 @@ def node_name(cfg: LabConfig) -> str:
     return "node1" if cfg.prefix == "hp" else f"{cfg.prefix}-node1"
 
 
+def kernel_assist_mark() -> int:
+    """skb->mark of a translated packet the data path hands the kernel to fragment
+    (bpf/hook.h HP_MARK_ASSIST)."""
+    from .cheaders import define
+    return define("hook.h", "HP_MARK_ASSIST")
+
+
 def nft_ruleset(cfg: LabConfig) -> str:
-    """The node namespace's nftables ruleset for the mode."""
+    """The node namespace's nftables ruleset for the mode. Mode xdp: the forward chain
+    accepts (and counts as kernel-assisted) only the translated packets the data path
+    marked for the kernel to fragment; anything else the kernel would forward slipped past
+    the data path: counted and dropped."""
     policy = _forward_policy(cfg)
     lines = [
         f"table {NFT_FAMILY} {NFT_TABLE} {{",
         f"  counter {NFT_FORWARD_COUNTER} {{ }}",
+        f"  counter {NFT_ASSIST_COUNTER} {{ }}",
         "  chain forward {",
         f"    type filter hook forward priority filter; policy {policy};",
+    ]
+    if cfg.mode == "xdp":
+        lines.append(f"    meta mark {kernel_assist_mark():#x} counter name "
+                     f"\"{NFT_ASSIST_COUNTER}\" accept")
+    lines += [
         f"    counter name \"{NFT_FORWARD_COUNTER}\"",
         "  }",
     ]
@@ -263,7 +286,9 @@ def topology(cfg: LabConfig) -> dict:
         {"role": "node", "netns": ns["node"], "ifname": "in0", "mac": MACS["in0"],
          "addresses": [f"{NODE_INSIDE_IP}/24"], "peer": "client/cl0", "side": "inside"},
         {"role": "node", "netns": ns["node"], "ifname": "out0", "mac": MACS["out0"],
-         "addresses": [f"{NODE_OUTSIDE_IP}/24", f"{NAT_IP}/32", f"{VIP}/32"],
+         # mode xdp: hpctl's node adds the NAT IP and its agent the VIP (as a user's would)
+         "addresses": [f"{NODE_OUTSIDE_IP}/24"] + ([] if cfg.mode == "xdp" else
+                                                    [f"{NAT_IP}/32", f"{VIP}/32"]),
          "peer": "inet/inet0", "side": "outside"},
         {"role": "inet", "netns": ns["inet"], "ifname": "inet0", "mac": MACS["inet0"],
          "addresses": [f"{ip}/24" for ip in INET_IPS], "peer": "node/out0"},
@@ -271,12 +296,8 @@ def topology(cfg: LabConfig) -> dict:
     links = [("client", "cl0", "node", "in0"), ("node", "out0", "inet", "inet0")]
     routes = {role: [] for role in ROLES}
     routes["client"].append({"dst": "default", "gateway": NODE_INSIDE_IP})
-    neigh = {role: [] for role in ROLES}
-    neigh["client"] = [{"ifname": "cl0", "ip": NODE_INSIDE_IP, "mac": MACS["in0"]}]
-    neigh["node"] = ([{"ifname": "in0", "ip": ip, "mac": MACS["cl0"]} for ip in CLIENT_IPS]
-                     + [{"ifname": "out0", "ip": ip, "mac": MACS["inet0"]} for ip in INET_IPS])
-    neigh["inet"] = [{"ifname": "inet0", "ip": ip, "mac": MACS["out0"]}
-                     for ip in (NODE_OUTSIDE_IP, NAT_IP, VIP)]
+    # the node's way to the rest of the internet, as a gateway's is
+    routes["node"].append({"dst": "default", "gateway": INET_IPS[0]})
     for t in targets(cfg):
         role, tg = t["name"], t["node_ifname"]
         ifaces.append({"role": "node", "netns": ns["node"], "ifname": tg, "mac": MACS[tg],
@@ -287,8 +308,6 @@ def topology(cfg: LabConfig) -> dict:
                        "peer": f"node/{tg}"})
         links.append(("node", tg, role, "eth0"))
         routes[role].append({"dst": "default", "gateway": t["gateway"]})
-        neigh["node"].append({"ifname": tg, "ip": t["ip"], "mac": TARGET_MACS[role]})
-        neigh[role].append({"ifname": "eth0", "ip": t["gateway"], "mac": MACS[tg]})
     if cfg.mode == "kernel":
         routes["inet"].append({"dst": CLIENT_NET, "gateway": NODE_OUTSIDE_IP})
     common = {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1,
@@ -296,21 +315,20 @@ def topology(cfg: LabConfig) -> dict:
     sysctls = {role: dict(common) for role in ROLES}
     sysctls["node"]["net.ipv4.ip_forward"] = 1
     # Native XDP redirecting into a veth needs the *peer* ready for XDP frames (GRO on, or
-    # a program attached there): the far ends get GRO back on in that case only.
+    # a program attached there): with attach "xdp" the far ends get GRO on - the one
+    # setting the lab changes, and not the default (auto attaches at tc on veth).
     gro_on = (["client/cl0", "inet/inet0"] + [f"{t}/eth0" for t in TARGET_ROLES]) \
-        if (cfg.mode == "xdp" and cfg.xdp_mode == "native") else []
+        if (cfg.mode == "xdp" and cfg.attach == "xdp") else []
     nlb_on = cfg.nlb and cfg.mode in ("xdp", "haproxy")
     return {
         "prefix": cfg.prefix,
         "mode": cfg.mode,
-        "xdp_mode": cfg.xdp_mode if cfg.mode == "xdp" else None,
+        "attach": cfg.attach if cfg.mode == "xdp" else None,
         "namespaces": ns,
         "interfaces": ifaces,
         "links": [{"a": f"{a}/{ia}", "b": f"{b}/{ib}"} for a, ia, b, ib in links],
         "routes": routes,
-        "neighbours": neigh,
         "sysctls": sysctls,
-        "offloads_off": ["gro", "gso", "tso", "tx-checksum"],
         "gro_on": gro_on,
         "client_addresses": list(CLIENT_IPS),
         "internet_addresses": list(INET_IPS),
@@ -337,7 +355,7 @@ def topology(cfg: LabConfig) -> dict:
         "node": {"name": node_name(cfg), "netns": ns["node"], "ifnames": list(NODE_IFNAMES),
                  "pin_root": _pin_root()},
         "nft": {"family": NFT_FAMILY, "table": NFT_TABLE, "forward_counter": NFT_FORWARD_COUNTER,
-                "forward_policy": _forward_policy(cfg),
+                "forward_policy": _forward_policy(cfg), "assist_counter": NFT_ASSIST_COUNTER,
                 "snat": cfg.mode == "nft"},
     }
 
@@ -408,7 +426,6 @@ def up(cfg: LabConfig) -> dict:
         for a, ia, b, ib in (l["a"].split("/") + l["b"].split("/") for l in topo["links"]):
             netns.veth(ns[a], ia, ns[b], ib, mac_a=mac[(a, ia)], mac_b=mac[(b, ib)])
         for ifc in topo["interfaces"]:
-            netns.offloads_off(ifc["netns"], ifc["ifname"])
             for cidr in ifc["addresses"]:
                 netns.add_address(ifc["netns"], ifc["ifname"], cidr)
         for where in topo["gro_on"]:
@@ -417,9 +434,6 @@ def up(cfg: LabConfig) -> dict:
         for role, routes in topo["routes"].items():
             for r in routes:
                 netns.add_route(ns[role], r["dst"], r.get("gateway"))
-        for role, entries in topo["neighbours"].items():
-            for e in entries:
-                netns.add_neighbour(ns[role], e["ifname"], e["ip"], e["mac"])
         netns.nft_load(ns["node"], nft_ruleset(cfg))
         if cfg.mode == "xdp":
             _start_node(cfg, topo)
@@ -513,14 +527,9 @@ def _start_node(cfg: LabConfig, topo: dict) -> None:
     if cfg.sizes:
         from .loader import Sizes
         extra["sizes"] = Sizes(**cfg.sizes)
-    try:
-        node.start_nat_node(topo["node"]["name"], list(NODE_IFNAMES), gws,
-                            netns=topo["node"]["netns"], mode=cfg.xdp_mode,
-                            pin_root=topo["node"]["pin_root"], timeouts=cfg.timeouts, **extra)
-    except NotImplementedError:
-        raise HyperplaneError("lab mode xdp needs the XDP datapath, which is not implemented "
-                              "yet (hyperplane.node.start_nat_node); use --mode kernel or "
-                              "--mode nft") from None
+    node.start_nat_node(topo["node"]["name"], list(NODE_IFNAMES), gws,
+                        netns=topo["node"]["netns"], mode=cfg.attach,
+                        pin_root=topo["node"]["pin_root"], timeouts=cfg.timeouts, **extra)
 
 
 def down(cfg: LabConfig | None = None, *, prefix: str | None = None) -> dict:
@@ -561,8 +570,6 @@ def _stop_node(topo: dict) -> list[str]:
         here = netns.exists(ns)
         node.stop_node(topo["node"]["name"], list(NODE_IFNAMES) if here else [],
                        netns=ns if here else None, pin_root=topo["node"]["pin_root"])
-    except NotImplementedError:
-        return []
     except (HyperplaneError, OSError, KeyError, ValueError) as exc:
         if not netns.exists(ns) or isinstance(exc, (NotFound, FileNotFoundError)):
             return []          # nothing was pinned / attached: normal for a half-built lab
@@ -584,7 +591,7 @@ def status(cfg: LabConfig | None = None, *, prefix: str | None = None) -> dict:
         "prefix": prefix,
         "up": len(have) == len(ROLES),
         "mode": cfg.mode if state else None,
-        "xdp_mode": topo["xdp_mode"] if state else None,
+        "attach": topo["attach"] if state else None,
         "namespaces": topo["namespaces"],
         "namespaces_present": have,
         "client_addresses": topo["client_addresses"],
@@ -621,9 +628,11 @@ def status(cfg: LabConfig | None = None, *, prefix: str | None = None) -> dict:
             "addresses": live["addresses"] if live else [],
             "state": live["state"] if live else None,
             "xdp": live["xdp"] if live else None,
+            "tc": live["tc"] if live else [],
         })
-    out["node"]["xdp_attached"] = {i["ifname"]: i["xdp"] is not None
-                                   for i in out["interfaces"] if i["role"] == "node"}
+    # where the data path is attached on each node interface: "xdp (native)", "tc", or None
+    out["node"]["attached"] = {i["ifname"]: _hook_of(i) for i in out["interfaces"]
+                               if i["role"] == "node"}
     if topo["namespaces"]["node"] in have:
         try:
             out["nft_forward_packets"] = netns.nft_counter(
@@ -631,6 +640,15 @@ def status(cfg: LabConfig | None = None, *, prefix: str | None = None) -> dict:
         except (HyperplaneError, OSError, ValueError, Exception):
             out["nft_forward_packets"] = None
     return out
+
+
+def _hook_of(ifc: dict) -> str | None:
+    from .loader import PROGRAMS
+    if ifc["xdp"]:
+        return f"xdp ({ifc['xdp']['mode']})"
+    if PROGRAMS["tc"][0].decode() in ifc["tc"]:
+        return "tc"
+    return None
 
 
 def _agent_status(node: str) -> dict | None:
@@ -648,9 +666,16 @@ def _agent_status(node: str) -> dict | None:
 
 
 def forward_packets(cfg: LabConfig) -> int:
-    """Packets the node's kernel tried to forward (mode xdp: all dropped by policy)."""
+    """Packets the node's kernel tried to forward that the data path did not translate
+    (mode xdp: all dropped by policy)."""
     return netns.nft_counter(namespaces(cfg)["node"], NFT_FAMILY, NFT_TABLE,
                              NFT_FORWARD_COUNTER)["packets"]
+
+
+def assisted_packets(cfg: LabConfig) -> int:
+    """Translated packets the data path handed the node's kernel to fragment (mode xdp)."""
+    return netns.nft_counter(namespaces(cfg)["node"], NFT_FAMILY, NFT_TABLE,
+                             NFT_ASSIST_COUNTER)["packets"]
 
 
 def namespace_for(cfg: LabConfig, role: str) -> str:

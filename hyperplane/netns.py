@@ -204,6 +204,7 @@ def links(ns: str) -> list[dict]:
                                 .get(attached, str(attached)),
                                 "prog_id": xdp.get_attr("IFLA_XDP_PROG_ID")}
             stats = link.get_attr("IFLA_STATS64") or {}
+            tc = _tc_ingress_programs(ip, idx)
             out.append({
                 "ifname": link.get_attr("IFLA_IFNAME"),
                 "index": idx,
@@ -212,10 +213,28 @@ def links(ns: str) -> list[dict]:
                 "mtu": link.get_attr("IFLA_MTU"),
                 "addresses": addrs.get(idx, []),
                 "xdp": xdp_info,
+                "tc": tc,
                 "rx_packets": stats.get("rx_packets"),
                 "tx_packets": stats.get("tx_packets"),
             })
     return out
+
+
+def _tc_ingress_programs(ip, index: int) -> list[str]:
+    """Names of the BPF programs attached to an interface's tc (clsact) ingress hook."""
+    try:
+        filters = ip.get_filters(index=index, parent=0xFFFFFFF2)
+    except Exception:  # no clsact qdisc: nothing attached
+        return []
+    names = []
+    for f in filters:
+        if f.get_attr("TCA_KIND") != "bpf":
+            continue
+        opts = f.get_attr("TCA_OPTIONS")
+        name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+        if name:
+            names.append(name.split(":")[0])
+    return names
 
 
 def rx_packets(ns: str, ifnames: Sequence[str]) -> dict[str, int]:

@@ -3,7 +3,7 @@
 The NAT tests run against mode xdp (the hyperplane datapath). HP_LAB_MODE=nft or
 HP_LAB_MODE=kernel runs the same traffic through Linux NAT or plain forwarding instead:
 that checks the test harness itself (what is NAT-specific is skipped in kernel mode).
-HP_LAB_XDP_MODE=native attaches XDP in native mode (default generic).
+HP_LAB_ATTACH=tc|xdp attaches the data path that way (default auto: tc on veth).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from hyperplane import lab, netns
 
-from lab_harness import LAB_MODE, XDP_MODE, Lab, build_lab, build_nlb_lab, lab_prefix, \
+from lab_harness import ATTACH, LAB_MODE, Lab, build_lab, build_nlb_lab, lab_prefix, \
     require_root
 
 
@@ -29,7 +29,7 @@ def nat_lab(request) -> Lab:
     the NLB (no agent): then no health-check traffic crosses the node, and every packet it
     receives is test traffic that the accounting below can count exactly."""
     return build_lab(request, lab.LabConfig(prefix=lab_prefix("n"), mode=LAB_MODE,
-                                            xdp_mode=XDP_MODE, nlb=False))
+                                            attach=ATTACH, nlb=False))
 
 
 @pytest.fixture(autouse=True)
@@ -67,17 +67,19 @@ def nlb_lab(request) -> Lab:
     if LAB_MODE != "xdp":
         pytest.skip(f"the NLB lab tests need mode xdp (HP_LAB_MODE={LAB_MODE})")
     return build_nlb_lab(request, lab.LabConfig(prefix=lab_prefix("l"), mode="xdp",
-                                                xdp_mode=XDP_MODE, nlb=True))
+                                                attach=ATTACH, nlb=True))
 
 
 def _settled_rx(the_lab: Lab, timeout: float = 3.0) -> tuple[int, int]:
-    """(rx packets on the node's out0, rx packets on inet's inet0) once they stop moving
-    (the last FIN/ACKs of a test may still be on their way)."""
+    """(IPv4 packets received on the node's out0, IPv4 packets received on inet's inet0)
+    once they stop moving (the last FIN/ACKs of a test may still be on their way). ARP is
+    left out: out0 and inet0 face each other alone, so each side's ARP input is that
+    link's."""
     deadline = time.monotonic() + timeout
     last = None
     while True:
-        now = (netns.rx_packets(the_lab.node, ["out0"])["out0"],
-               netns.rx_packets(the_lab.inet, ["inet0"])["inet0"])
+        now = (netns.rx_packets(the_lab.node, ["out0"])["out0"] - the_lab.arp_received("node"),
+               netns.rx_packets(the_lab.inet, ["inet0"])["inet0"] - the_lab.arp_received("inet"))
         if now == last or time.monotonic() > deadline:
             return now
         last = now

@@ -49,9 +49,10 @@ def _group_targets(data: dict, group: str) -> list[dict]:
     return next(tg for tg in data["target_groups"] if tg["name"] == group)["targets"]
 
 
-def test_xdp_attached_on_every_node_interface(nlb_lab):
+def test_data_path_attached_on_every_node_interface(nlb_lab):
+    from test_nat_lab import expected_hook
     st = lab.status(nlb_lab.cfg)
-    assert st["node"]["xdp_attached"] == {i: True for i in lab.NODE_IFNAMES}
+    assert st["node"]["attached"] == {i: expected_hook(nlb_lab.cfg) for i in lab.NODE_IFNAMES}
     assert st["nlb"]["enabled"] and st["nlb"]["agent"]["config_error"] is None
     assert set(st["nlb"]["agent"]["target_groups"]) == {lab.WEB_GROUP, lab.DNS_GROUP}
 
