@@ -80,6 +80,35 @@ def test_client_ip_preserved(nlb_lab):
         assert {r.peer_ip for r in res} == {src}, res
 
 
+def test_vip_is_added_by_the_agent_and_answers(nlb_lab):
+    """The lab does not add the VIP: the agent does when it applies the load balancer
+    (labelled as hyperplane's), and the node answers ping for it."""
+    from lab_traffic import ping
+    out0 = {l["ifname"]: l for l in netns.links(nlb_lab.node)}["out0"]
+    assert f"{lab.VIP}/32" in out0["addresses"]
+    assert len(ping(nlb_lab.inet, lab.VIP, count=2)) == 2, "the VIP does not answer"
+
+
+def test_fresh_connections_with_neighbour_caches_flushed(nlb_lab):
+    """No static neighbours: with the node's and the targets' caches just flushed, every
+    new connection still reaches its target (the node resolves them by ARP on the way)
+    and the answers come back."""
+    from hyperplane.metrics import stat_counts
+    from hyperplane import node
+    for role in ("node", "inet", *NAMES):
+        netns.run_in(nlb_lab.ns_of(role), ["ip", "neigh", "flush", "all"])
+    dp = node.open_node(lab.node_name(nlb_lab.cfg))
+    try:
+        resolved0 = stat_counts(dp)["NEIGH_RESOLVE"]
+        res = http_get_many(nlb_lab.inet, VIP, 150, sources=SOURCES, concurrency=16,
+                            timeout=60)
+        _all_ok(res)
+        assert set(_spread(res)) == {web(t) for t in NAMES}
+        assert stat_counts(dp)["NEIGH_RESOLVE"] > resolved0
+    finally:
+        dp.close()
+
+
 def test_udp_listener(nlb_lab):
     c = netns.socket_in(nlb_lab.inet, socket.AF_INET, socket.SOCK_DGRAM)
     try:
