@@ -453,4 +453,28 @@ static __always_inline int tcp_track(struct pkt *p, struct flow_value *v)
 	return rc;
 }
 
+/* Should this packet confirm its unconfirmed flow? A reply alone does not: a target or a
+ * server answers a spoofed SYN too. The originator's next packet after a reply does (TCP:
+ * the ACK that completes the handshake, which a spoofer never sees the SYN-ACK for;
+ * UDP/ICMP: conntrack's "assured" stream), and so does the client's ACK of a SYN-ACK this
+ * node did not see (tcp_track established). A reply marks both entries REPLY_SEEN. */
+static __always_inline int flow_should_confirm(struct pkt *p, struct flow_value *v, int track)
+{
+	if (is_reply_kind(v->kind)) {
+		if (!(v->flags & FLOW_F_REPLY_SEEN)) {
+			v->flags |= FLOW_F_REPLY_SEEN;
+			struct flow_value *t = flow_in(&v->twin, v->flags);
+			if (t)
+				t->flags |= FLOW_F_REPLY_SEEN;
+		}
+		return 0;
+	}
+	if (!p->tcp)
+		return (v->flags & FLOW_F_REPLY_SEEN) != 0;
+	if (track == TCP_TRACK_ESTABLISHED) /* by the client's ACK */
+		return 1;
+	return (v->flags & FLOW_F_REPLY_SEEN) && v->tcp_state == TCP_S_ESTABLISHED &&
+	       (p->tcp_flags & (TH_ACK | TH_SYN)) == TH_ACK;
+}
+
 #endif

@@ -54,10 +54,11 @@ static __always_inline int next_hop(HP_CTX *ctx, struct pkt *p, struct next_hop 
 	f->l4_protocol = ip->protocol;
 	f->sport = sport;
 	f->dport = dport;
-#ifndef HP_HOOK_TC
-	/* at tc, 0 makes the helper check the skb itself (GSO segments, not the total) */
-	f->tot_len = ip_len;
-#endif
+	/* What must fit the route's MTU (at tc one GSO segment): with tot_len set the helper
+	 * checks the route's MTU (a locked one, else the device's), and on success reports
+	 * it in mtu_result. With tot_len 0 (tc) it would check the skb against the device
+	 * only, ignoring the route; and the device's MTU (bpf_check_mtu) is not the route's. */
+	f->tot_len = mtu_len;
 	f->ipv4_src = src;
 	f->ipv4_dst = dst;
 	f->ifindex = p->ifindex;
@@ -77,15 +78,9 @@ static __always_inline int next_hop(HP_CTX *ctx, struct pkt *p, struct next_hop 
 	default: /* unreachable, blackhole, prohibited, local, forwarding off */
 		return V_DROP_NO_ROUTE;
 	}
-	__u32 mtu = 0;
-#ifdef HP_HOOK_TC
-	mtu = f->mtu_result; /* tot_len 0: the helper reports the device's MTU */
-#else
-	if (bpf_check_mtu(ctx, f->ifindex, &mtu, 0, 0) < 0)
-		mtu = ip_len;
-#endif
+	__u32 mtu = f->mtu_result; /* the route's MTU, at least mtu_len */
 	nh->ifindex = f->ifindex;
-	nh->mtu = mtu ? mtu : mtu_len;
+	nh->mtu = mtu > mtu_len ? mtu : mtu_len;
 	__builtin_memcpy(nh->smac, f->smac, 6);
 	__builtin_memcpy(nh->dmac, f->dmac, 6);
 	nh->checked_ns = p->now;
@@ -134,8 +129,9 @@ static __always_inline int flow_ingress_ok(HP_CTX *ctx, struct pkt *p, struct hp
 		return 1;
 	if (!ingress_ok(ctx, p, cfg))
 		return 0;
+	if (v->in_ifindex) /* 0: a reply direction's first packet, learned here */
+		stat_inc(S_IFACE_MOVED);
 	v->in_ifindex = p->ifindex;
-	stat_inc(S_IFACE_MOVED);
 	return 1;
 }
 

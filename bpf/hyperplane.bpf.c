@@ -204,9 +204,7 @@ static __always_inline int forward_flow(HP_CTX *ctx, struct pkt *p, struct hp_co
 	}
 	count_resource(p, v);
 	__u8 kind = v->kind;
-	/* the first reply (TCP: the connection established) confirms a flow */
-	if ((v->flags & FLOW_F_PENDING) &&
-	    (track == TCP_TRACK_ESTABLISHED || (!p->tcp && is_reply_kind(kind))))
+	if ((v->flags & FLOW_F_PENDING) && flow_should_confirm(p, v, track))
 		v = flow_confirm(&p->key, v);
 	if (rt == RT_TOO_BIG) {
 		/* no DF: the kernel fragments the translated packet and forwards it */

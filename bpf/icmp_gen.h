@@ -79,22 +79,31 @@ static __always_inline int icmp_reply(HP_CTX *ctx, struct pkt *p, __u8 type, __u
 		return V_DROP_NO_REPLY;
 	}
 
-	/* from this node's address on the route back to the sender */
+	/* from this node's address on the route back to the sender. The neighbour is looked
+	 * up too: only then does the helper fill smac (not with BPF_FIB_LOOKUP_SKIP_NEIGH). */
 	struct bpf_fib_lookup *f = &s->fib;
 	__builtin_memset(f, 0, sizeof(*f));
 	f->family = AF_INET;
 	f->tot_len = 20;
 	f->ipv4_dst = ip->saddr;
 	f->ifindex = p->ifindex;
-	if (bpf_fib_lookup(ctx, f, sizeof(*f), BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH) !=
-	    BPF_FIB_LKUP_RET_SUCCESS || !f->ipv4_src)
+	int rc = bpf_fib_lookup(ctx, f, sizeof(*f), BPF_FIB_LOOKUP_SRC);
+	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || !f->ipv4_src)
 		return V_DROP_NO_REPLY;
 	if (!icmp_budget_take(p->now))
 		return V_DROP_ICMP_RATELIMIT;
 
 	__u8 macs[12];
 	__builtin_memcpy(macs, p->eth->h_source, 6);     /* new destination: the sender */
-	__builtin_memcpy(macs + 6, f->smac, 6);          /* new source: our interface */
+	/* new source: our interface's MAC; when the helper could not say (the route back's
+	 * neighbour is not resolved, or it leaves by another interface), the unicast MAC the
+	 * packet was sent to, which is ours */
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS && f->ifindex == p->ifindex)
+		__builtin_memcpy(macs + 6, f->smac, 6);
+	else if (!(p->eth->h_dest[0] & 1))
+		__builtin_memcpy(macs + 6, p->eth->h_dest, 6);
+	else
+		return V_DROP_NO_REPLY;
 
 	h->ip.version = 4;
 	h->ip.ihl = 5;

@@ -57,6 +57,7 @@ struct flow_value {
 };
 #define FLOW_F_PENDING 1      /* in the unconfirmed (LRU) table, not the flow table */
 #define FLOW_F_ACK_SEEN 2     /* this direction has sent an ACK (ack/win are valid) */
+#define FLOW_F_REPLY_SEEN 4   /* the reply direction has sent a packet (both entries) */
 #define WSCALE_NONE 0xff
 
 /* A NAT port taken for one destination: (NAT IP, NAT port, proto, dst IP, dst port).

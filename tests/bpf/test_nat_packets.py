@@ -439,6 +439,8 @@ def test_full_flow_table_keeps_every_confirmed_flow(env):
             reply = from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=ports[cport],
                                                                 flags="SA"))
             assert run.run(reply, "out0")[0] == Verdict.TX_NAT_IN
+            ack = from_client(IP(src=CLIENT, dst=INET) / TCP(sport=cport, dport=80, flags="A"))
+            assert run.run(ack)[0] == Verdict.TX_NAT_OUT  # the handshake's end confirms
         assert run.stats()["CONFIRM_FULL"] == 1 and run.stats()["FLOW_CONFIRMED"] == 4
         assert len(list(small.table("flows").items())) == 8
         assert len(list(small.table("pending").items())) == 2, "the fifth stays unconfirmed"
@@ -473,8 +475,13 @@ def test_full_reservation_table_refuses_new_flows(env):
 
 
 def test_active_connection_count_leaves_out_closed_flows(e):
-    _nat_tcp_flow(e, cport=49000)
-    port = _nat_tcp_flow(e, cport=49001)
+    """Confirmed connections count (a SYN alone does not: unconfirmed flows are not
+    active); a RST ends one."""
+    for cport in (49000, 49001):
+        port = _nat_tcp_flow(e, cport=cport)
+        synack = from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=port, flags="SA"))
+        assert e.run(synack, "out0")[0] == Verdict.TX_NAT_IN
+    _nat_tcp_flow(e, cport=49002)
     assert e.gw_metrics()["ActiveConnectionCount"] == 2
     e.run(from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=port, flags="R")), "out0")
     assert e.gw_metrics()["ActiveConnectionCount"] == 1
