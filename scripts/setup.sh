@@ -18,7 +18,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 PACKAGES=(python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 nftables ethtool iperf3 wrk
-          python3-venv python3-pip curl haproxy tcpdump iputils-ping)
+          python3-venv python3-pip curl haproxy tcpdump iputils-ping hping3)
 BPFFS=/run/hyperplane/bpf
 VENV="$ROOT/.venv"
 STAMP="$VENV/.hyperplane-pyproject.sha256"
