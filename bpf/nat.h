@@ -101,7 +101,7 @@ static __always_inline int nat_new_flow(struct pkt *p, struct hp_config *cfg,
 	struct gw_config *gw = gateways.lookup(&gw_id);
 	if (!gw || gw->n_nat_ips == 0 || gw->n_nat_ips > HP_MAX_NAT_IPS ||
 	    gw->port_max < gw->port_min)
-		return V_PASS_NO_RESOURCE;
+		return V_DROP_NO_ROUTE; /* a client of a gateway with no NAT IP: never untranslated */
 	struct gw_metrics *m = gw_stats.lookup(&gw_id);
 
 	struct nat_resv_key rk = {};
