@@ -259,11 +259,15 @@ static __always_inline int reply_key_free(struct hp_config *cfg, struct flow_key
 
 /* Create both entries of a new flow whose original direction (p->key) is translated to
  * (nsrc:nsport -> ndst:ndport), unconfirmed. The reply key is that tuple reversed, and
- * the reply entry translates back to p->key reversed. Both are inserted with BPF_NOEXIST:
- * two CPUs missing on the same new tuple end with one flow, the loser using the
- * winner's. The original direction arrives where this packet did; the reply
- * direction's interface is learned through the reverse-path check of its first packet
- * (in_ifindex 0). */
+ * the reply entry translates back to p->key reversed. Both are inserted with BPF_NOEXIST,
+ * the original direction's first: of two CPUs missing on the same new tuple exactly one
+ * inserts it and goes on, the other uses the winner's entry. Only then is the reply key
+ * checked and inserted, so a reply entry never exists without its original (another CPU
+ * would take it for a stale one and delete it, or take its tuple for another flow's: with
+ * the reply key first, the load balancer's loser, whose reply key is the winner's, was
+ * refused or broke the winner's flow). The original direction arrives where this packet
+ * did; the reply direction's interface is learned through the reverse-path check of its
+ * first packet (in_ifindex 0). */
 static __always_inline int flow_create(struct pkt *p, struct hp_config *cfg, __be32 nsrc,
 				       __be16 nsport, __be32 ndst, __be16 ndport, __u8 kind,
 				       __u8 reply_kind, __u16 resource, __u16 target,
@@ -275,8 +279,6 @@ static __always_inline int flow_create(struct pkt *p, struct hp_config *cfg, __b
 	reply.src_port = ndport;
 	reply.dst_port = nsport;
 	reply.proto = p->key.proto;
-	if (!reply_key_free(cfg, &reply, p->now))
-		return CREATE_TAKEN;
 
 	struct scratch *s = scratch_get();
 	if (!s)
@@ -291,16 +293,6 @@ static __always_inline int flow_create(struct pkt *p, struct hp_config *cfg, __b
 	v->wscale = WSCALE_NONE;
 	v->tcp_state = p->key.proto == IPPROTO_TCP ? TCP_S_SYN_SENT : TCP_S_NONE;
 
-	v->twin = p->key;
-	v->kind = reply_kind;
-	v->new_src_ip = p->key.dst_ip;
-	v->new_src_port = p->key.dst_port;
-	v->new_dst_ip = p->key.src_ip;
-	v->new_dst_port = p->key.src_port;
-	int rc = pending.insert(&reply, v);
-	if (rc)
-		return rc == -EEXIST ? CREATE_TAKEN : CREATE_FULL;
-
 	v->twin = reply;
 	v->kind = kind;
 	v->in_ifindex = p->ifindex;
@@ -308,14 +300,30 @@ static __always_inline int flow_create(struct pkt *p, struct hp_config *cfg, __b
 	v->new_src_port = nsport;
 	v->new_dst_ip = ndst;
 	v->new_dst_port = ndport;
-	rc = pending.insert(&p->key, v);
+	int rc = pending.insert(&p->key, v);
 	if (rc) {
-		pending.delete(&reply);
 		if (rc != -EEXIST)
 			return CREATE_FULL;
 		*out = flow_find(&p->key);
 		stat_inc(S_CREATE_RACE);
 		return *out ? CREATE_RACE : CREATE_FULL;
+	}
+
+	if (!reply_key_free(cfg, &reply, p->now)) {
+		pending.delete(&p->key);
+		return CREATE_TAKEN;
+	}
+	v->twin = p->key;
+	v->kind = reply_kind;
+	v->in_ifindex = 0;
+	v->new_src_ip = p->key.dst_ip;
+	v->new_src_port = p->key.dst_port;
+	v->new_dst_ip = p->key.src_ip;
+	v->new_dst_port = p->key.src_port;
+	rc = pending.insert(&reply, v);
+	if (rc) { /* taken by another flow since the check, or the table failed */
+		pending.delete(&p->key);
+		return rc == -EEXIST ? CREATE_TAKEN : CREATE_FULL;
 	}
 	*out = pending.lookup(&p->key);
 	if (!*out) { /* evicted at once: the LRU is under heavy pressure */

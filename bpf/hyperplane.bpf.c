@@ -69,7 +69,7 @@ struct pkt {
  * hyperplane/loader.py PROGRAMS. */
 #define PROG_NEW 0    /* a packet of no known flow: classify it, create its flow */
 #define PROG_REPLY 1  /* answer it (RST, ICMP error), or translate an ICMP error */
-#define PROG_MAIN 2   /* the main program, for PROG_NEW to hand a new flow back */
+#define PROG_MAIN 2   /* the main program, for PROG_WSCALE to hand a SYN back */
 #define PROG_WSCALE 3 /* read a SYN's window scale option, then back to the main program */
 
 /* What a slow path is asked to do (scratch.todo); above every verdict. */
@@ -161,8 +161,6 @@ static __always_inline int forward_flow(HP_CTX *ctx, struct pkt *p, struct hp_co
 		return V_DROP_WRONG_IFACE;
 	int track = TCP_TRACK_OK;
 	if (p->tcp) {
-		if ((p->tcp_flags & TH_SYN) && !p->wscale_ready)
-			return DO_WSCALE; /* the option walk is its own program */
 		track = tcp_track(p, v);
 		if (track == TCP_TRACK_INVALID) {
 			stat_inc(S_RST_IGNORED);
@@ -492,33 +490,47 @@ static __always_inline int finish(HP_CTX *ctx, struct pkt *p, int verdict)
 
 /* Hand the packet to a slow path; returns only when the tail call failed (a program
  * missing from progs: counted as malformed, never passed on untranslated). */
-static __always_inline int go_slow(HP_CTX *ctx, struct scratch *s, __u32 prog, int todo,
-				   __u16 mtu)
+static __always_inline int go_slow(HP_CTX *ctx, struct scratch *s, struct pkt *p, __u32 prog,
+				   int todo, __u16 mtu)
 {
 	s->todo = todo;
 	s->mtu = mtu;
+	s->wscale_ready = p->wscale_ready;
+	s->wscale = p->wscale;
 	progs.call(ctx, prog);
-	s->reentry = 0;
+	s->wscale_ready = 0;
 	return V_DROP_MALFORMED;
 }
 
+/* Every program starts the same: the scratch space, what the program before left in it,
+ * and the packet parsed again (a tail call keeps the packet, not the parsed pointers).
+ * Returns 0, or the verdict of a packet that goes no further. */
+static __always_inline int begin(HP_CTX *ctx, struct pkt *p, struct scratch **s,
+				 struct hp_config **cfg)
+{
+	p->action = -1;
+	*s = scratch_get();
+	if (!*s)
+		return V_DROP_MALFORMED;
+	p->wscale_ready = (*s)->wscale_ready;
+	p->wscale = (*s)->wscale;
+	(*s)->wscale_ready = 0;
+	int rc = parse_packet(ctx, p, cfg);
+	if (!rc && !*cfg)
+		rc = V_PASS_NO_RESOURCE;
+	return rc;
+}
+
 /* The main program: known flows are translated and forwarded here; everything else goes
- * to a slow path. */
+ * to a slow path. A TCP SYN first has its window scale read (PROG_WSCALE, which hands it
+ * back here). */
 int HP_ENTRY(HP_CTX *ctx)
 {
 	struct pkt p = {};
-	p.action = -1;
 	struct hp_config *cfg = 0;
-	struct scratch *s = scratch_get();
-	if (!s)
-		return finish(ctx, &p, V_DROP_MALFORMED);
-	__u8 reentry = s->reentry;
-	s->reentry = 0;
-	p.wscale_ready = s->wscale_ready;
-	p.wscale = s->wscale;
-	s->wscale_ready = 0;
-	int rc = parse_packet(ctx, &p, &cfg);
-	if (rc || !cfg)
+	struct scratch *s = 0;
+	int rc = begin(ctx, &p, &s, &cfg);
+	if (rc || !s || !cfg)
 		return finish(ctx, &p, rc);
 	struct iphdr *ip = p.iph;
 	if (p.frag && !p.frag_first) {
@@ -527,49 +539,36 @@ int HP_ENTRY(HP_CTX *ctx)
 			if (rc != V_DROP_FRAGMENT)
 				return finish(ctx, &p, rc);
 		}
-		return finish(ctx, &p, go_slow(ctx, s, PROG_NEW, DO_NEW, 0));
+		return finish(ctx, &p, go_slow(ctx, s, &p, PROG_NEW, DO_NEW, 0));
 	}
 	if (p.icmp && ip->ihl == 5 && is_icmp_error(p.icmp_type))
-		return finish(ctx, &p, go_slow(ctx, s, PROG_REPLY, DO_ICMP_ERROR, 0));
+		return finish(ctx, &p, go_slow(ctx, s, &p, PROG_REPLY, DO_ICMP_ERROR, 0));
+	if (p.tcp && (p.tcp_flags & TH_SYN) && !p.wscale_ready)
+		return finish(ctx, &p, go_slow(ctx, s, &p, PROG_WSCALE, DO_WSCALE, 0));
 	struct flow_value *v = known_flow(&p, cfg);
-	if (!v) {
-		if (reentry) /* created by PROG_NEW, gone at once: the LRU is overrun */
-			return finish(ctx, &p, V_DROP_TABLE_FULL);
-		return finish(ctx, &p, go_slow(ctx, s, PROG_NEW, DO_NEW, 0));
-	}
+	if (!v)
+		return finish(ctx, &p, go_slow(ctx, s, &p, PROG_NEW, DO_NEW, 0));
 	rc = forward_flow(ctx, &p, cfg, v);
-	if (rc == DO_WSCALE) {
-		s->reentry = reentry;
-		rc = go_slow(ctx, s, PROG_WSCALE, rc, 0);
-	} else if (rc > V_MAX) {
-		rc = go_slow(ctx, s, PROG_REPLY, rc, p.mtu);
-	}
+	if (rc > V_MAX)
+		rc = go_slow(ctx, s, &p, PROG_REPLY, rc, p.mtu);
 	return finish(ctx, &p, rc);
 }
 
-/* PROG_NEW: a packet of no known flow. A flow it creates is forwarded by the main
- * program, which finds it now. */
+/* PROG_NEW: a packet of no known flow: classified, and a flow it creates forwarded. */
 int HP_PROG(new)(HP_CTX *ctx)
 {
 	struct pkt p = {};
-	p.action = -1;
 	struct hp_config *cfg = 0;
-	struct scratch *s = scratch_get();
-	if (!s)
-		return finish(ctx, &p, V_DROP_MALFORMED);
-	int rc = parse_packet(ctx, &p, &cfg);
-	if (rc || !cfg)
+	struct scratch *s = 0;
+	int rc = begin(ctx, &p, &s, &cfg);
+	if (rc || !s || !cfg)
 		return finish(ctx, &p, rc);
 	struct flow_value *v = 0;
 	rc = classify(ctx, &p, cfg, &v);
-	if (rc == 0 && v) {
-		s->reentry = 1;
-		progs.call(ctx, PROG_MAIN);
-		s->reentry = 0;
-		return finish(ctx, &p, V_DROP_MALFORMED);
-	}
+	if (rc == 0 && v)
+		rc = forward_flow(ctx, &p, cfg, v);
 	if (rc > V_MAX)
-		rc = go_slow(ctx, s, PROG_REPLY, rc, 0);
+		rc = go_slow(ctx, s, &p, PROG_REPLY, rc, p.mtu);
 	return finish(ctx, &p, rc);
 }
 
@@ -577,13 +576,10 @@ int HP_PROG(new)(HP_CTX *ctx)
 int HP_PROG(reply)(HP_CTX *ctx)
 {
 	struct pkt p = {};
-	p.action = -1;
 	struct hp_config *cfg = 0;
-	struct scratch *s = scratch_get();
-	if (!s)
-		return finish(ctx, &p, V_DROP_MALFORMED);
-	int rc = parse_packet(ctx, &p, &cfg);
-	if (rc || !cfg)
+	struct scratch *s = 0;
+	int rc = begin(ctx, &p, &s, &cfg);
+	if (rc || !s || !cfg)
 		return finish(ctx, &p, rc);
 	switch (s->todo) {
 	case DO_RST:
@@ -598,7 +594,7 @@ int HP_PROG(reply)(HP_CTX *ctx)
 	case DO_ICMP_ERROR:
 		rc = icmp_error(ctx, &p, cfg);
 		if (rc < 0) /* about no flow of ours: classified like any packet */
-			rc = go_slow(ctx, s, PROG_NEW, DO_NEW, 0);
+			rc = go_slow(ctx, s, &p, PROG_NEW, DO_NEW, 0);
 		break;
 	default:
 		rc = V_DROP_MALFORMED;
@@ -611,19 +607,14 @@ int HP_PROG(reply)(HP_CTX *ctx)
 int HP_PROG(wscale)(HP_CTX *ctx)
 {
 	struct pkt p = {};
-	p.action = -1;
 	struct hp_config *cfg = 0;
-	struct scratch *s = scratch_get();
-	if (!s)
-		return finish(ctx, &p, V_DROP_MALFORMED);
-	int rc = parse_packet(ctx, &p, &cfg);
-	if (rc || !cfg)
+	struct scratch *s = 0;
+	int rc = begin(ctx, &p, &s, &cfg);
+	if (rc || !s || !cfg)
 		return finish(ctx, &p, rc);
 	if (!p.tcp)
 		return finish(ctx, &p, V_DROP_MALFORMED);
-	s->wscale = tcp_wscale(p.tcp, p.data_end, p.l3_end);
-	s->wscale_ready = 1;
-	progs.call(ctx, PROG_MAIN);
-	s->wscale_ready = 0;
-	return finish(ctx, &p, V_DROP_MALFORMED);
+	p.wscale = tcp_wscale(p.tcp, p.data_end, p.l3_end);
+	p.wscale_ready = 1;
+	return finish(ctx, &p, go_slow(ctx, s, &p, PROG_MAIN, DO_NEW, 0));
 }

@@ -66,7 +66,6 @@ HP_MAP("percpu_array", u32, struct icmp_bucket, icmp_budget, 1, 0);
  * holds nothing between packets). */
 struct scratch {
 	__u8 todo;                /* what a tail-called program is to do (DO_*) */
-	__u8 reentry;             /* 1: PROG_NEW created the flow and calls the main program */
 	__u16 mtu;                /* DO_FRAG_NEEDED: the next hop's MTU */
 	__u8 wscale_ready;        /* 1: PROG_WSCALE parsed this SYN's window scale */
 	__u8 wscale;              /* ... which is this (WSCALE_NONE: no option) */
