@@ -603,7 +603,8 @@ int HP_PROG(reply)(HP_CTX *ctx)
 }
 
 /* PROG_WSCALE: the window scale option of a SYN (a walk over the options that would
- * multiply the main program's verifier paths), handed back to the main program. */
+ * multiply the main program's verifier paths), handed back to the main program, or on
+ * to PROG_NEW when it opens a new flow. */
 int HP_PROG(wscale)(HP_CTX *ctx)
 {
 	struct pkt p = {};
@@ -616,5 +617,7 @@ int HP_PROG(wscale)(HP_CTX *ctx)
 		return finish(ctx, &p, V_DROP_MALFORMED);
 	p.wscale = tcp_wscale(p.tcp, p.data_end, p.l3_end);
 	p.wscale_ready = 1;
-	return finish(ctx, &p, go_slow(ctx, s, &p, PROG_MAIN, DO_NEW, 0));
+	/* a SYN of no flow goes straight on to be classified */
+	__u32 next = known_flow(&p, cfg) ? PROG_MAIN : PROG_NEW;
+	return finish(ctx, &p, go_slow(ctx, s, &p, next, DO_NEW, 0));
 }
