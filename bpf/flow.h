@@ -154,29 +154,28 @@ static __always_inline void emit_event(__u32 type, struct flow_key *k, struct fl
 #define RES_ENDED 1
 #define RES_REFUSED 2
 
+/* gw_metrics and lb_metrics name these counters alike */
+#define RES_BUMP(m, what)						\
+	do {								\
+		if ((what) == RES_CONFIRMED)				\
+			(m)->flows_confirmed++;				\
+		else if ((what) == RES_ENDED)				\
+			(m)->flows_ended++;				\
+		else							\
+			(m)->flows_refused++;				\
+	} while (0)
+
 static __always_inline void res_count(__u8 kind, __u16 resource, int what)
 {
 	__u32 id = resource;
 	if (is_nat_kind(kind)) {
 		struct gw_metrics *m = gw_stats.lookup(&id);
-		if (!m)
-			return;
-		if (what == RES_CONFIRMED)
-			m->flows_confirmed++;
-		else if (what == RES_ENDED)
-			m->flows_ended++;
-		else
-			m->flows_refused++;
+		if (m)
+			RES_BUMP(m, what);
 	} else {
 		struct lb_metrics *m = lb_stats.lookup(&id);
-		if (!m)
-			return;
-		if (what == RES_CONFIRMED)
-			m->flows_confirmed++;
-		else if (what == RES_ENDED)
-			m->flows_ended++;
-		else
-			m->flows_refused++;
+		if (m)
+			RES_BUMP(m, what);
 	}
 }
 

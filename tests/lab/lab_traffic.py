@@ -72,12 +72,15 @@ class _Server:
 
 
 class UdpEcho(_Server):
-    """A UDP echo server in a namespace that records every peer address it saw."""
+    """A UDP echo server in a namespace that records every peer address it saw. `answer`
+    makes the reply from the datagram (default: the datagram itself)."""
 
-    def __init__(self, ns: str, host: str, port: int, *, echo: bool = True):
+    def __init__(self, ns: str, host: str, port: int, *, echo: bool = True,
+                 answer=lambda data: data):
         super().__init__(netns.socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM), host, port)
         self.sock.settimeout(0.2)
         self.echo = echo
+        self.answer = answer
 
     def _run(self):
         while not self._stop.is_set():
@@ -89,7 +92,7 @@ class UdpEcho(_Server):
                 return
             self.peers.append(peer)
             if self.echo:
-                self.sock.sendto(data, peer)
+                self.sock.sendto(self.answer(data), peer)
 
 
 def udp_exchange(sock: socket.socket, dst: tuple[str, int], n: int,

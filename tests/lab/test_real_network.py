@@ -150,22 +150,11 @@ def test_download_through_a_smaller_inside_mtu(nat_lab, stream_server, small_ins
     assert moved.get("TX_FRAG_NEEDED", 0) > 0, moved
 
 
-class BigReply(UdpEcho):
-    """Answers every datagram with a 3000-byte one (bigger than both links' MTU: the
-    server's stack sends it as fragments, without DF)."""
+BIG = 3000   # bigger than both links' MTU: the server's stack sends it as fragments, no DF
 
-    SIZE = 3000
 
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.peers.append(peer)
-            self.sock.sendto((data * (self.SIZE // len(data) + 1))[:self.SIZE], peer)
+def big_answer(data: bytes) -> bytes:
+    return (data * (BIG // len(data) + 1))[:BIG]
 
 
 def test_big_udp_without_df_is_fragmented_by_the_node(nat_lab, small_inside_mtu):
@@ -173,7 +162,7 @@ def test_big_udp_without_df_is_fragmented_by_the_node(nat_lab, small_inside_mtu)
     (by the node's kernel, handed the translated packet): the client gets it whole."""
     before = _metrics(nat_lab)
     assisted0 = lab.assisted_packets(nat_lab.cfg)
-    with BigReply(nat_lab.inet, SERVER, 7070):
+    with UdpEcho(nat_lab.inet, SERVER, 7070, answer=big_answer):
         s = netns.socket_in(nat_lab.client, socket.AF_INET, socket.SOCK_DGRAM)
         try:
             s.bind((CLIENT, 0))
@@ -183,7 +172,7 @@ def test_big_udp_without_df_is_fragmented_by_the_node(nat_lab, small_inside_mtu)
                 msg = f"request {i}".encode()
                 s.sendto(msg, (SERVER, 7070))
                 data, _ = s.recvfrom(65535)
-                got.append(data == (msg * (BigReply.SIZE // len(msg) + 1))[:BigReply.SIZE])
+                got.append(data == big_answer(msg))
         finally:
             s.close()
     assert got == [True] * 3
