@@ -1,8 +1,12 @@
 """Reading the flow table, and garbage collection of expired flows and reservations."""
 from __future__ import annotations
 
+import errno
+import functools
+import os
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from . import cheaders
 from .cheaders import map_declarations
@@ -10,6 +14,9 @@ from .codec import PROTOCOL_NAMES, PROTOCOLS, be16_to_port, be32_to_ip, proto_nu
 from .verdicts import FlowKind, TcpState, Timeout
 
 NSEC = 1_000_000_000
+FLOW_F_PENDING = cheaders.define("structs.h", "FLOW_F_PENDING")  # unconfirmed (no reply yet)
+# The entry of a flow that counts it (the original direction), per resource kind.
+ORIGINAL_KINDS = (FlowKind.NAT_OUT, FlowKind.NLB_IN)
 # A reservation younger than this is not stale: bpf/consts.h HP_RESV_GRACE_NS, the grace
 # the data path gives before reclaiming one (headers from before it: the GC's old 1 s).
 RESV_GRACE_S = cheaders.defines("consts.h").get("HP_RESV_GRACE_NS", NSEC) / NSEC
@@ -112,12 +119,17 @@ def flow_tables() -> list[str]:
             if (d.key, d.leaf) == ("struct flow_key", "struct flow_value")]
 
 
+def node_flow_tables(dp) -> list[str]:
+    """The flow tables (flow_tables()) the running program has (one older than these
+    headers may lack some)."""
+    return [name for name in flow_tables() if _has_table(dp, name)]
+
+
 def flow_entries(dp):
     """(key, value) of every flow entry, one batched read per flow table (a table the
     running program does not have, being older than these headers, holds none)."""
-    for name in flow_tables():
-        if _has_table(dp, name):
-            yield from dp.table(name).items_lookup_batch()
+    for name in node_flow_tables(dp):
+        yield from dp.table(name).items_lookup_batch()
 
 
 def list_flows(dp, *, address: str | None = None, port: int | None = None,
@@ -141,22 +153,123 @@ def list_flows(dp, *, address: str | None = None, port: int | None = None,
     return out
 
 
+# --- per-resource flow counters --------------------------------------------------------
+# The data path counts, per gateway (gw_stats) and per listener (lb_stats), the flows it
+# confirms and the confirmed flows it ends (closed, or deleted once expired). Flows that
+# user space deletes while still open (GC, resets, removed targets) are added to the
+# user_ends array (bpf/maps.h), which only user space writes: active = confirmed - ended -
+# user_ends (hyperplane.metrics.active_flows). Every deletion of flow entries from Python
+# goes through delete_flow_entries() below, which keeps that count.
+
+@functools.cache
+def _user_ends_expr(name: str) -> str:
+    m = re.search(rf"^[ \t]*#[ \t]*define[ \t]+{name}[ \t]+(.+)$",
+                  cheaders.header_text("consts.h"), re.M)
+    if not m:
+        raise cheaders.HeaderError(f"bpf/consts.h has no #define {name}")
+    return m.group(1).strip()
+
+
+def user_ends_bases(dp) -> dict[str, int]:
+    """USER_ENDS_NAT_BASE and USER_ENDS_LB_BASE of bpf/consts.h for this node: the C's
+    expressions evaluated with the node's sizes (USER_ENDS_LB_BASE is HP_MAX_GATEWAYS, a
+    compile-time size), not with the header's defaults."""
+    sizes = node_sizes(dp)
+    return {kind: cheaders.evaluate(_user_ends_expr(name), sizes)
+            for kind, name in (("nat", "USER_ENDS_NAT_BASE"), ("lb", "USER_ENDS_LB_BASE"))}
+
+
+def node_sizes(dp) -> dict[str, int]:
+    """HP_MAX_* -> value for the node's program: its Sizes (the -D flags hyperplane.loader
+    compiles it with), or, for maps opened without them, what the maps themselves say."""
+    sizes = getattr(dp, "sizes", None)
+    if sizes is not None:
+        return {f"HP_{k.upper()}": v for k, v in asdict(sizes).items()}
+    return {"HP_MAX_GATEWAYS": dp.table("gw_stats").max_entries,
+            "HP_MAX_LISTENERS": dp.table("lb_stats").max_entries}
+
+
+def user_ends_slot(bases: dict[str, int], kind: int, resource: int) -> int:
+    """The user_ends slot of a resource (gateways, then listeners; bases: user_ends_bases)."""
+    nat = kind in (FlowKind.NAT_OUT, FlowKind.NAT_IN)
+    return bases["nat" if nat else "lb"] + resource
+
+
+def counted_open(value) -> bool:
+    """A flow the data path counts as active and has not counted as ended: its original
+    entry, confirmed (not FLOW_F_PENDING) and not CLOSED (a close is counted by the C)."""
+    return (value.kind in ORIGINAL_KINDS and not value.flags & FLOW_F_PENDING
+            and value.tcp_state != TcpState.CLOSED)
+
+
+def add_user_ends(dp, values) -> int:
+    """Add the deleted entries `values` that were counted open (counted_open) to user_ends,
+    per resource. Returns how many were added. user_ends is written only from user space
+    (a read, then a write per slot: one writer at a time, the node's agent or hpctl)."""
+    per_slot: dict[int, int] = {}
+    bases = None
+    for v in values:
+        if counted_open(v):
+            bases = bases or user_ends_bases(dp)
+            slot = user_ends_slot(bases, v.kind, v.resource)
+            per_slot[slot] = per_slot.get(slot, 0) + 1
+    if not per_slot:
+        return 0
+    table = dp.table("user_ends")
+    for slot, n in per_slot.items():
+        if not 0 <= slot < table.max_entries:
+            continue  # a resource id beyond the array (a hand-made entry): nothing counts it
+        key = table.Key(slot)
+        table[key] = table.Leaf(_scalar(table[key]) + n)
+    return sum(per_slot.values())
+
+
+def _scalar(value) -> int:
+    return int(getattr(value, "value", value))
+
+
+def delete_flow_entries(dp, table_name: str, entries: list) -> list:
+    """Delete (key, value) entries of one flow table, batched, and count the open flows
+    among those really deleted into user_ends. Returns the values of the entries deleted
+    (a key the data path deleted meanwhile is neither deleted nor counted here)."""
+    if not entries:
+        return []
+    table = dp.table(table_name)
+    gone = _delete(table, [k for k, _ in entries])
+    deleted = [v for (_, v), ok in zip(entries, gone) if ok]
+    add_user_ends(dp, deleted)
+    return deleted
+
+
 @dataclass
 class GcResult:
     flows_removed: int = 0
     reservations_removed: int = 0
 
 
-def _delete(table, keys: list) -> None:
-    """Delete keys in one BPF_MAP_DELETE_BATCH (DESIGN: batch everything on hot paths);
-    a key deleted meanwhile by the data path is skipped one by one."""
+def _delete(table, keys: list) -> list[bool]:
+    """Delete keys in BPF_MAP_DELETE_BATCH calls (DESIGN: batch everything on hot paths).
+    The kernel deletes a batch in order and stops at a key that is gone (deleted meanwhile
+    by the data path), saying how many it deleted: the rest go on in a new batch. Returns,
+    per key, whether this call deleted it (so only those are counted)."""
     if not keys:
-        return
-    try:
-        table.items_delete_batch((table.Key * len(keys))(*keys))
-    except Exception:
-        for k in keys:
-            table.pop(k, None)
+        return []
+    fd = getattr(table, "map_fd", None)
+    if fd is None:  # a stand-in for a map (tests): one by one
+        return [table.pop(k, None) is not None for k in keys]
+    from .pinned import _NO_BATCH, delete_batch
+    done: list[bool] = []
+    while len(done) < len(keys):
+        rest = keys[len(done):]
+        deleted, err = delete_batch(fd, (table.Key * len(rest))(*rest), len(rest))
+        done += [True] * deleted
+        if err == errno.ENOENT:
+            done.append(False)  # this one was gone already: not ours
+        elif err in _NO_BATCH and not deleted:  # a kernel without batch deletes
+            return done + [table.pop(k, None) is not None for k in rest]
+        elif err:
+            raise OSError(err, f"BPF_MAP_DELETE_BATCH: {os.strerror(err)}")
+    return done
 
 
 def collect_garbage(dp) -> GcResult:
@@ -166,7 +279,7 @@ def collect_garbage(dp) -> GcResult:
     The data path already treats an expired flow as absent; this frees the table space and
     the NAT ports for good. Reads and deletes are batched (BPF_MAP_*_BATCH)."""
     timeouts, now = flow_timeouts(dp), now_ns()
-    tables = {name: dp.table(name) for name in flow_tables() if _has_table(dp, name)}
+    tables = {name: dp.table(name) for name in node_flow_tables(dp)}
     entries = {bytes(k): (name, k, v) for name, t in tables.items()
                for k, v in t.items_lookup_batch()}
 
@@ -177,16 +290,14 @@ def collect_garbage(dp) -> GcResult:
     dead: dict[str, list] = {name: [] for name in tables}
     for key, (name, k, v) in entries.items():
         if not live(key) and not live(bytes(v.twin)):  # a live direction keeps both
-            dead[name].append(k)
-    for name, keys in dead.items():
-        _delete(tables[name], keys)
-    result = GcResult(flows_removed=sum(len(keys) for keys in dead.values()))
+            dead[name].append((k, v))
+    result = GcResult(flows_removed=sum(len(delete_flow_entries(dp, name, doomed))
+                                        for name, doomed in dead.items()))
     resv = dp.table("nat_resv")
     stale = [k for k, v in resv.items_lookup_batch()
              # a young reservation's flow may be being created right now (the C's grace)
              if now - v.taken_ns > RESV_GRACE_S * NSEC and not live(bytes(v.orig))]
-    _delete(resv, stale)
-    result.reservations_removed = len(stale)
+    result.reservations_removed = sum(_delete(resv, stale))
     return result
 
 

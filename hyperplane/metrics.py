@@ -39,28 +39,50 @@ def stat_counts(dp) -> dict[str, int]:
     return _percpu_counts(dp.table("stats"), Stat)
 
 
-def active_flows(dp, kind: FlowKind) -> dict[int, int]:
-    """Open flows per resource: client-side entries of `kind` (NAT_OUT: per gateway id,
-    ActiveConnectionCount; NLB_IN: per listener id, ActiveFlowCount) that are live and not
-    closed.
+# Our own per-resource metrics (not AWS's), in both gw_metrics and lb_metrics.
+OWN_METRICS = {
+    "flows_refused": "FlowsRefusedCount",   # new flows refused: a table full (NLB: or the
+                                            # tuple taken by another connection)
+}
 
-    The one place that counts them. Today it reads the flow tables (batched, no decoding);
-    when the data path keeps opened/ended counters per resource, only this changes."""
-    from .flows import entry_open, flow_entries, flow_timeouts, now_ns
-    timeouts, now = flow_timeouts(dp), now_ns()
+
+def active_flows(dp, kind: FlowKind, ids=None) -> dict[int, int]:
+    """Active flows per resource (NAT_OUT: per gateway id, ActiveConnectionCount; NLB_IN:
+    per listener id, ActiveFlowCount), from counters alone: the flow tables are never read.
+
+    active = sum over CPUs of (flows_confirmed - flows_ended) of the resource's gw_stats /
+    lb_stats entry, minus user_ends[slot] (confirmed flows user space deleted while open,
+    hyperplane.flows.add_user_ends). A flow counts from its confirmation (the originator's
+    packet after a reply: bpf/flow.h flow_should_confirm) until it closes (FIN both ways,
+    RST) or is deleted (expired and met by the data path or the GC, reset, its target
+    removed); unconfirmed flows do not count. ids: the resources to read (default: every
+    slot of the stats map)."""
+    from .flows import user_ends_bases
+    nat = kind in (FlowKind.NAT_OUT, FlowKind.NAT_IN)
+    stats = dp.table("gw_stats" if nat else "lb_stats")
+    if ids is None:
+        ids = range(stats.max_entries)
+    base = user_ends_bases(dp)["nat" if nat else "lb"]
+    ends = dp.table("user_ends")
     counts: dict[int, int] = {}
-    for k, v in flow_entries(dp):
-        if v.kind == kind and entry_open(k, v, timeouts, now):
-            counts[v.resource] = counts.get(v.resource, 0) + 1
+    for rid in ids:
+        per_cpu = stats[stats.Key(rid)]
+        confirmed = sum(cpu.flows_confirmed for cpu in per_cpu)
+        ended = sum(cpu.flows_ended for cpu in per_cpu)
+        user = ends[ends.Key(base + rid)]
+        # never below 0: a race (the data path ends a flow while user space deletes it)
+        # can count one end twice
+        counts[rid] = max(0, confirmed - ended - int(getattr(user, "value", user)))
     return counts
 
 
 def gateway_metrics(dp, gw_id: int) -> dict[str, int]:
-    """AWS-named metrics of one gateway, summed over CPUs."""
+    """AWS-named metrics of one gateway (and ours, OWN_METRICS), summed over CPUs."""
     table = dp.table("gw_stats")
     per_cpu = table[table.Key(gw_id)]
-    out = {aws: sum(getattr(cpu, field) for cpu in per_cpu) for field, aws in NAT_METRICS.items()}
-    out["ActiveConnectionCount"] = active_flows(dp, FlowKind.NAT_OUT).get(gw_id, 0)
+    out = {aws: sum(getattr(cpu, field) for cpu in per_cpu)
+           for field, aws in {**NAT_METRICS, **OWN_METRICS}.items()}
+    out["ActiveConnectionCount"] = active_flows(dp, FlowKind.NAT_OUT, [gw_id])[gw_id]
     return out
 
 
@@ -76,7 +98,8 @@ NLB_METRICS = {
 
 
 def load_balancer_metrics(dp, status: dict | None = None) -> dict:
-    """AWS-named metrics per load balancer id, summed over its listeners and CPUs.
+    """AWS-named metrics per load balancer id (and ours, OWN_METRICS), summed over its
+    listeners and CPUs.
 
     Healthy/UnHealthyHostCount come from the agent's status (the health checks run
     there)."""
@@ -85,12 +108,14 @@ def load_balancer_metrics(dp, status: dict | None = None) -> dict:
     for k, v in dp.table("listeners").items():
         by_lb.setdefault(v.lb_id, set()).add(v.listener_id)
     out = {}
-    active = active_flows(dp, FlowKind.NLB_IN) if by_lb else {}
+    fields = {**NLB_METRICS, **OWN_METRICS}
+    active = active_flows(dp, FlowKind.NLB_IN, sorted(set().union(*by_lb.values()))) \
+        if by_lb else {}
     for lb_id, lids in sorted(by_lb.items()):
-        m = {aws: 0 for aws in NLB_METRICS.values()}
+        m = {aws: 0 for aws in fields.values()}
         for lid in lids:
             for cpu in table[table.Key(lid)]:
-                for field, aws in NLB_METRICS.items():
+                for field, aws in fields.items():
                     m[aws] += getattr(cpu, field)
         m["ActiveFlowCount"] = sum(active.get(lid, 0) for lid in lids)
         out[lb_id] = m

@@ -1,4 +1,5 @@
-"""Writing load balancers into the data path: VIPs, listeners, targets, Maglev tables.
+"""Writing load balancers into the data path: VIPs, listeners, targets (and their
+endpoints), Maglev tables.
 
 Listener and target slots are found again from the maps themselves, so a restarted agent
 keeps the slot numbers that live flows refer to."""
@@ -10,9 +11,9 @@ from .codec import be16_to_port, be32_to_ip, ip_to_be32, port_to_be16
 from .errors import ConfigError
 from .maglev import build_table
 from .nlb_config import NlbConfig, TargetGroup
+from .verdicts import MAGLEV_EMPTY, FlowKind, TargetFlag
 
-MAGLEV_EMPTY = 0xFFFFFFFF   # bpf/nlb.h (keep in sync)
-TARGET_F_ACTIVE = 1         # bpf/structs.h (keep in sync)
+NLB_KINDS = (FlowKind.NLB_IN, FlowKind.NLB_OUT)   # both entries of an NLB flow
 
 
 def check_fits(cfg: NlbConfig, sizes, nat_ips=()) -> None:
@@ -52,6 +53,8 @@ class NlbDataplane:
         self.size = dp.sizes.maglev_size
         self.state = AppliedState()
         self._rows_by_targets: dict = {}
+        # target_endpoints as written: (ip, port) in network byte order -> target slot
+        self._endpoints: dict[tuple[int, int], int] = {}
         self._recover()
 
     def _recover(self) -> None:
@@ -61,8 +64,10 @@ class NlbDataplane:
         targets = self.dp.table("targets")
         for i in range(self.dp.sizes.max_targets):
             t = targets[targets.Key(i)]
-            if t.flags & TARGET_F_ACTIVE:
+            if t.flags & TargetFlag.ACTIVE:
                 self.state.target_ids[f"{be32_to_ip(t.ip)}:{be16_to_port(t.port)}"] = i
+        self._endpoints = {(k.ip, k.port): int(getattr(v, "value", v))
+                           for k, v in self.dp.table("target_endpoints").items()}
 
     # --- slots -------------------------------------------------------------------------
     @staticmethod
@@ -86,8 +91,31 @@ class NlbDataplane:
         table = self.dp.table("targets")
         v = table.Leaf()
         v.ip, v.port, v.flags, v.lb_id = ip_to_be32(ip), port_to_be16(int(port)), \
-            TARGET_F_ACTIVE, lb_id
+            int(TargetFlag.ACTIVE), lb_id
         table[table.Key(tid)] = v
+
+    @staticmethod
+    def _endpoint(identity: str) -> tuple[int, int]:
+        ip, port = identity.rsplit(":", 1)
+        return ip_to_be32(ip), port_to_be16(int(port))
+
+    def _sync_endpoints(self, wanted: dict[tuple[int, int], int], *, remove: bool) -> None:
+        """Write `wanted` (endpoint -> target slot) into target_endpoints and, with remove,
+        delete every other entry: the data path drops a packet from a registered target
+        endpoint that has no flow, so a target's private source never leaves the node
+        untranslated. Only changes are written."""
+        table = self.dp.table("target_endpoints")
+        for ep in [ep for ep in self._endpoints if remove and ep not in wanted]:
+            k = table.Key()
+            k.ip, k.port = ep
+            table.pop(k, None)
+            del self._endpoints[ep]
+        for ep, tid in wanted.items():
+            if self._endpoints.get(ep) != tid:
+                k = table.Key()
+                k.ip, k.port = ep
+                table[k] = table.Leaf(tid)
+                self._endpoints[ep] = tid
 
     # --- apply ---------------------------------------------------------------------------
     def plan(self, cfg: NlbConfig) -> tuple[dict, dict]:
@@ -132,6 +160,10 @@ class NlbDataplane:
         for identity, (tid, lb_id) in wanted_targets.items():
             self.state.target_ids[identity] = tid
             self._set_target(tid, identity, lb_id)
+        # every registered target's endpoint (active, draining or unhealthy) before any
+        # flow can reach it; those of targets being removed stay until their flows are gone
+        endpoints = {self._endpoint(i): tid for i, (tid, _) in wanted_targets.items()}
+        self._sync_endpoints(endpoints, remove=False)
 
         # listeners and VIPs
         listeners, vips = self.dp.table("listeners"), self.dp.table("vips")
@@ -163,6 +195,7 @@ class NlbDataplane:
             self.delete_flows_of(tid)
             table = self.dp.table("targets")
             table[table.Key(tid)] = table.Leaf()
+        self._sync_endpoints(endpoints, remove=True)  # removed targets' endpoints go last
         return removed
 
     def _row(self, tg: TargetGroup) -> tuple:
@@ -192,23 +225,28 @@ class NlbDataplane:
 
     # --- flows -------------------------------------------------------------------------
     def delete_flows_of(self, tid: int) -> int:
-        """Delete every flow pinned to target slot tid (both entries)."""
-        flows = self.dp.table("flows")
-        doomed = [k for k, v in flows.items() if v.kind in (3, 4) and v.target == tid]
-        for k in doomed:
-            flows.pop(k, None)
-        return len(doomed)
+        """Delete every flow pinned to target slot tid (both entries, confirmed or not), in
+        every flow table; the open confirmed ones are counted as ended (user_ends), so
+        ActiveFlowCount drops with them. Returns the flows deleted (original entries)."""
+        from .flows import delete_flow_entries, node_flow_tables
+        flows = 0
+        for name in node_flow_tables(self.dp):
+            doomed = [(k, v) for k, v in self.dp.table(name).items_lookup_batch()
+                      if v.kind in NLB_KINDS and v.target == tid]
+            flows += sum(1 for v in delete_flow_entries(self.dp, name, doomed)
+                         if v.kind == FlowKind.NLB_IN)
+        return flows
 
     def flows_per_target(self) -> dict[int, int]:
-        """Open client->VIP flows per target slot (one batched read, no decoding); a TCP
-        flow already closed (FIN both ways or RST) no longer counts, so a drain ends when
-        the last connection closes, not when its closing timeout ends."""
-        from .flows import NSEC, timeout_s, flow_timeouts, now_ns
+        """Open client->VIP flows per target slot, confirmed or not (one batched read per
+        flow table, no decoding); a TCP flow already closed (FIN both ways or RST) no longer
+        counts, so a drain ends when the last connection closes, not when its closing
+        timeout ends."""
+        from .flows import entry_open, flow_entries, flow_timeouts, now_ns
         timeouts, now = flow_timeouts(self.dp), now_ns()
         counts: dict[int, int] = {}
-        for k, v in self.dp.table("flows").items_lookup_batch():
-            if v.kind == 3 and v.tcp_state != 4 and now - v.last_seen_ns <= \
-                    timeout_s(timeouts, k.proto, v.tcp_state) * NSEC:
+        for k, v in flow_entries(self.dp):
+            if v.kind == FlowKind.NLB_IN and entry_open(k, v, timeouts, now):
                 counts[v.target] = counts.get(v.target, 0) + 1
         return counts
 

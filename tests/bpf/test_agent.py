@@ -9,10 +9,12 @@ import pytest
 from hyperplane import netns
 from hyperplane.agent import Agent, AgentConfig, read_status, status_path
 from hyperplane.flows import now_ns
+from hyperplane.metrics import load_balancer_metrics
 from hyperplane.loader import Sizes
 from hyperplane.nat import GatewayConfig
 from hyperplane.node import start_nat_node, stop_node
 from hyperplane.store import Store
+from hyperplane.verdicts import FlowKind, TcpState
 
 NS = f"hpt-agent-{os.getpid() % 100000}"
 NODE = f"hpt-agent-{os.getpid() % 100000}"
@@ -131,16 +133,25 @@ def test_reset_on_unhealthy_deletes_the_targets_flows(node):
         agent.tick(time.monotonic())  # one failed check: not unhealthy yet
         down = agent.plane.target_id(f"127.0.0.1:{node['down']}")
         up = agent.plane.target_id(f"127.0.0.1:{node['up']}")
+        lid = agent.plane.state.listener_ids[("198.18.0.200", 80, 6)]
         flows = agent.dp.table("flows")
         for i, tid in enumerate((down, down, up)):  # two flows to the failing target, one not
             k = flows.Key()
             k.src_ip, k.src_port, k.proto = 0x01020304 + i, 1000 + i, 6
             v = flows.Leaf()
-            v.kind, v.target, v.tcp_state, v.last_seen_ns = 3, tid, 2, now_ns()
+            v.kind, v.target, v.tcp_state, v.last_seen_ns = FlowKind.NLB_IN, tid, \
+                TcpState.ESTABLISHED, now_ns()
+            v.resource = lid
             flows[k] = v
+        stats = agent.dp.table("lb_stats")   # the data path confirmed these three flows
+        per_cpu = stats[lid]
+        per_cpu[0].flows_confirmed += 3
+        stats[lid] = per_cpu
+        assert load_balancer_metrics(agent.dp)[0]["ActiveFlowCount"] == 3
         assert _tick_until(agent, lambda: agent.resets == 2)
         left = [v.target for _, v in flows.items()]
         assert left == [up], left
+        assert load_balancer_metrics(agent.dp)[0]["ActiveFlowCount"] == 1
     finally:
         agent.shutdown()
 
@@ -155,7 +166,7 @@ def _expired_flow(agent):
     k = flows.Key()
     k.src_ip, k.src_port, k.proto = 0x0A0B0C0D, 4242, 6
     v = flows.Leaf()
-    v.kind, v.tcp_state, v.last_seen_ns = 3, 2, 1
+    v.kind, v.tcp_state, v.last_seen_ns = FlowKind.NLB_IN, TcpState.ESTABLISHED, 1
     flows[k] = v
     return lambda: any(bytes(key) == bytes(k) for key in flows.keys())
 

@@ -475,12 +475,16 @@ def test_full_reservation_table_refuses_new_flows(env):
 
 
 def test_active_connection_count_leaves_out_closed_flows(e):
-    """Confirmed connections count (a SYN alone does not: unconfirmed flows are not
-    active); a RST ends one."""
-    for cport in (49000, 49001):
-        port = _nat_tcp_flow(e, cport=cport)
+    """Confirmed connections count (the client's ACK after the SYN-ACK confirms; a SYN, or
+    a SYN and its SYN-ACK, do not: unconfirmed flows are not active); a RST ends one."""
+    ports = {}
+    for cport in (49003, 49000, 49001):
+        ports[cport] = port = _nat_tcp_flow(e, cport=cport)
         synack = from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=port, flags="SA"))
         assert e.run(synack, "out0")[0] == Verdict.TX_NAT_IN
+        if cport != 49003:
+            ack = from_client(IP(src=CLIENT, dst=INET) / TCP(sport=cport, dport=80, flags="A"))
+            assert e.run(ack)[0] == Verdict.TX_NAT_OUT
     _nat_tcp_flow(e, cport=49002)
     assert e.gw_metrics()["ActiveConnectionCount"] == 2
     e.run(from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=port, flags="R")), "out0")

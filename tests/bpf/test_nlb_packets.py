@@ -166,13 +166,21 @@ def test_new_flow_and_reset_metrics(e, nlb):
 
 
 def test_aws_named_load_balancer_metrics(e, nlb):
+    """Two connections whose handshakes ended (the client's ACK confirms) are active; a
+    third, only a SYN so far, is a new flow but not an active one."""
     from hyperplane.metrics import load_balancer_metrics
     for sport in (56000, 56001):
-        e.run(syn(sport=sport), "out0")
+        target = Ether(e.run(syn(sport=sport), "out0")[2])[IP].dst
+        synack = from_target(target, TCP(sport=8080, dport=sport, flags="SA", seq=99, ack=11))
+        assert e.run(synack, "tg0")[0] == Verdict.TX_NLB_OUT
+        ack = from_inet(IP(src=INET, dst=VIP) / TCP(sport=sport, dport=80, flags="A", seq=11,
+                                                    ack=100))
+        assert e.run(ack, "out0")[0] == Verdict.TX_NLB_IN
+    e.run(syn(sport=56002), "out0")
     status = {"target_groups": {"web": {"a": {"state": "healthy"}, "b": {"state": "unhealthy"}}}}
     m = load_balancer_metrics(e.dp, status)[0]
-    assert m["NewFlowCount"] == 2 and m["ActiveFlowCount"] == 2
-    assert m["ProcessedPackets"] == 2 and m["ProcessedBytes"] == 2 * 54
+    assert m["NewFlowCount"] == 3 and m["ActiveFlowCount"] == 2
+    assert m["ProcessedPackets"] == 7 and m["ProcessedBytes"] == 7 * 54
     assert (m["HealthyHostCount"], m["UnHealthyHostCount"]) == (1, 1)
 
 

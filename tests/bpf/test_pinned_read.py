@@ -59,8 +59,8 @@ class Node:
 @pytest.fixture(scope="module")
 def node():
     """The node, with NAT_CLIENTS connections through the NAT, one through the load
-    balancer (both handshakes seen both ways), one packet to the NAT IP with no flow
-    and one ARP request."""
+    balancer (each handshake seen to its end: SYN, SYN-ACK, and the ACK that confirms the
+    flow), one packet to the NAT IP with no flow and one ARP request."""
     if os.geteuid() != 0:
         pytest.fail("needs root (BPF and a network namespace); run scripts/test as root",
                     pytrace=False)
@@ -86,12 +86,18 @@ def node():
             synack = Ether(src=INET_MAC, dst=MAC["out0"]) / IP(src=INET, dst=NAT_IP) / \
                 TCP(sport=80, dport=nat_port, flags="SA", seq=500, ack=101)
             assert n.send(synack, "out0")[0] == Verdict.TX_NAT_IN
+            ack = Ether(src=CLIENT_MAC, dst=MAC["in0"]) / IP(src=CLIENT, dst=INET) / \
+                TCP(sport=42000 + i, dport=80, flags="A", seq=101, ack=501)
+            assert n.send(ack, "in0")[0] == Verdict.TX_NAT_OUT  # confirms the flow
         syn = Ether(src=INET_MAC, dst=MAC["out0"]) / IP(src=INET, dst=VIP) / \
             TCP(sport=43000, dport=80, flags="S", seq=100)
         assert n.send(syn, "out0")[0] == Verdict.TX_NLB_IN
         synack = Ether(src=sandbox.TARGET_MAC, dst=MAC["tg0"]) / IP(src=TARGETS[0], dst=INET) / \
             TCP(sport=8080, dport=43000, flags="SA", seq=500, ack=101)
         assert n.send(synack, "tg0")[0] == Verdict.TX_NLB_OUT
+        ack = Ether(src=INET_MAC, dst=MAC["out0"]) / IP(src=INET, dst=VIP) / \
+            TCP(sport=43000, dport=80, flags="A", seq=101, ack=501)
+        assert n.send(ack, "out0")[0] == Verdict.TX_NLB_IN
         stray = Ether(src=INET_MAC, dst=MAC["out0"]) / IP(src=INET, dst=NAT_IP) / \
             TCP(sport=80, dport=1, flags="A")
         assert n.send(stray, "out0")[0] == Verdict.DROP_NO_FLOW
@@ -169,8 +175,8 @@ def test_counters_without_bcc(node, tmp_path):
     assert got["events"] == stat_counts(node.dp)
     v = got["verdicts"]
     assert (v["TX_NAT_OUT"], v["TX_NAT_IN"], v["TX_NLB_IN"], v["TX_NLB_OUT"]) == \
-        (NAT_CLIENTS, NAT_CLIENTS, 1, 1)
-    assert (v["DROP_NO_FLOW"], v["PASS_NON_IP"], got["packets"]) == (1, 1, 2 * NAT_CLIENTS + 4)
+        (2 * NAT_CLIENTS, NAT_CLIENTS, 2, 1)
+    assert (v["DROP_NO_FLOW"], v["PASS_NON_IP"], got["packets"]) == (1, 1, 3 * NAT_CLIENTS + 5)
     gw = got["gateways"]["gw-rd"]
     assert gw == gateway_metrics(node.dp, 0)
     assert gw["ActiveConnectionCount"] == NAT_CLIENTS
@@ -178,6 +184,10 @@ def test_counters_without_bcc(node, tmp_path):
     lb = got["load_balancers"]["0"]
     assert lb == load_balancer_metrics(node.dp)[0]
     assert (lb["NewFlowCount"], lb["ActiveFlowCount"]) == (1, 1)
+    # refusals per resource (ours, not AWS's), from the data path's own counters
+    gw_stats, lb_stats = node.dp.table("gw_stats"), node.dp.table("lb_stats")
+    assert gw["FlowsRefusedCount"] == sum(c.flows_refused for c in gw_stats[gw_stats.Key(0)])
+    assert lb["FlowsRefusedCount"] == sum(c.flows_refused for c in lb_stats[lb_stats.Key(0)])
 
 
 _SAME = ("kind", "proto", "src", "sport", "dst", "dport", "new_src", "new_sport", "new_dst",

@@ -1,16 +1,10 @@
 """Metrics from the maps, on a stand-in for the maps (no BPF needed)."""
 from types import SimpleNamespace
 
-import pytest
-
 from hyperplane import flows, metrics
-from hyperplane.flows import NSEC
-from hyperplane.metrics import NAT_METRICS, NLB_METRICS
-from hyperplane.settings import Timeouts
-from hyperplane.verdicts import FlowKind, TcpState
-
-TIMEOUTS = Timeouts().by_index()           # TCP 350 s, half-open 60 s, closing 10 s, ...
-NOW = 10**12
+from hyperplane.loader import Sizes
+from hyperplane.metrics import NAT_METRICS, NLB_METRICS, OWN_METRICS
+from hyperplane.verdicts import FlowKind
 
 
 class Table:
@@ -32,64 +26,99 @@ class Table:
     items_lookup_batch = items
 
 
-def fake_dp(flow_entries, *, gw_cpus=None, lb_cpus=None, listeners=None):
-    config = SimpleNamespace(timeout_s=TIMEOUTS)
+class Untouchable:
+    """A flow table: any use of it fails the test (metrics come from counters)."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"metrics read the flow table ({name})")
+
+
+def cpu(**fields):
+    out = {f: 0 for f in (*NAT_METRICS, *NLB_METRICS, *OWN_METRICS, "flows_confirmed",
+                          "flows_ended")}
+    return SimpleNamespace(**{**out, **fields})
+
+
+def fake_dp(*, gw_cpus=None, lb_cpus=None, listeners=None, user_ends=None, sizes=None,
+            max_gateways=16):
+    """Maps with gateway 0's per-CPU stats (default: every AWS field 1 on each of 2 CPUs),
+    each listener's stats, user_ends slots, and flow tables that must not be read."""
+    n_ends = max_gateways + 64
     tables = {
-        "config": Table({0: config}),
-        "flows": SimpleNamespace(items_lookup_batch=lambda: iter(flow_entries)),
-        "gw_stats": Table({0: gw_cpus or [SimpleNamespace(**{f: 1 for f in NAT_METRICS})] * 2}),
-        "lb_stats": Table({lid: lb_cpus or [SimpleNamespace(**{f: 2 for f in NLB_METRICS})]
+        "gw_stats": Table({0: gw_cpus or [cpu(**{f: 1 for f in NAT_METRICS})] * 2},
+                          max_entries=max_gateways),
+        "lb_stats": Table({lid: lb_cpus.get(lid, [cpu()]) if lb_cpus else
+                           [cpu(**{f: 2 for f in NLB_METRICS})]
                            for lid in (listeners or {})}),
         "listeners": Table({i: SimpleNamespace(listener_id=lid, lb_id=lb)
                             for i, (lid, lb) in enumerate((listeners or {}).items())}),
+        "user_ends": Table({i: SimpleNamespace(value=(user_ends or {}).get(i, 0))
+                            for i in range(n_ends)}, max_entries=n_ends),
+        **{name: Untouchable() for name in flows.flow_tables()},
     }
-    return SimpleNamespace(table=lambda name: tables.get(name, Table()))
+    return SimpleNamespace(table=lambda name: tables[name], sizes=sizes)
 
 
-def entry(kind, resource, *, proto=6, state=TcpState.ESTABLISHED, idle_s=1):
-    k = SimpleNamespace(proto=proto)
-    v = SimpleNamespace(kind=kind, resource=resource, tcp_state=state,
-                        last_seen_ns=NOW - idle_s * NSEC)
-    return k, v
+def test_active_connections_are_confirmed_minus_ended_minus_user_ends():
+    """Summed over CPUs: flows the data path confirmed, minus those it ended, minus those
+    user space deleted while open (user_ends[USER_ENDS_NAT_BASE + gateway id])."""
+    dp = fake_dp(gw_cpus=[cpu(flows_confirmed=7, flows_ended=1), cpu(flows_confirmed=5,
+                                                                       flows_ended=3)],
+                 user_ends={0: 2, 1: 100})
+    assert metrics.active_flows(dp, FlowKind.NAT_OUT, [0]) == {0: 6}
+    assert metrics.gateway_metrics(dp, 0)["ActiveConnectionCount"] == 6
 
 
-@pytest.fixture(autouse=True)
-def fixed_clock(monkeypatch):
-    monkeypatch.setattr(flows, "now_ns", lambda: NOW)
+def test_listener_slots_of_user_ends_follow_the_nodes_gateway_count():
+    """USER_ENDS_LB_BASE is HP_MAX_GATEWAYS as the node was compiled: from its Sizes, or
+    (maps opened without them) from the size of gw_stats, never the header's default."""
+    lb_cpus = {3: [cpu(flows_confirmed=4), cpu(flows_confirmed=5, flows_ended=2)]}
+    for dp in (fake_dp(listeners={3: 1}, lb_cpus=lb_cpus, user_ends={4 + 3: 1, 16 + 3: 5},
+                       sizes=Sizes(max_gateways=4)),
+               fake_dp(listeners={3: 1}, lb_cpus=lb_cpus, user_ends={4 + 3: 1, 16 + 3: 5},
+                       max_gateways=4)):
+        assert metrics.active_flows(dp, FlowKind.NLB_IN, [3]) == {3: 6}
+        assert metrics.load_balancer_metrics(dp)[1]["ActiveFlowCount"] == 6
 
 
-def test_active_flows_count_open_client_side_entries_per_resource():
-    dp = fake_dp([
-        entry(FlowKind.NAT_OUT, 0), entry(FlowKind.NAT_IN, 0),           # one flow, 2 keys
-        entry(FlowKind.NAT_OUT, 0, proto=17, state=TcpState.NONE),       # UDP
-        entry(FlowKind.NAT_OUT, 1, state=TcpState.SYN_SENT),             # half-open counts
-        entry(FlowKind.NAT_OUT, 0, state=TcpState.CLOSED),               # closed: not active
-        entry(FlowKind.NAT_OUT, 0, idle_s=400),                          # expired
-        entry(FlowKind.NAT_OUT, 0, state=TcpState.FIN_WAIT, idle_s=300),  # half-closed
-        entry(FlowKind.NLB_IN, 5), entry(FlowKind.NLB_OUT, 5),
-    ])
-    assert metrics.active_flows(dp, FlowKind.NAT_OUT) == {0: 3, 1: 1}
-    assert metrics.active_flows(dp, FlowKind.NLB_IN) == {5: 1}
+def test_active_count_is_never_negative():
+    """A flow ended by the data path while user space deleted it may be counted twice."""
+    dp = fake_dp(gw_cpus=[cpu(flows_confirmed=1)], user_ends={0: 2})
+    assert metrics.gateway_metrics(dp, 0)["ActiveConnectionCount"] == 0
+
+
+def test_metrics_never_read_the_flow_tables():
+    dp = fake_dp(listeners={0: 1, 1: 2})
+    assert set(flows.flow_tables()) >= {"flows"}
+    metrics.gateway_metrics(dp, 0)
+    metrics.load_balancer_metrics(dp, {"target_groups": {}})
+
+
+def test_refused_flows_are_a_metric_per_gateway_and_load_balancer():
+    dp = fake_dp(gw_cpus=[cpu(flows_refused=2), cpu(flows_refused=3)], listeners={3: 1, 4: 1},
+                 lb_cpus={3: [cpu(flows_refused=1)], 4: [cpu(flows_refused=4), cpu()]})
+    assert metrics.OWN_METRICS == {"flows_refused": "FlowsRefusedCount"}
+    assert metrics.gateway_metrics(dp, 0)["FlowsRefusedCount"] == 5
+    assert metrics.load_balancer_metrics(dp)[1]["FlowsRefusedCount"] == 5
 
 
 def test_every_active_metric_goes_through_active_flows(monkeypatch):
-    """ActiveConnectionCount and ActiveFlowCount come from active_flows() alone (the one
-    function to switch to the data path's counters)."""
+    """ActiveConnectionCount and ActiveFlowCount come from active_flows() alone."""
     asked = []
 
-    def fake(dp, kind):
-        asked.append(kind)
-        return {0: 7, 3: 2, 4: 5}
+    def fake(dp, kind, ids=None):
+        asked.append((kind, sorted(ids)))
+        return {i: {0: 7, 3: 2, 4: 5}.get(i, 0) for i in ids}
 
     monkeypatch.setattr(metrics, "active_flows", fake)
-    dp = fake_dp([entry(FlowKind.NAT_OUT, 0)], listeners={3: 1, 4: 1, 9: 2})
+    dp = fake_dp(listeners={3: 1, 4: 1, 9: 2})
     gw = metrics.gateway_metrics(dp, 0)
     assert gw["ActiveConnectionCount"] == 7
     assert gw["ConnectionAttemptCount"] == 2                       # summed over 2 CPUs
     lbs = metrics.load_balancer_metrics(dp)
     assert lbs[1]["ActiveFlowCount"] == 7 and lbs[2]["ActiveFlowCount"] == 0
     assert lbs[1]["NewFlowCount"] == 4                             # two listeners
-    assert asked == [FlowKind.NAT_OUT, FlowKind.NLB_IN]
+    assert asked == [(FlowKind.NAT_OUT, [0]), (FlowKind.NLB_IN, [3, 4, 9])]
 
 
 def test_counters_of_indexes_the_program_lacks_read_zero():

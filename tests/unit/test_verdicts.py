@@ -87,10 +87,12 @@ def test_flags_and_maglev_empty_match_c():
 
 def test_constants_other_modules_copy_from_c():
     """Copies outside verdicts.py (until they import from it) still equal the C."""
-    from hyperplane import nat, nlb, settings
+    from hyperplane import flows, nat, nlb, settings
     flags = c_defines("structs.h", "")
-    assert nlb.MAGLEV_EMPTY == c_defines("nlb.h", "MAGLEV_EMPTY")["MAGLEV_EMPTY"]
-    assert nlb.TARGET_F_ACTIVE == flags["TARGET_F_ACTIVE"]
+    assert verdicts.MAGLEV_EMPTY == c_defines("nlb.h", "MAGLEV_EMPTY")["MAGLEV_EMPTY"]
+    assert nlb.MAGLEV_EMPTY is verdicts.MAGLEV_EMPTY
+    assert verdicts.TargetFlag.ACTIVE == flags["TARGET_F_ACTIVE"]
+    assert flows.FLOW_F_PENDING == flags["FLOW_F_PENDING"]
     assert settings.F_RST_ON_NO_FLOW == flags["HP_F_RST_ON_NO_FLOW"]
     assert nat.MAX_NAT_IPS == c_defines("consts.h", "HP_MAX_NAT_IPS")["HP_MAX_NAT_IPS"]
 
@@ -138,3 +140,19 @@ def test_flow_event_layout_follows_the_c_struct():
     want = [(name, sizes[ctype]) for ctype, name in cheaders.struct_members("structs.h",
                                                                              "flow_event")]
     assert [(n, ctypes.sizeof(t)) for n, t in cls._fields_] == want
+
+
+def test_user_ends_slots_are_the_cs_with_the_nodes_sizes():
+    """USER_ENDS_NAT_BASE / USER_ENDS_LB_BASE as consts.h defines them (read here with a
+    simple pattern), evaluated with a node's max_gateways rather than the default."""
+    from types import SimpleNamespace
+
+    from hyperplane import flows
+    from hyperplane.loader import Sizes
+    text = raw("consts.h")
+    nat = re.search(r"^#define\s+USER_ENDS_NAT_BASE\s+(\w+)", text, re.M).group(1)
+    lb = re.search(r"^#define\s+USER_ENDS_LB_BASE\s+(\w+)", text, re.M).group(1)
+    sizes = Sizes(max_gateways=5, max_listeners=7)
+    names = {"HP_MAX_GATEWAYS": 5, "HP_MAX_LISTENERS": 7}
+    want = {k: int(v) if v.isdigit() else names[v] for k, v in (("nat", nat), ("lb", lb))}
+    assert flows.user_ends_bases(SimpleNamespace(sizes=sizes)) == want
