@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from importlib import resources
 
 from .errors import ConfigError, EnvironmentProblem
+from .pinned import pinned_map_names
 
 PIN_ROOT = "/run/hyperplane/bpf"
 # The same C is built for two hooks (bpf/hook.h): native XDP, and tc ingress for devices
@@ -207,10 +208,7 @@ class Datapath:
         self.fns[hook] = fns[0]
         return fns[0]
 
-    PINNED = ("flows", "pending", "nat_resv", "nat_cursor", "gateways", "nat_ips",
-              "inside_nets", "config", "verdicts", "gw_stats", "frags", "vips", "listeners",
-              "maglev", "targets", "target_endpoints", "lb_stats", "target_packets",
-              "user_ends", "stats", "icmp_budget")
+    PINNED = pinned_map_names()  # every HP_MAP of bpf/maps.h
 
     def _check_pins(self) -> None:
         """bcc reuses a pinned map by its path without comparing it to the definition; a map
