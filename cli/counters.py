@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from .options import emit_json, json_option, node_option, resolve_node
 
@@ -34,6 +32,8 @@ def command(node, nonzero, as_json):
     if as_json:
         emit_json(data)
         return
+    from rich.console import Console  # only for tables: --json does without
+    from rich.table import Table
     console = Console()
     t = Table(title=f"node {node}: {data['packets']} packets")
     t.add_column("verdict")

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from .options import emit_json, json_option, node_option, resolve_node
 
@@ -30,6 +28,8 @@ def command(node, address, port, proto, kind, show_all, as_json):
     if as_json:
         emit_json([f.to_dict() for f in flows])
         return
+    from rich.console import Console  # only for tables: --json does without
+    from rich.table import Table
     table = Table(title=f"{len(flows)} flow entries")
     for col in ("kind", "proto", "packet", "translated to", "state", "packets", "bytes",
                 "idle s"):

@@ -1,4 +1,7 @@
-"""The hpctl click group. Each command lives in its own module and is added here."""
+"""The hpctl click group. Each command lives in its own module, imported only when that
+command runs (or when --help lists the commands): a read such as `hpctl counters` does not
+pay for the imports of `hpctl lab` or `hpctl nat` (pyroute2, ...)."""
+import importlib
 import sys
 
 import click
@@ -17,27 +20,61 @@ Examples:
   hpctl lab down
 """
 
+# command name -> the module of this package that defines it as `command`
+COMMANDS = {"lab": "lab", "nat": "nat", "lb": "lb", "agent": "agent", "flows": "flows",
+            "counters": "counters", "top": "top"}
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+
+class BrokenCommand(Exception):
+    """A command's module cannot be imported (a packaging error)."""
+
+
+class LazyGroup(click.Group):
+    """click's lazy-loading group pattern: commands are named up front and imported on
+    first use."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        module = COMMANDS.get(name)
+        if module is None:
+            return None
+        if name not in self.commands:
+            try:
+                self.commands[name] = importlib.import_module(f".{module}", __package__).command
+            except Exception as exc:  # ImportError, or an error while defining the command
+                raise BrokenCommand(f"the command {name!r} cannot be loaded: {exc}") from exc
+        return self.commands[name]
+
+    def format_commands(self, ctx, formatter):
+        """The command list of --help; a command that cannot be loaded is listed as such,
+        so it never hides the others' help."""
+        rows = []
+        for name in self.list_commands(ctx):
+            try:
+                cmd = self.get_command(ctx, name)
+            except BrokenCommand as exc:
+                rows.append((name, f"(unavailable: {exc.__cause__})"))
+                continue
+            if not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """Drive and watch a hyperplane NAT gateway / load balancer node."""
 
 
-def _register():
-    # Imported here so a broken optional command never hides the others' help.
-    from . import agent, counters, flows, lab, lb, nat, top  # noqa: F401
-    for mod in (lab, nat, lb, agent, flows, counters, top):
-        cli.add_command(mod.command)
-
-
 def main(argv=None):
     try:
-        _register()
-    except ImportError as exc:  # pragma: no cover - packaging error
+        cli.main(args=argv, standalone_mode=False)
+    except BrokenCommand as exc:  # a packaging error
         click.echo(f"hpctl: broken installation: {exc}", err=True)
         sys.exit(Exit.ENVIRONMENT)
-    try:
-        cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(Exit.FAILURE)
     except click.ClickException as exc:

@@ -19,9 +19,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from . import addresses
-from .addresses import Added
 from .errors import ConfigError, HyperplaneError
 from .flows import collect_garbage
 from .health import HealthChecker, TargetHealth
@@ -29,6 +28,9 @@ from .nlb import NlbDataplane, check_fits
 from .nlb_config import NlbConfig
 from .node import node_state, open_node, read_state_file, state_path, write_state_file
 from .store import DEFAULT_STORE, Store
+
+if TYPE_CHECKING:  # hyperplane.addresses (pyroute2) is imported where it is used
+    from .addresses import Added
 
 log = logging.getLogger("hyperplane.agent")
 
@@ -49,6 +51,7 @@ def _vips_path(node: str) -> str:
 def _read_vips(node: str) -> list[Added]:
     """What earlier agents added; a missing or damaged record adds up to nothing (an
     address not known to be ours is never removed)."""
+    from .addresses import Added  # pyroute2: not on the read paths (hpctl counters)
     try:
         return Added.from_dicts(read_state_file(_vips_path(node), "").get("addresses"))
     except HyperplaneError:
@@ -57,6 +60,7 @@ def _read_vips(node: str) -> list[Added]:
 
 def release_vips(node: str, netns: str | None) -> None:
     """Remove the VIP addresses the node's agents added (the node goes down)."""
+    from . import addresses
     addresses.release(netns, _read_vips(node))
     try:
         os.unlink(_vips_path(node))
@@ -195,6 +199,7 @@ class Agent:
         the address where the network routes the VIP to the node."""
         if wanted == self.vips_wanted:
             return
+        from . import addresses
         owned, removing = list(self.vips), []
         try:
             plan = addresses.plan_in(self.netns, sorted(wanted), self.vips,

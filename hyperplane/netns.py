@@ -23,10 +23,6 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from pyroute2 import IPRoute
-from pyroute2 import netns as _pnetns
-from pyroute2.netlink.exceptions import NetlinkError
-
 from .errors import EnvironmentProblem, HyperplaneError, NotFound
 
 NETNS_RUN_DIR = "/var/run/netns"
@@ -39,6 +35,7 @@ def exists(name: str) -> bool:
 
 
 def list_namespaces() -> list[str]:
+    from pyroute2 import netns as _pnetns
     try:
         return sorted(_pnetns.listnetns())
     except FileNotFoundError:
@@ -47,6 +44,7 @@ def list_namespaces() -> list[str]:
 
 def create(name: str) -> bool:
     """Create the named namespace; True if it was created, False if it already existed."""
+    from pyroute2 import netns as _pnetns
     if exists(name):
         return False
     _pnetns.create(name)
@@ -92,6 +90,7 @@ def kill_processes(name: str, timeout: float = 3.0) -> list[int]:
 def remove(name: str, kill: bool = True) -> bool:
     """Delete the named namespace (idempotent); True if it existed. Its processes are killed
     first so the namespace (and its veths) really goes away."""
+    from pyroute2 import netns as _pnetns
     if not exists(name):
         return False
     if kill:
@@ -103,6 +102,7 @@ def remove(name: str, kill: bool = True) -> bool:
 @contextlib.contextmanager
 def ipr(ns: str) -> Iterator[IPRoute]:
     """An IPRoute socket inside the namespace (which must exist: never created here)."""
+    from pyroute2 import IPRoute
     if not exists(ns):
         raise NotFound(f"network namespace {ns!r} does not exist")
     with IPRoute(netns=ns, flags=0) as ip:
@@ -151,6 +151,7 @@ def set_up(ns: str, ifname: str) -> None:
 
 
 def add_address(ns: str, ifname: str, cidr: str) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
     addr, _, plen = cidr.partition("/")
     with ipr(ns) as ip:
         try:
@@ -162,6 +163,7 @@ def add_address(ns: str, ifname: str, cidr: str) -> None:
 
 def add_route(ns: str, dst: str, gateway: str | None = None, ifname: str | None = None) -> None:
     """dst is a CIDR or 'default'."""
+    from pyroute2.netlink.exceptions import NetlinkError
     with ipr(ns) as ip:
         kw: dict[str, Any] = {"dst": "0.0.0.0/0" if dst == "default" else dst}
         if gateway:
@@ -262,6 +264,7 @@ def _ns_fd(ns: str) -> int:
 def call_in(ns: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run fn(*args, **kwargs) on a fresh thread that has entered the namespace; return its
     result (or raise its exception). Sockets created there stay in that namespace."""
+    from pyroute2 import netns as _pnetns
     fd = _ns_fd(ns)
     box: dict[str, Any] = {}
 
@@ -317,6 +320,7 @@ def read_sysctl(ns: str, key: str) -> str:
 
 
 def _preexec(fd: int, extra: Callable[[], None] | None = None) -> Callable[[], None]:
+    from pyroute2 import netns as _pnetns
     def enter():
         _pnetns.setns(fd, flags=0)
         if extra:
@@ -403,6 +407,7 @@ def nft_counter(ns: str, family: str, table: str, name: str) -> dict[str, int]:
 @contextlib.contextmanager
 def ipr_any(ns: str | None) -> Iterator[IPRoute]:
     """An IPRoute socket in the named namespace, or in this process's own when ns is None."""
+    from pyroute2 import IPRoute
     if ns is None:
         with IPRoute() as ip:
             yield ip
@@ -450,6 +455,7 @@ def add_labeled_address(ns: str | None, ifname: str, address: str, prefixlen: in
 
 def delete_address(ns: str | None, ifname: str, address: str, prefixlen: int) -> None:
     """Remove an IPv4 address; one already gone (or its interface) is fine."""
+    from pyroute2.netlink.exceptions import NetlinkError
     with ipr_any(ns) as ip:
         index = ip.link_lookup(ifname=ifname)
         if not index:
