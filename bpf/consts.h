@@ -149,7 +149,7 @@ enum hp_timeout {
 };
 
 /* Per-resource counter slots written by user space (flows the agent deleted), after the
- * gateways come the listeners. Keep in sync: hyperplane/verdicts.py USER_ENDS_* */
+ * gateways come the listeners. Read by hyperplane/flows.py (user_ends_bases). */
 #define USER_ENDS_NAT_BASE 0
 #define USER_ENDS_LB_BASE HP_MAX_GATEWAYS
 

@@ -17,8 +17,6 @@ import ipaddress
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from . import netns as _netns
 from .errors import ConfigError, HyperplaneError
 
@@ -110,6 +108,7 @@ def plan_in(ns: str | None, wanted: Iterable[str], owned: Iterable[Added], *,
 
 
 def add(ns: str | None, a: Added) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError  # here: read commands skip pyroute2
     try:
         _netns.add_labeled_address(ns, a.ifname, a.ip, 32, label(a.ifname))
     except NetlinkError as exc:
@@ -117,6 +116,7 @@ def add(ns: str | None, a: Added) -> None:
 
 
 def remove(ns: str | None, a: Added) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
     try:
         _netns.delete_address(ns, a.ifname, a.ip, 32)
     except NetlinkError as exc:
