@@ -27,6 +27,10 @@ Modes (what the node does):
   haproxy  the NLB baseline: no XDP; HAProxy in TCP mode in the node namespace on
            198.18.0.200:80 with the three targets as servers (roundrobin); the kernel
            forwards the rest (no NAT).
+  nftlb    the kernel's own stateful L4 LB as the NLB baseline: no XDP; an nftables DNAT
+           of 198.18.0.200:80 to the three targets' :8080, chosen by a hash of the
+           5-tuple; the client IP is kept (no SNAT: the targets answer through the node,
+           where conntrack reverses the DNAT); no health checks; kernel forwarding.
 
 Like a real network, the lab keeps every interface's default offloads (TSO/GSO/GRO,
 checksum offload) and resolves neighbours by ARP; the node has a default route toward the
@@ -50,7 +54,7 @@ from dataclasses import asdict, dataclass
 from . import netns
 from .errors import ConfigError, EnvironmentProblem, HyperplaneError, NotFound
 
-MODES = ("xdp", "kernel", "nft", "haproxy")
+MODES = ("xdp", "kernel", "nft", "haproxy", "nftlb")
 ATTACH_MODES = ("auto", "tc", "xdp")    # hyperplane.loader.MODES: how the data path attaches
 TARGET_ROLES = ("t1", "t2", "t3")
 ROLES = ("client", "node", "inet") + TARGET_ROLES
@@ -90,6 +94,8 @@ DNS_GROUP = "dns"
 HEALTH_CHECK = {"protocol": "tcp", "interval_s": 0.5, "timeout_s": 0.4,
                 "healthy_threshold": 2, "unhealthy_threshold": 2, "allow_fast": True}
 DEREGISTRATION_DELAY_S = 30
+# Mode nftlb: the DNAT's 5-tuple hash seed (any fixed value: the spread is repeatable).
+NFTLB_HASH_SEED = 0x68706c62
 
 # Fixed, locally administered MACs: the plan is then known before anything is built. Two
 # labs never share a segment, so reuse is harmless. (Neighbours are resolved by ARP.)
@@ -111,10 +117,10 @@ _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 @dataclass(frozen=True)
 class LabConfig:
     prefix: str = "hp"
-    mode: str = "xdp"             # xdp | kernel | nft | haproxy
+    mode: str = "xdp"             # xdp | kernel | nft | haproxy | nftlb
     attach: str = "auto"          # auto | tc | xdp (mode xdp only; hyperplane.loader.MODES)
     # The NLB: mode xdp writes the lab's NLB config to the store and starts the agent;
-    # mode haproxy starts HAProxy. False builds the same topology without them (the NAT
+    # mode haproxy starts HAProxy, mode nftlb loads the DNAT. False builds the same topology without them (the NAT
     # tests use it, so no health-check traffic crosses the node while they count packets).
     nlb: bool = True
     # Mode xdp only, passed to hyperplane.node.start_nat_node: timeouts (e.g.
@@ -183,6 +189,18 @@ def nft_ruleset(cfg: LabConfig) -> str:
             "  chain postrouting {",
             "    type nat hook postrouting priority srcnat; policy accept;",
             f"    oifname \"out0\" ip saddr {CLIENT_NET} snat ip to {NAT_IP}",
+            "  }",
+        ]
+    if cfg.mode == "nftlb" and cfg.nlb:
+        # conntrack evaluates NAT rules for a connection's first packet only: the hash
+        # picks the target once, and conntrack reverses the DNAT on the answers
+        targets = ", ".join(f"{i} : {ip} . {TARGET_HTTP_PORT}" for i, ip in enumerate(TARGET_IPS))
+        lines += [
+            "  chain prerouting {",
+            "    type nat hook prerouting priority dstnat; policy accept;",
+            f"    ip daddr {VIP} tcp dport {HTTP_PORT} dnat ip to jhash ip saddr . tcp sport . "
+            f"ip daddr . tcp dport mod {len(TARGET_IPS)} seed {NFTLB_HASH_SEED:#x} "
+            f"map {{ {targets} }}",
             "  }",
         ]
     lines.append("}")
@@ -319,7 +337,7 @@ def topology(cfg: LabConfig) -> dict:
     # setting the lab changes, and not the default (auto attaches at tc on veth).
     gro_on = (["client/cl0", "inet/inet0"] + [f"{t}/eth0" for t in TARGET_ROLES]) \
         if (cfg.mode == "xdp" and cfg.attach == "xdp") else []
-    nlb_on = cfg.nlb and cfg.mode in ("xdp", "haproxy")
+    nlb_on = cfg.nlb and cfg.mode in ("xdp", "haproxy", "nftlb")
     return {
         "prefix": cfg.prefix,
         "mode": cfg.mode,
@@ -339,7 +357,8 @@ def topology(cfg: LabConfig) -> dict:
         "targets": targets(cfg),
         "nlb": {
             "enabled": nlb_on,
-            "by": {"xdp": "hyperplane", "haproxy": "haproxy"}.get(cfg.mode) if nlb_on else None,
+            "by": {"xdp": "hyperplane", "haproxy": "haproxy", "nftlb": "nftables"}.get(cfg.mode)
+            if nlb_on else None,
             "vip": VIP,
             "listeners": [{"vip": VIP, "port": HTTP_PORT, "protocol": "TCP",
                            "target_group": WEB_GROUP, "target_port": TARGET_HTTP_PORT},
@@ -347,7 +366,7 @@ def topology(cfg: LabConfig) -> dict:
                            "target_group": DNS_GROUP, "target_port": TARGET_UDP_PORT}]
             if cfg.mode == "xdp" else
             [{"vip": VIP, "port": HTTP_PORT, "protocol": "TCP", "target_group": WEB_GROUP,
-              "target_port": TARGET_HTTP_PORT}] if cfg.mode == "haproxy" else [],
+              "target_port": TARGET_HTTP_PORT}] if cfg.mode in ("haproxy", "nftlb") else [],
             "store": store_path(cfg.prefix) if cfg.mode == "xdp" and nlb_on else None,
             "haproxy_config": _haproxy_cfgfile(cfg.prefix)
             if cfg.mode == "haproxy" and nlb_on else None,
@@ -356,7 +375,7 @@ def topology(cfg: LabConfig) -> dict:
                  "pin_root": _pin_root()},
         "nft": {"family": NFT_FAMILY, "table": NFT_TABLE, "forward_counter": NFT_FORWARD_COUNTER,
                 "forward_policy": _forward_policy(cfg), "assist_counter": NFT_ASSIST_COUNTER,
-                "snat": cfg.mode == "nft"},
+                "snat": cfg.mode == "nft", "dnat": cfg.mode == "nftlb" and nlb_on},
     }
 
 

@@ -183,6 +183,38 @@ def test_nlb_per_mode():
     assert lab.topology(lab.LabConfig(mode="haproxy"))["nat_ips"] == []
 
 
+def test_nftlb_is_a_dnat_by_5tuple_hash_that_keeps_the_client_ip():
+    """Mode nftlb: the kernel's own stateful L4 LB (conntrack DNAT) on VIP:80, the target
+    chosen by a hash of the 5-tuple from a map of the three targets' :8080; no SNAT (the
+    targets see the client and answer through the node), no route back to the clients."""
+    cfg = lab.LabConfig(mode="nftlb")
+    rules = lab.nft_ruleset(cfg)
+    dnat = [line.strip() for line in rules.splitlines() if "dnat" in line]
+    targets = ", ".join(f"{i} : {ip} . 8080" for i, ip in enumerate(lab.TARGET_IPS))
+    assert dnat == [f"ip daddr {lab.VIP} tcp dport 80 dnat ip to jhash ip saddr . tcp sport "
+                    f". ip daddr . tcp dport mod 3 seed {lab.NFTLB_HASH_SEED:#x} "
+                    f"map {{ {targets} }}"]
+    assert "type nat hook prerouting priority dstnat;" in rules
+    assert "snat" not in rules and "masquerade" not in rules
+    assert "policy accept;" in rules                  # the kernel forwards (and un-DNATs)
+    t = lab.topology(cfg)
+    assert t["nlb"]["enabled"] and t["nlb"]["by"] == "nftables" and t["nft"]["dnat"]
+    assert [(l["vip"], l["protocol"], l["port"], l["target_port"]) for l in
+            t["nlb"]["listeners"]] == [(lab.VIP, "TCP", 80, 8080)]
+    assert t["nat_ips"] == [] and t["gateways"] == []
+    assert all(r["dst"] != lab.CLIENT_NET for r in t["routes"]["inet"])
+    out0 = next(i for i in t["interfaces"] if i["ifname"] == "out0")
+    assert f"{lab.VIP}/32" in out0["addresses"]       # the node answers ARP for the VIP
+    # --no-nlb: the same topology without the DNAT; no other mode has one
+    off = lab.LabConfig(mode="nftlb", nlb=False)
+    assert "dnat" not in lab.nft_ruleset(off) and not lab.topology(off)["nlb"]["enabled"]
+    assert not lab.topology(off)["nft"]["dnat"]
+    for mode in lab.MODES:
+        if mode != "nftlb":
+            assert "dnat" not in lab.nft_ruleset(lab.LabConfig(mode=mode)), mode
+            assert not lab.topology(lab.LabConfig(mode=mode))["nft"]["dnat"], mode
+
+
 def test_the_lab_nlb_config():
     from hyperplane.nlb_config import NlbConfig
     c = lab.nlb_config(lab.LabConfig())
