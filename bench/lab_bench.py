@@ -2,6 +2,13 @@
 """Lab benchmark: the same traffic through the one-node lab in modes kernel (the floor:
 plain forwarding, no NAT), nft (Linux NAT) and xdp (hyperplane), one after another.
 
+Each lab is built exactly as `hpctl lab up --mode M [--attach A]` builds it: default
+offloads (TSO/GSO/GRO, checksum offload), neighbours resolved by ARP, and in mode xdp the
+node's default table sizes and timeouts and its agent (started as `hpctl nat up` starts
+it: the garbage collection of closed and expired flows is the agent's; with the lab's NLB
+it also health-checks the targets). The bench changes nothing of it, apart from the
+client's ephemeral port range (1024-65535) for the connection churn.
+
 Measures, per mode:
   udp_pps        small-packet UDP, packets/s seen by the receiver
                  (iperf3 -u -l 18 -b 0, client -> server in inet)
@@ -12,14 +19,18 @@ Measures, per mode:
   tcp_gbps       TCP bulk throughput (iperf3, one stream), receiver side
 
 Each test runs --repeat times, round-robin over the modes (one lab per mode, all up at
-once), and the median is reported. Generators are pinned to the first CPU, servers to
-the last.
-
-and each as a ratio to the floor measured in the same run. The traffic generators share
+once), and the median is reported, with its ratio to the floor measured in the same run.
+Generators are pinned to the first CPU, servers to the last. The traffic generators share
 this machine's cores with the system under test, so absolute numbers say little; the
 ratios are the result. Writes bench/results/lab.json and prints a markdown table.
 
-    sudo .venv/bin/python bench/lab_bench.py --seconds 5 --modes kernel,nft,xdp
+Accounting recorded per mode: packets the node's kernel forwarded (nft forward counter:
+in mode xdp these slipped past the data path and were dropped), in mode xdp the verdict
+counters (at tc one verdict per skb: a GSO/GRO superpacket is one verdict for several wire
+packets; ARP is PASS_NON_IP), translated packets handed to the kernel to fragment (nft
+assist counter), where the data path is attached, and the agent's CPU time.
+
+    sudo .venv/bin/python bench/lab_bench.py --seconds 5 --repeat 5
 """
 from __future__ import annotations
 
@@ -215,28 +226,16 @@ MEASURES = {"udp": lambda ns, sec, procs: measure_udp_pps(ns, sec),
             "bulk": lambda ns, sec, procs: measure_tcp_bulk(ns, sec)}
 
 
-# The connections/s test opens ~25k connections/s, each closed with a RST. A NAT holds a
-# closed flow for its closing timeout, so the tables must hold rate x timeout flows. Linux
-# conntrack (mode nft) keeps a closed TCP connection 10 s (nf_conntrack_tcp_timeout_close)
-# in a table of nf_conntrack_max = the host's value (262144 here; a namespace cannot change
-# it). The xdp node gets the same 10 s and room for 512k flows, so both NATs are measured
-# on rate, not on running out of table (--xdp-defaults keeps the node's defaults: 30 s,
-# 131072 flows, which this test fills within seconds).
-XDP_NODE = {"timeouts": {"tcp_closing": 10},
-            "sizes": {"max_flows": 1 << 20, "max_reservations": 1 << 19}}
-
-
-def run(modes: list[str], xdp_mode: str, seconds: int, repeat: int, conn_procs: int,
-        xdp_defaults: bool = False) -> list[dict]:
+def run(modes: list[str], attach: str, seconds: int, repeat: int,
+        conn_procs: int) -> list[dict]:
     """Build one lab per mode (all at once, distinct prefixes), then take the measurements
     round-robin over the modes, `repeat` times, so background load drifts hit every mode
     alike; report the median of each."""
     from hyperplane import lab, netns
     import statistics
-    # nlb=False: the NAT bench needs neither the NLB's agent nor its health checks (the
-    # agent's per-tick work would take CPU from the system under test).
-    cfgs = {m: lab.LabConfig(prefix=f"hpb{os.getpid() % 1000}{m[0]}", mode=m, xdp_mode=xdp_mode,
-                             nlb=False, **(XDP_NODE if m == "xdp" and not xdp_defaults else {}))
+    # The lab's defaults (nlb=True: in mode xdp the node's agent runs, as `hpctl nat up`
+    # runs it; it is the node's garbage collector). Nothing else is changed.
+    cfgs = {m: lab.LabConfig(prefix=f"hpb{os.getpid() % 1000}{m[0]}", mode=m, attach=attach)
             for m in modes}
     res: dict[str, dict] = {m: {"mode": m} for m in modes}
     samples: dict[str, dict[str, list]] = {m: {} for m in modes}
@@ -255,7 +254,12 @@ def run(modes: list[str], xdp_mode: str, seconds: int, repeat: int, conn_procs: 
             netns.sysctl(ns["client"], "net.ipv4.ip_local_port_range", "1024 65535")
             res[m]["_fwd0"] = lab.forward_packets(cfg)
             if m == "xdp":
+                st = lab.status(cfg)
+                res[m]["attached"] = st["node"]["attached"]
                 res[m]["_v0"] = _xdp_counters(cfg)
+                res[m]["_assist0"] = lab.assisted_packets(cfg)
+                res[m]["_agent"] = (st["nlb"].get("agent") or {}).get("pid")
+                res[m]["_agent_cpu0"] = (_cpu_seconds(res[m]["_agent"]), time.monotonic())
             live.append(m)
         for rep in range(repeat):
             for name, fn in MEASURES.items():
@@ -275,6 +279,13 @@ def run(modes: list[str], xdp_mode: str, seconds: int, repeat: int, conn_procs: 
                 before, after = res[m].pop("_v0"), _xdp_counters(cfgs[m])
                 res[m]["xdp_verdicts"] = {k: after[k] - before.get(k, 0) for k in after
                                           if after[k] != before.get(k, 0)}
+                res[m]["kernel_assisted_packets"] = (lab.assisted_packets(cfgs[m])
+                                                     - res[m].pop("_assist0"))
+                pid = res[m].pop("_agent")
+                c0, t0 = res[m].pop("_agent_cpu0")
+                c1 = _cpu_seconds(pid)
+                res[m]["agent_cpu_percent"] = (round(100 * (c1 - c0) / (time.monotonic() - t0), 1)
+                                               if c0 is not None and c1 is not None else None)
             for k, vals in samples[m].items():
                 vals = [v for v in vals if v is not None]
                 if vals:
@@ -284,6 +295,18 @@ def run(modes: list[str], xdp_mode: str, seconds: int, repeat: int, conn_procs: 
         for cfg in cfgs.values():
             lab.down(cfg)
     return [res[m] for m in modes]
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process so far (None when it is gone)."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _xdp_counters(cfg) -> dict:
@@ -298,8 +321,9 @@ def markdown(results: list[dict], meta: dict) -> str:
              f"{meta['kernel']}. The traffic generators share the {meta['cpus']} cores with the "
              "system under test: compare the ratios to the floor (mode kernel: plain "
              "forwarding, no NAT) measured in this same run, not the absolute numbers.", "",
-             "| metric | " + " | ".join(r["mode"] + (f" ({meta['xdp_mode']})" if r["mode"] == "xdp"
-                                               else "") for r in results) + " |",
+             "| metric | " + " | ".join(r["mode"] + (f" (attach {meta['attach']})"
+                                               if r["mode"] == "xdp" else "")
+                                      for r in results) + " |",
              "|---|" + "---|" * len(results)]
     for key, label, fmt in METRICS:
         cells = []
@@ -312,28 +336,37 @@ def markdown(results: list[dict], meta: dict) -> str:
                 cell += f" ({r[key] / floor[key]:.2f}x)"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| new TCP connections failed (per run, median) | " + " | ".join(
+        f"{r['tcp_conn_failed']:,.0f}" if "tcp_conn_failed" in r else "-" for r in results)
+        + " |")
     for r in results:
         if "error" in r:
             lines.append(f"\nmode {r['mode']} failed: {r['error']}")
-        elif r.get("kernel_forwarded_packets") and r["mode"] == "xdp":
-            lines.append(f"\nmode xdp: the node kernel forwarded {r['kernel_forwarded_packets']} "
-                         "packets that XDP did not handle")
+        elif r["mode"] == "xdp":
+            v = r.get("xdp_verdicts", {})
+            lines.append(f"\nmode xdp: data path attached {r.get('attached')}; the node kernel "
+                         f"forwarded {r.get('kernel_forwarded_packets')} packets the data path "
+                         f"did not handle (dropped) and fragmented "
+                         f"{r.get('kernel_assisted_packets')} it handed over; the agent used "
+                         f"{r.get('agent_cpu_percent')} % of one core over the run. Verdicts "
+                         "(at tc one per skb, a superpacket counts once): "
+                         + ", ".join(f"{k} {n:,}" for k, n in sorted(v.items(),
+                                                                      key=lambda x: -x[1])))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=int, default=3,
-                    help="duration of each test run (default 3)")
-    ap.add_argument("--repeat", type=int, default=3,
+    ap.add_argument("--seconds", type=int, default=5,
+                    help="duration of each test run (default 5)")
+    ap.add_argument("--repeat", type=int, default=5,
                     help="runs of each test per mode, round-robin over the modes; the median "
-                         "is reported (default 3)")
+                         "is reported (default 5)")
     ap.add_argument("--modes", default="kernel,nft,xdp",
                     help="comma-separated, in order (default kernel,nft,xdp)")
-    ap.add_argument("--xdp-mode", default="generic", choices=["generic", "native"])
-    ap.add_argument("--xdp-defaults", action="store_true",
-                    help="run the xdp node with its default timeouts and table sizes instead "
-                         "of the bench's (see XDP_NODE)")
+    ap.add_argument("--attach", default="auto", choices=["auto", "tc", "xdp"],
+                    help="mode xdp: how the data path attaches (default auto: tc on veth; "
+                         "xdp = native XDP, the lab turns GRO on at the far ends for it)")
     ap.add_argument("--conn-procs", type=int, default=2,
                     help="connector processes for the connections/s test (default 2)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "lab.json"))
@@ -347,16 +380,18 @@ def main(argv=None) -> int:
         print(f"lab_bench: bad --modes {bad} or --seconds (1..120)", file=sys.stderr)
         return 2
     meta = {"seconds": args.seconds, "cpus": os.cpu_count(), "kernel": platform.release(),
-            "xdp_mode": args.xdp_mode, "conn_procs": args.conn_procs,
+            "attach": args.attach, "conn_procs": args.conn_procs,
+            "lab": "defaults (offloads, ARP, table sizes, timeouts, agent)",
             "generator_shares_cpus_with_system_under_test": True,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if not 1 <= args.repeat <= 20:
         print("lab_bench: --repeat must be 1..20", file=sys.stderr)
         return 2
     meta["repeat"] = args.repeat
-    meta["xdp_node"] = None if args.xdp_defaults else XDP_NODE
-    results = run(modes, args.xdp_mode, args.seconds, args.repeat, args.conn_procs,
-                  args.xdp_defaults)
+    meta["command"] = " ".join([".venv/bin/python", "bench/lab_bench.py",
+                                *(argv if argv is not None else sys.argv[1:])])
+    meta["loadavg_at_start"] = os.getloadavg()
+    results = run(modes, args.attach, args.seconds, args.repeat, args.conn_procs)
     floor = next((r for r in results if r["mode"] == "kernel" and "error" not in r), None)
     for r in results:
         if floor and "error" not in r:

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""NLB benchmark: HTTP requests/s through the lab's XDP network load balancer and through
-HAProxy in TCP mode (Debian's haproxy, lab mode haproxy), same topology, one run.
+"""NLB benchmark: HTTP requests/s through the lab's hyperplane network load balancer, the
+kernel's own stateful L4 load balancer (nftables DNAT, lab mode nftlb) and HAProxy in TCP
+mode (Debian's haproxy, lab mode haproxy), same topology, one run.
 
     internet host (wrk) -> VIP 198.18.0.200:80 on node1 -> targets t1..t3 (:8080)
 
-Both labs are up at once (distinct prefixes). The targets answer with a tiny fixed body;
+All labs are up at once (distinct prefixes). The targets answer with a tiny fixed body;
 they run HAProxy in HTTP mode (`http-request return`), one thread each, because a Python
 server would be slower than either load balancer and measure itself.
 
@@ -13,18 +14,23 @@ Measures, per load balancer:
                  wrk reconnects after every answer)
   keepalive_rps  requests/s on keep-alive connections (wrk's default)
 
-Three variants, each test --repeat times round-robin over them, medians reported:
-  xdp               the XDP NLB as deployed: data path + the node's agent (health checks,
-                    flow accounting), whose CPU time is recorded
+Four variants, each test --repeat times round-robin over them, medians reported:
+  xdp               the hyperplane NLB as deployed (attached as --attach says: auto = tc
+                    on the lab's veths): data path + the node's agent (health checks, flow
+                    accounting, garbage collection), whose CPU time is recorded
   xdp_agent_paused  the same lab with the agent paused (SIGSTOP) for the run: the data
                     path alone
-  haproxy           HAProxy in TCP mode; the XDP lab's agent is paused meanwhile, so the
-                    idle XDP lab takes no CPU from it
-The headline ratio is xdp / haproxy. wrk runs in the internet namespace and shares this machine's
-cores with the load balancer and the targets (2 vCPUs here): the ratio is the result, the
-absolute numbers mostly say how much CPU was left for each part.
+  nftlb             an nftables DNAT in the node's prerouting hook, target by a 5-tuple
+                    hash (jhash) over the three targets, client IP kept, conntrack
+                    reversing it (no health checks)
+  haproxy           HAProxy in TCP mode (a proxy: the targets see the node's address)
+The XDP lab's agent is paused during the nftlb and haproxy runs, so the idle XDP lab takes
+no CPU from them. The ratios are xdp / nftlb and xdp / haproxy. wrk runs in the internet
+namespace and shares this machine's cores with the load balancer and the targets (2 vCPUs
+here): the ratios are the result, the absolute numbers mostly say how much CPU was left
+for each part.
 
-    sudo .venv/bin/python bench/nlb_bench.py [--seconds 5] [--repeat 3] [--connections 64]
+    sudo .venv/bin/python bench/nlb_bench.py [--seconds 5] [--repeat 5] [--connections 64]
 
 Writes bench/results/nlb.json and prints a markdown table.
 """
@@ -45,15 +51,16 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-LBS = ("xdp", "haproxy")
-# The XDP node sized like the lab bench's: at ~10-20k new connections/s, each flow kept
-# 10 s after its close (Linux conntrack's close timeout), the default table would be the
-# limit, not the data path.
-XDP_NODE = {"timeouts": {"tcp_closing": 10},
-            "sizes": {"max_flows": 1 << 20, "max_reservations": 1 << 17}}
+LBS = ("xdp", "nftlb", "haproxy")
+# The XDP node's flow table enlarged: at ~10-30k new connections/s, each flow kept 10 s
+# after its close (the default closing timeout, as conntrack's after a RST) and up to the
+# agent's next garbage collection (every 10 s), the default table (131,072 flows) would
+# be the limit, not the data path; conntrack's table here is the host's nf_conntrack_max.
+# --default-table runs the node with its defaults.
+XDP_NODE = {"sizes": {"max_flows": 1 << 20, "max_reservations": 1 << 17}}
 METRICS = [("fresh_rps", "requests/s, fresh connection per request", "{:,.0f}"),
            ("keepalive_rps", "requests/s, keep-alive connections", "{:,.0f}")]
-TARGETS_FROM_ISSUE = {"fresh_rps": 1.5, "keepalive_rps": 1.2}
+TARGETS_FROM_ISSUE = {"fresh_rps": 1.5, "keepalive_rps": 1.2}   # xdp / haproxy
 
 
 def _target_haproxy_cfg(name: str, ip: str, port: int) -> str:
@@ -185,12 +192,13 @@ def _xdp_counters(cfg) -> dict:
     return node.read_counters(lab.node_name(cfg), pin_root=lab.topology(cfg)["node"]["pin_root"])
 
 
-def run(seconds: int, repeat: int, connections: int, threads: int, xdp_mode: str,
-        lbs: list[str], workdir: str, agent_paused_runs: bool = True) -> list[dict]:
+def run(seconds: int, repeat: int, connections: int, threads: int, attach: str,
+        lbs: list[str], workdir: str, agent_paused_runs: bool = True,
+        default_table: bool = False) -> list[dict]:
     from hyperplane import lab, netns
     pid = os.getpid() % 1000
-    cfgs = {m: lab.LabConfig(prefix=f"hpn{pid}{m[0]}", mode=m, xdp_mode=xdp_mode, nlb=True,
-                             **(XDP_NODE if m == "xdp" else {}))
+    cfgs = {m: lab.LabConfig(prefix=f"hpn{pid}{m[0]}", mode=m, attach=attach, nlb=True,
+                             **(XDP_NODE if m == "xdp" and not default_table else {}))
             for m in lbs}
     res = {m: {"lb": m} for m in lbs}
     samples: dict[str, dict[str, list]] = {m: {} for m in lbs}
@@ -211,22 +219,23 @@ def run(seconds: int, repeat: int, connections: int, threads: int, xdp_mode: str
                     netns.sysctl(ns[role], "net.ipv4.tcp_tw_reuse", 1)
                 start_target_servers(cfg, workdir)
                 wait_ready(cfg)
-            except Exception as exc:  # report and go on with the other one
+            except Exception as exc:  # report and go on with the others
                 res[m]["error"] = f"{type(exc).__name__}: {exc}"
                 lab.down(cfg)
                 continue
             res[m]["_fwd0"] = lab.forward_packets(cfg)
             if m == "xdp":
+                res[m]["attached"] = lab.status(cfg)["node"]["attached"]
                 res[m]["_v0"] = _xdp_counters(cfg)
             live.append(m)
         # The XDP node's agent (health checks, flow accounting) is part of the XDP NLB: it
-        # runs during the "xdp" runs and its CPU time is recorded. During the HAProxy runs
-        # it is paused (SIGSTOP), so the XDP lab's control plane takes no CPU from HAProxy.
-        # The "xdp_agent_paused" runs pause it too: the data path alone.
+        # runs during the "xdp" runs and its CPU time is recorded. During the nftlb and
+        # HAProxy runs it is paused (SIGSTOP), so the XDP lab's control plane takes no CPU
+        # from them. The "xdp_agent_paused" runs pause it too: the data path alone.
         agent = _agent_pid(cfgs["xdp"]) if "xdp" in live else None
         runs = [(name, m, pause) for name, m, pause in
                 (("xdp", "xdp", False), ("xdp_agent_paused", "xdp", True),
-                 ("haproxy", "haproxy", True))
+                 ("nftlb", "nftlb", True), ("haproxy", "haproxy", True))
                 if m in live and (name != "xdp_agent_paused" or agent_paused_runs)]
         for name, _m, _p in runs:
             res.setdefault(name, {"lb": name})
@@ -276,43 +285,65 @@ def run(seconds: int, repeat: int, connections: int, threads: int, xdp_mode: str
 
 def markdown(results: list[dict], meta: dict) -> str:
     by = {r["lb"]: r for r in results}
-    x, h = by.get("xdp", {}), by.get("haproxy", {})
+    x, n, h = by.get("xdp", {}), by.get("nftlb", {}), by.get("haproxy", {})
     cols = [(r, label) for r, label in
-            ((x, f"XDP NLB ({meta['xdp_mode']})"),
-             (by.get("xdp_agent_paused"), "XDP data path alone (agent paused)"),
+            ((x, f"hyperplane NLB (attach {meta['attach']})"),
+             (by.get("xdp_agent_paused"), "hyperplane data path alone (agent paused)"),
+             (n, "nftables DNAT (5-tuple hash)"),
              (h, "HAProxy (TCP mode)")) if r]
     lines = [f"NLB benchmark, median of {meta['repeat']} runs of {meta['seconds']} s per test "
              f"(round-robin), wrk -t{meta['threads']} -c{meta['connections']} in the internet "
              f"namespace, {meta['cpus']} CPUs, kernel {meta['kernel']}. wrk, the load balancer "
-             f"and the three target servers share the {meta['cpus']} cores: read the ratio.",
+             f"and the three target servers share the {meta['cpus']} cores: read the ratios.",
              "", "| metric | " + " | ".join(label for _, label in cols)
-             + " | XDP / HAProxy | target |", "|---|" + "---|" * (len(cols) + 2)]
+             + " | hyperplane / nftables | hyperplane / HAProxy | target (vs HAProxy) |",
+             "|---|" + "---|" * (len(cols) + 3)]
     for key, label, fmt in METRICS:
         cells = []
         for r, _ in cols:
             v = r.get(key)
-            cell = fmt.format(v) if v else ("error" if "error" in r else "-")
-            if v and r is not h and r is not x and h.get(key):
-                cell += f" ({v / h[key]:.2f}x)"
-            cells.append(cell)
-        xv, hv = x.get(key), h.get(key)
-        ratio = f"**{xv / hv:.2f}x**" if xv and hv else "-"
-        lines.append(f"| {label} | " + " | ".join(cells)
-                     + f" | {ratio} | >= {TARGETS_FROM_ISSUE[key]}x |")
+            cells.append(fmt.format(v) if v else ("error" if "error" in r else "-"))
+        xv = x.get(key)
+        ratios = [f"**{xv / other[key]:.2f}x**" if xv and other.get(key) else "-"
+                  for other in (n, h)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios)
+                     + f" | >= {TARGETS_FROM_ISSUE[key]}x |")
     for r in results:
         if "error" in r:
             lines.append(f"\n{r['lb']} failed: {r['error']}")
     if x.get("agent_cpu_percent"):
-        lines.append(f"\nXDP node's agent CPU during the XDP runs (% of one core; fresh, "
-                     f"keep-alive, per round): {x['agent_cpu_percent']}; paused during the "
-                     "other runs.")
+        lines.append(f"\nXDP node's agent CPU during the hyperplane runs (% of one core; "
+                     f"fresh, keep-alive, per round): {x['agent_cpu_percent']}; paused during "
+                     "the other runs.")
     if x.get("xdp_verdicts") is not None:
         v = x["xdp_verdicts"]
-        lines.append(f"\nXDP node: kernel forwarded {x.get('kernel_forwarded_packets')} packets; "
+        lines.append(f"\nhyperplane node (attached {x.get('attached')}): kernel forwarded "
+                     f"{x.get('kernel_forwarded_packets')} packets; "
                      f"TX_NLB_IN {v.get('TX_NLB_IN', 0):,}, TX_NLB_OUT {v.get('TX_NLB_OUT', 0):,}"
-                     + "".join(f", {k} {n:,}" for k, n in sorted(v.items())
-                               if k not in ("TX_NLB_IN", "TX_NLB_OUT")))
+                     + "".join(f", {k} {c:,}" for k, c in sorted(v.items())
+                               if k not in ("TX_NLB_IN", "TX_NLB_OUT"))
+                     + " (at tc one verdict per skb)")
+    for r in (n, h):
+        if r.get("kernel_forwarded_packets") is not None:
+            lines.append(f"\n{r['lb']} node: kernel forwarded {r['kernel_forwarded_packets']:,} "
+                         "packets")
+    for name, r in by.items():
+        errs = [w.get("socket_errors", {}) for k in ("fresh_wrk", "keepalive_wrk")
+                for w in r.get("samples", {}).get(k, [])]
+        bad = sum(sum(e.values()) for e in errs) + sum(
+            w.get("non_2xx", 0) for k in ("fresh_wrk", "keepalive_wrk")
+            for w in r.get("samples", {}).get(k, []))
+        if bad:
+            lines.append(f"\n{name}: wrk socket errors / non-2xx answers over all runs: {bad:,}")
     return "\n".join(lines)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _version(argv: list[str]) -> str:
@@ -323,12 +354,18 @@ def _version(argv: list[str]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=5, help="each wrk run (default 5)")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="runs per test and load balancer, round-robin; median reported")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="runs per test and load balancer, round-robin; median reported "
+                         "(default 5)")
     ap.add_argument("--connections", type=int, default=64, help="wrk -c (default 64)")
     ap.add_argument("--threads", type=int, default=2, help="wrk -t (default 2)")
-    ap.add_argument("--xdp-mode", default="generic", choices=["generic", "native"])
-    ap.add_argument("--lbs", default="xdp,haproxy", help="which to run (default both)")
+    ap.add_argument("--attach", default="auto", choices=["auto", "tc", "xdp"],
+                    help="how the hyperplane data path attaches (default auto: tc on veth; "
+                         "xdp = native XDP, the lab turns GRO on at the far ends for it)")
+    ap.add_argument("--lbs", default="xdp,nftlb,haproxy",
+                    help="which to run (default xdp,nftlb,haproxy)")
+    ap.add_argument("--default-table", action="store_true",
+                    help="run the hyperplane node with its default table sizes (see XDP_NODE)")
     ap.add_argument("--no-agent-paused-runs", action="store_true",
                     help="skip the extra XDP runs with the node's agent paused")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "nlb.json"))
@@ -336,7 +373,8 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         print("nlb_bench: needs root (network namespaces)", file=sys.stderr)
         return 3
-    for tool, pkg in (("wrk", "wrk"), ("haproxy", "haproxy"), ("curl", "curl")):
+    for tool, pkg in (("wrk", "wrk"), ("haproxy", "haproxy"), ("curl", "curl"),
+                      ("nft", "nftables")):
         if shutil.which(tool) is None:
             print(f"nlb_bench: needs {tool}: apt-get install {pkg}", file=sys.stderr)
             return 3
@@ -349,7 +387,11 @@ def main(argv=None) -> int:
         return 2
     meta = {"seconds": args.seconds, "repeat": args.repeat, "connections": args.connections,
             "threads": args.threads, "cpus": os.cpu_count(), "kernel": platform.release(),
-            "xdp_mode": args.xdp_mode, "xdp_node": XDP_NODE,
+            "attach": args.attach, "xdp_node": None if args.default_table else XDP_NODE,
+            "nf_conntrack_max": _read("/proc/sys/net/netfilter/nf_conntrack_max"),
+            "command": " ".join([".venv/bin/python", "bench/nlb_bench.py",
+                                 *(argv if argv is not None else sys.argv[1:])]),
+            "loadavg_at_start": os.getloadavg(),
             "haproxy": _version(["haproxy", "-v"]), "wrk": _version(["wrk", "-v"]),
             "generator_shares_cpus_with_system_under_test": True,
             "targets": "haproxy http-request return, 1 thread each",
@@ -357,17 +399,22 @@ def main(argv=None) -> int:
     import tempfile
     with tempfile.TemporaryDirectory(prefix="hp-nlb-bench-") as workdir:
         results = run(args.seconds, args.repeat, args.connections, args.threads,
-                      args.xdp_mode, lbs, workdir, not args.no_agent_paused_runs)
+                      args.attach, lbs, workdir, not args.no_agent_paused_runs,
+                      args.default_table)
     by = {r["lb"]: r for r in results}
-    ratios, ratios_paused = {}, {}
+    ratios, ratios_paused, ratios_nft = {}, {}, {}
     for key, _, _ in METRICS:
         h = by.get("haproxy", {}).get(key)
+        nf = by.get("nftlb", {}).get(key)
         if h and by.get("xdp", {}).get(key):
             ratios[key] = by["xdp"][key] / h
         if h and by.get("xdp_agent_paused", {}).get(key):
             ratios_paused[key] = by["xdp_agent_paused"][key] / h
+        if nf and by.get("xdp", {}).get(key):
+            ratios_nft[key] = by["xdp"][key] / nf
     out = {"meta": meta, "results": results, "ratio_xdp_to_haproxy": ratios,
            "ratio_xdp_agent_paused_to_haproxy": ratios_paused,
+           "ratio_xdp_to_nftlb": ratios_nft,
            "targets_from_issue": TARGETS_FROM_ISSUE,
            "targets_met": {k: ratios[k] >= TARGETS_FROM_ISSUE[k] for k in ratios}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
