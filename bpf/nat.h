@@ -84,14 +84,14 @@ static __always_inline int nat_take_port(struct pkt *p, struct hp_config *cfg, _
 		port_candidate(gw, j, rk);
 		rc = resv_reclaim(cfg, rk, &rv, p->now);
 	}
-	if (rc)
-		return rc;
-	__u32 next = (j + 1) % total;
+	/* after a refusal the next search starts past the window just probed: the cursor
+	 * sweeps the space instead of every later flow probing the same taken ports */
+	__u32 next = rc ? (base + HP_PORT_PROBES) % total : (j + 1) % total;
 	if (cursor)
 		*cursor = next;
 	else
 		nat_cursor.update(&ck, &next);
-	return 0;
+	return rc;
 }
 
 /* Create both entries of a new NAT flow. Returns 0 and sets *out, or a verdict. */

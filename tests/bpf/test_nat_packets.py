@@ -489,3 +489,23 @@ def test_active_connection_count_leaves_out_closed_flows(e):
     assert e.gw_metrics()["ActiveConnectionCount"] == 2
     e.run(from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=port, flags="R")), "out0")
     assert e.gw_metrics()["ActiveConnectionCount"] == 1
+
+
+def test_a_refused_search_moves_the_cursor_on(e):
+    """The per-destination cursor sweeps the port space: when 32 probes from it find only
+    live flows, the flow is refused and the next search starts past that window (it used
+    to start at the same place, so every later flow to the destination was refused too
+    while ports further on were free)."""
+    apply_gateway(e.dp, GatewayConfig("gw-test", 0, [NAT_IP], ["10.10.0.0/24"],
+                                      port_min=1024, port_max=1103))       # 80 ports
+    for i in range(40):
+        assert e.run(tcp_syn(sport=41000 + i))[0] == Verdict.TX_NAT_OUT
+    cursors = e.dp.table("nat_cursor")
+    (key, cursor), = list(cursors.items())
+    start = (cursor.value - 40) % 80          # where the 40 live flows begin
+    cursors[key] = type(cursor)(start)        # a search from there sees 32 taken ports
+    verdict, _, _ = e.run(tcp_syn(sport=41100))
+    assert verdict == Verdict.DROP_PORT_ALLOC
+    verdict, _, out = e.run(tcp_syn(sport=41101))
+    assert verdict == Verdict.TX_NAT_OUT, "the search started at the same taken ports again"
+    assert Ether(out)[TCP].sport == 1024 + (start + 40) % 80
