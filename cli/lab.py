@@ -41,7 +41,9 @@ def _say(msg: str) -> None:
 @click.option("--mode", type=click.Choice(_lab.MODES), default="xdp", show_default=True,
               help="xdp: the hyperplane NAT gateway and NLB; kernel: plain forwarding, no NAT "
                    "(benchmark floor); nft: Linux NAT (nftables snat); haproxy: HAProxy in "
-                   "TCP mode on the VIP (NLB baseline), kernel forwarding otherwise.")
+                   "TCP mode on the VIP (NLB baseline); nftlb: the kernel's own stateful L4 LB "
+                   "(nftables DNAT on the VIP by a 5-tuple hash, client IP kept); kernel "
+                   "forwarding otherwise.")
 @click.option("--attach", type=click.Choice(_lab.ATTACH_MODES), default="auto",
               show_default=True,
               help="Mode xdp: where the data path runs on the node's veths: auto (tc on "
