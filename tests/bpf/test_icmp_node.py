@@ -224,11 +224,17 @@ def test_ttl_1_gets_time_exceeded_from_the_node(e, case):
 
 
 @pytest.mark.parametrize("name", ["about-a-live-flow-from-outside", "about-a-live-flow-from-inside",
-                                  "about-no-flow"])
+                                  "about-no-flow", "too-big-for-the-route"])
 def test_an_icmp_error_never_gets_an_error_back(e, name):
-    """A TTL-1 ICMP error is dropped, never answered with time exceeded (RFC 1812 4.3.2.7)."""
-    port = nat_udp(e)
-    if name == "about-a-live-flow-from-outside":
+    """A TTL-1 ICMP error is dropped, never answered with time exceeded; one too big for
+    its next hop is dropped, never answered with fragmentation needed (RFC 1812 4.3.2.7)."""
+    port = nat_udp(e, dst=SMALL_MTU_HOST if name == "too-big-for-the-route" else INET)
+    if name == "too-big-for-the-route":
+        embedded = IP(src=SMALL_MTU_HOST, dst=CLIENT) / UDP(sport=53, dport=40000) / (b"a" * 1400)
+        frame, iface = from_client(IP(src=CLIENT, dst=SMALL_MTU_HOST, flags="DF") /
+                                   ICMP(type=3, code=3) / embedded), "in0"
+        want = Verdict.DROP_NO_REPLY
+    elif name == "about-a-live-flow-from-outside":
         embedded = IP(src=NAT_IP, dst=INET) / UDP(sport=port, dport=53) / b"q"
         frame, iface = from_inet(IP(src=ROUTER, dst=NAT_IP, ttl=1) / ICMP(type=3, code=1) /
                                  embedded), "out0"
