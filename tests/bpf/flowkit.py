@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import socket
 
+import pytest
+
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
@@ -33,6 +35,16 @@ def nlb_config(targets=TARGETS, extra_listeners=()) -> NlbConfig:
             {"name": "dns", "targets": [{"ip": t, "port": 5353, "state": "healthy"}
                                         for t in targets]}],
     })
+
+
+@pytest.fixture
+def nlb(e):
+    """The load balancer of nlb_config() on the test's data path (gone afterwards)."""
+    from hyperplane.nlb import NlbDataplane
+    plane = NlbDataplane(e.dp)
+    plane.apply(nlb_config())
+    yield plane
+    plane.apply(NlbConfig())
 
 
 def from_target(ip, l4, dst=INET):

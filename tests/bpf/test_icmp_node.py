@@ -20,6 +20,7 @@ from scapy.layers.l2 import Ether
 
 from bpf_env import (CLIENT, CLIENT2, CLIENT_MAC, INET, INET_MAC, MAC, NAT_IP, ROUTER,
                      TARGET_MAC, TARGETS, VIP)
+from flowkit import nlb  # noqa: F401  (a pytest fixture)
 from flowkit import (assert_error_sums, client_tcp, from_target, nat_handshake, nat_port_of,
                      nlb_config, server_tcp, table_len)
 from hyperplane.nlb import NlbDataplane
@@ -28,14 +29,6 @@ from hyperplane.sandbox import (CLIENT_NO_NEIGH, INET_NO_NEIGH, INSIDE_ROUTER, N
                                 SMALL_MTU, SMALL_MTU_HOST, TARGET_NO_NEIGH, TARGET_ROUTER)
 from hyperplane.verdicts import Verdict
 from packets import assert_checksums, from_client, from_inet
-
-
-@pytest.fixture
-def nlb(e):
-    plane = NlbDataplane(e.dp)
-    plane.apply(nlb_config())
-    yield plane
-    plane.apply(NlbConfig())
 
 
 def nat_udp(e, cport=40000, dst=INET, src=CLIENT, size=1):

@@ -13,6 +13,7 @@ from scapy.layers.l2 import Ether
 
 from bpf_env import (CLIENT, CLIENT2, CLIENT_MAC, INET, INET_MAC, MAC, NAT_IP, NS, SIZES,
                      TARGETS, VIP, Env)
+from flowkit import nlb  # noqa: F401  (a pytest fixture)
 from flowkit import (ISN_CLIENT, ISN_SERVER, client_tcp, flow_table_problems, from_target,
                      nat_handshake, nlb_config, server_tcp, table_len)
 from fuzz_run import VerdictReader, run_packets
@@ -35,14 +36,6 @@ def state_size(dp) -> int:
 def on_out0(l3):
     """A frame arriving on the outside interface."""
     return Ether(src=INET_MAC, dst=MAC["out0"]) / l3
-
-
-@pytest.fixture
-def nlb(e):
-    plane = NlbDataplane(e.dp)
-    plane.apply(nlb_config())
-    yield plane
-    plane.apply(NlbConfig())
 
 
 # ---- inside sources from the outside ----------------------------------------------------
