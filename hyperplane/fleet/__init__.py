@@ -1,0 +1,1 @@
+"""The fleet: cluster store, membership, shuffle shards, flow sync."""
