@@ -310,7 +310,8 @@ def _cpu_seconds(pid: int | None) -> float | None:
 
 
 def _xdp_counters(cfg) -> dict:
-    from hyperplane import lab, node
+    from hyperplane import lab
+    from hyperplane.node import lifecycle as node
     return node.read_counters(lab.node_name(cfg), pin_root=lab.topology(cfg)["node"]["pin_root"])
 
 

@@ -188,7 +188,8 @@ class _Paused:
 
 
 def _xdp_counters(cfg) -> dict:
-    from hyperplane import lab, node
+    from hyperplane import lab
+    from hyperplane.node import lifecycle as node
     return node.read_counters(lab.node_name(cfg), pin_root=lab.topology(cfg)["node"]["pin_root"])
 
 

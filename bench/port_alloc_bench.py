@@ -55,12 +55,13 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import trkit  # noqa: E402
 from trkit import RET, Runner, be32, cbuf, flow_key, stat_delta, summary, verdict_delta  # noqa: E402
-from hyperplane import netns, sandbox  # noqa: E402
-from hyperplane.loader import Datapath, Sizes  # noqa: E402
-from hyperplane.metrics import stat_counts, verdict_counts  # noqa: E402
-from hyperplane.nat import GatewayConfig, apply_gateway  # noqa: E402
-from hyperplane.sandbox import CLIENT, CLIENT2, CLIENT_MAC, INET, INET_MAC, MAC, NAT_IP  # noqa: E402
-from hyperplane.settings import Timeouts, write_config  # noqa: E402
+from hyperplane import netns  # noqa: E402
+from hyperplane.datapath import sandbox
+from hyperplane.datapath.loader import Datapath, Sizes  # noqa: E402
+from hyperplane.observe.metrics import stat_counts, verdict_counts  # noqa: E402
+from hyperplane.nat.gateway import GatewayConfig, apply_gateway  # noqa: E402
+from hyperplane.datapath.sandbox import CLIENT, CLIENT2, CLIENT_MAC, INET, INET_MAC, MAC, NAT_IP  # noqa: E402
+from hyperplane.datapath.settings import Timeouts, write_config  # noqa: E402
 
 NS = f"hpb-pa-{os.getpid()}"
 PORT_MIN, PORT_MAX = 1024, 65535

@@ -68,14 +68,15 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import trkit  # noqa: E402
 from trkit import RET, Runner, cbuf, check, flow_key, stat_delta, summary, verdict_delta  # noqa: E402
-from hyperplane import netns, sandbox  # noqa: E402
-from hyperplane.loader import Datapath, Sizes  # noqa: E402
-from hyperplane.metrics import stat_counts, verdict_counts  # noqa: E402
-from hyperplane.nat import GatewayConfig, apply_gateway  # noqa: E402
-from hyperplane.sandbox import (CLIENT, CLIENT_MAC, INET, INET_MAC, MAC, NAT_IP,  # noqa: E402
+from hyperplane import netns  # noqa: E402
+from hyperplane.datapath import sandbox
+from hyperplane.datapath.loader import Datapath, Sizes  # noqa: E402
+from hyperplane.observe.metrics import stat_counts, verdict_counts  # noqa: E402
+from hyperplane.nat.gateway import GatewayConfig, apply_gateway  # noqa: E402
+from hyperplane.datapath.sandbox import (CLIENT, CLIENT_MAC, INET, INET_MAC, MAC, NAT_IP,  # noqa: E402
                                 TARGET_MAC, TARGETS, VIP)
-from hyperplane.settings import Timeouts, write_config  # noqa: E402
-from hyperplane.testrun import test_run  # noqa: E402
+from hyperplane.datapath.settings import Timeouts, write_config  # noqa: E402
+from hyperplane.datapath.testrun import test_run  # noqa: E402
 
 NS = f"hpb-tr-{os.getpid()}"
 HOOKS = ("xdp", "tc")
@@ -172,7 +173,7 @@ def new_flow_packets(n: int, proto: str) -> list[bytes]:
 
 
 def nlb_config():
-    from hyperplane.nlb_config import NlbConfig
+    from hyperplane.nlb.config import NlbConfig
     return NlbConfig.from_dict({
         "load_balancers": [{"name": "lb", "lb_id": 0}],
         "listeners": [{"lb": "lb", "vip": VIP, "port": 80, "protocol": "TCP",
@@ -221,7 +222,7 @@ class Hook:
         self.dp = Datapath(sizes, hook=hook)
         write_config(self.dp, Timeouts(), hash_seed=0x12345678)
         apply_gateway(self.dp, GatewayConfig("gw-bench", 0, [NAT_IP], ["10.10.0.0/24"]))
-        from hyperplane.nlb import NlbDataplane
+        from hyperplane.nlb.dataplane import NlbDataplane
         NlbDataplane(self.dp).apply(nlb_config())
         self.dp.table("flow_events").open_ring_buffer(lambda ctx, data, size: 0)
 

@@ -17,8 +17,8 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from hyperplane.metrics import stat_counts, verdict_counts  # noqa: E402
-from hyperplane.testrun import _libbpf, _SkBuff, _TestRunOpts, _XdpMd  # noqa: E402
+from hyperplane.observe.metrics import stat_counts, verdict_counts  # noqa: E402
+from hyperplane.datapath.testrun import _libbpf, _SkBuff, _TestRunOpts, _XdpMd  # noqa: E402
 
 # The hook's return value for each action (uapi/linux/bpf.h, uapi/linux/pkt_cls.h). At tc
 # a packet sent back out of its interface is a redirect too.

@@ -1,9 +1,9 @@
-/* Constants shared by the data path and, through hyperplane/verdicts.py, by Python.
- * Keep in sync: hyperplane/verdicts.py mirrors every enum here (a unit test checks). */
+/* Constants shared by the data path and, through hyperplane/datapath/verdicts.py, by Python.
+ * Keep in sync: hyperplane/datapath/verdicts.py mirrors every enum here (a unit test checks). */
 #ifndef HP_CONSTS_H
 #define HP_CONSTS_H
 
-/* Sizes: the loader overrides these with -D flags (hyperplane/loader.py). */
+/* Sizes: the loader overrides these with -D flags (hyperplane/datapath/loader.py). */
 #ifndef HP_MAX_FLOWS
 #define HP_MAX_FLOWS 262144        /* flow table entries (two per flow) */
 #endif
@@ -149,7 +149,7 @@ enum hp_timeout {
 };
 
 /* Per-resource counter slots written by user space (flows the agent deleted), after the
- * gateways come the listeners. Read by hyperplane/flows.py (user_ends_bases). */
+ * gateways come the listeners. Read by hyperplane/datapath/flows.py (user_ends_bases). */
 #define USER_ENDS_NAT_BASE 0
 #define USER_ENDS_LB_BASE HP_MAX_GATEWAYS
 
@@ -160,7 +160,7 @@ enum hp_timeout {
 #ifndef HP_RESV_GRACE_NS
 /* A reservation younger than this is never reclaimed as stale: its flow may be being
  * created on another CPU right now. The agent's GC uses the same grace. Keep in sync:
- * hyperplane/flows.py RESV_GRACE_S */
+ * hyperplane/datapath/flows.py RESV_GRACE_S */
 #define HP_RESV_GRACE_NS (2 * HP_NSEC)
 #endif
 

@@ -43,7 +43,7 @@ static long (*hp_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, 
 
 /* skb->mark of a translated packet handed to the kernel for what BPF cannot do
  * (fragmenting); the lab's forward chain accepts exactly these. Keep in sync:
- * hyperplane/lab.py KERNEL_ASSIST_MARK. */
+ * hyperplane/lab (kernel_assist_mark reads it). */
 #define HP_MARK_ASSIST 0x48500001
 
 /* Headers the parser reads must be in the linear part of an skb. */

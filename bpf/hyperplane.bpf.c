@@ -66,7 +66,7 @@ struct pkt {
 #include "rst.h"
 
 /* Tail-called programs (the slow paths; bpf/maps.h progs). Keep in sync:
- * hyperplane/loader.py PROGRAMS. */
+ * hyperplane/datapath/loader.py PROGRAMS. */
 #define PROG_NEW 0    /* a packet of no known flow: classify it, create its flow */
 #define PROG_REPLY 1  /* answer it (RST, ICMP error), or translate an ICMP error */
 #define PROG_MAIN 2   /* the main program, for PROG_WSCALE to hand a SYN back */

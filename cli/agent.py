@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from hyperplane.store import DEFAULT_STORE
+from hyperplane.fleet.store import DEFAULT_STORE
 
 from .options import node_option, resolve_node
 
@@ -18,6 +18,6 @@ command = click.Group("agent", help="The node agent.")
               help="Seconds between ticks.")
 def run(node, store_path, tick):
     """Run until SIGTERM / Ctrl-C."""
-    from hyperplane import agent
+    from hyperplane.node import agent
     raise SystemExit(agent.main(["--node", resolve_node(node), "--store", store_path,
                                  "--tick", str(tick)]))

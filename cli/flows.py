@@ -19,8 +19,8 @@ from .options import emit_json, json_option, node_option, resolve_node
 @json_option
 def command(node, address, port, proto, kind, show_all, as_json):
     """List flows (each flow has two entries: its original and its reply direction)."""
-    from hyperplane.flows import list_flows
-    from hyperplane.node import open_node
+    from hyperplane.datapath.flows import list_flows
+    from hyperplane.node.lifecycle import open_node
     with open_node(resolve_node(node)) as maps:  # the pinned maps: no compile
         flows = list_flows(maps, address=address, port=port, proto=proto, kind=kind)
     if not show_all:

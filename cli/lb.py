@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from hyperplane.errors import ConfigError
-from hyperplane.nlb_config import NlbConfig
-from hyperplane.store import DEFAULT_STORE, Store
+from hyperplane.nlb.config import NlbConfig
+from hyperplane.fleet.store import DEFAULT_STORE, Store
 
 from .exit import Exit
 from .options import emit_json, json_option, node_option, resolve_node
@@ -45,9 +45,9 @@ def _change(store_path: str, fn, *, adds: bool = True) -> dict:
 
 def _check_nodes_here(cfg: NlbConfig) -> None:
     from hyperplane.errors import HyperplaneError
-    from hyperplane.loader import Sizes
-    from hyperplane.nlb import check_fits
-    from hyperplane.node import node_state, running_nodes
+    from hyperplane.datapath.loader import Sizes
+    from hyperplane.nlb.dataplane import check_fits
+    from hyperplane.node.lifecycle import node_state, running_nodes
     for node in running_nodes():
         try:
             state = node_state(node)
@@ -255,7 +255,7 @@ def health(node, as_json):
     """Each target's health, live flows and packets, as the node's agent sees them, with
     the age of that view. Exits 1 when the agent is not running (the view is stale) or
     has rejected the store (it keeps the last good configuration)."""
-    from hyperplane.agent import read_status
+    from hyperplane.node.agent import read_status
     status = read_status(resolve_node(node))
     stale = not status["running"]
     if as_json:

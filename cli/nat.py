@@ -6,8 +6,8 @@ import json
 import click
 
 from hyperplane.errors import ConfigError, NotFound
-from hyperplane.loader import MODES
-from hyperplane.nat import GatewayConfig, NodeConfig
+from hyperplane.datapath.loader import MODES
+from hyperplane.nat.gateway import GatewayConfig, NodeConfig
 
 from .options import emit_json, json_option, node_option, resolve_node
 
@@ -56,7 +56,7 @@ def up_cmd(node, ifnames, netns, nat_ips, inside, ports, mode, outside_if, agent
     """Load the data path, configure the gateway(s), attach, and add the NAT IPs the node
     does not have yet. All or nothing: on an error the node is left as it was. Flows
     survive a re-run; what a re-run no longer lists (NAT IPs, networks, interfaces) goes."""
-    from hyperplane.node import start_nat_node
+    from hyperplane.node.lifecycle import start_nat_node
     cfg = NodeConfig.from_dict(_load_config_file(config_file)) if config_file else NodeConfig()
     ifnames = list(ifnames) or cfg.ifnames
     if not ifnames:
@@ -76,7 +76,7 @@ def up_cmd(node, ifnames, netns, nat_ips, inside, ports, mode, outside_if, agent
                    timeouts=cfg.timeouts, outside_if=outside_if or cfg.outside_if)
     click.echo(f"node {node}: NAT up on {', '.join(ifnames)}", err=True)
     if agent:
-        from hyperplane.agent import spawn_agent, stop_agent
+        from hyperplane.node.agent import spawn_agent, stop_agent
         stop_agent(node)  # a re-run replaces the agent too
         pid = spawn_agent(node)
         click.echo(f"node {node}: agent running (pid {pid})", err=True)
@@ -87,7 +87,7 @@ def up_cmd(node, ifnames, netns, nat_ips, inside, ports, mode, outside_if, agent
 @json_option
 def show_cmd(node, as_json):
     """The node's gateways, interfaces, settings and the addresses it added."""
-    from hyperplane.node import node_state
+    from hyperplane.node.lifecycle import node_state
     state = node_state(resolve_node(node))
     if as_json:
         emit_json(state)
@@ -107,7 +107,7 @@ def show_cmd(node, as_json):
 @node_option
 def down_cmd(node):
     """Detach, remove the addresses it added and the node's maps (every flow is forgotten)."""
-    from hyperplane.node import node_exists, stop_node
+    from hyperplane.node.lifecycle import node_exists, stop_node
     node = resolve_node(node)
     if not node_exists(node):
         raise NotFound(f"no node {node!r} here: nothing to stop (hpctl nat show lists the "
@@ -122,8 +122,8 @@ def down_cmd(node):
 @json_option
 def gc_cmd(node, as_json):
     """Delete expired flows and stale port reservations now."""
-    from hyperplane.flows import collect_garbage
-    from hyperplane.node import open_node
+    from hyperplane.datapath.flows import collect_garbage
+    from hyperplane.node.lifecycle import open_node
     res = collect_garbage(open_node(resolve_node(node)))
     if as_json:
         emit_json(vars(res))

@@ -24,7 +24,7 @@ def node_option(f):
 
 def resolve_node(node: str | None) -> str:
     from hyperplane.errors import NotFound
-    from hyperplane.node import check_node_name, running_nodes
+    from hyperplane.node.lifecycle import check_node_name, running_nodes
     if node:
         return check_node_name(node)
     nodes = running_nodes()

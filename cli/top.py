@@ -20,10 +20,10 @@ def command(node, interval, once, as_json):
     import time
     from dataclasses import asdict
 
-    from hyperplane.dashboard import render, take
-    from hyperplane.node import open_node
+    from hyperplane.observe.dashboard import render, take
+    from hyperplane.node.lifecycle import open_node
 
-    from hyperplane.agent import status_or_none
+    from hyperplane.node.agent import status_or_none
     node = resolve_node(node)
     dp = open_node(node)
 

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from .errors import EnvironmentProblem, HyperplaneError, NotFound
+from hyperplane.errors import EnvironmentProblem, HyperplaneError, NotFound
 
 NETNS_RUN_DIR = "/var/run/netns"
 

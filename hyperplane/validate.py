@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from .errors import ConfigError
+from hyperplane.errors import ConfigError
 
 
 @contextmanager

@@ -11,15 +11,16 @@ from dataclasses import dataclass
 
 import pytest
 
-from hyperplane import netns, sandbox
-from hyperplane.loader import HOOKS, Datapath, Sizes
-from hyperplane.metrics import stat_counts, verdict_counts
-from hyperplane.nat import GatewayConfig, apply_gateway
-from hyperplane.settings import Timeouts, write_config
-from hyperplane.testrun import test_run
-from hyperplane.sandbox import (CLIENT, CLIENT2, CLIENT_MAC, INET, INET2, INET_MAC,  # noqa: F401
+from hyperplane import netns
+from hyperplane.datapath import sandbox
+from hyperplane.datapath.loader import HOOKS, Datapath, Sizes
+from hyperplane.observe.metrics import stat_counts, verdict_counts
+from hyperplane.nat.gateway import GatewayConfig, apply_gateway
+from hyperplane.datapath.settings import Timeouts, write_config
+from hyperplane.datapath.testrun import test_run
+from hyperplane.datapath.sandbox import (CLIENT, CLIENT2, CLIENT_MAC, INET, INET2, INET_MAC,  # noqa: F401
                                 MAC, NAT_IP, NAT_IP2, ROUTER, TARGET_MAC, TARGETS, VIP)
-from hyperplane.verdicts import Verdict
+from hyperplane.datapath.verdicts import Verdict
 
 NS = f"hpt-bpf-{os.getpid() % 100000}"
 SIZES = Sizes(max_flows=4096, max_reservations=2048, max_listeners=4, maglev_size=251,
@@ -76,7 +77,7 @@ class Env:
         write_config(self.dp, Timeouts(**kw))
 
     def gw_metrics(self, gw_id=0):
-        from hyperplane.metrics import gateway_metrics
+        from hyperplane.observe.metrics import gateway_metrics
         return gateway_metrics(self.dp, gw_id)
 
 

@@ -12,8 +12,8 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from bpf_env import CLIENT, INET, MAC, NAT_IP, TARGET_MAC, TARGETS, VIP
-from hyperplane.nlb_config import NlbConfig
-from hyperplane.verdicts import FlowKind, Verdict
+from hyperplane.nlb.config import NlbConfig
+from hyperplane.datapath.verdicts import FlowKind, Verdict
 from packets import from_client, from_inet
 
 ISN_CLIENT, ISN_SERVER = 1000, 5000
@@ -40,7 +40,7 @@ def nlb_config(targets=TARGETS, extra_listeners=()) -> NlbConfig:
 @pytest.fixture
 def nlb(e):
     """The load balancer of nlb_config() on the test's data path (gone afterwards)."""
-    from hyperplane.nlb import NlbDataplane
+    from hyperplane.nlb.dataplane import NlbDataplane
     plane = NlbDataplane(e.dp)
     plane.apply(nlb_config())
     yield plane

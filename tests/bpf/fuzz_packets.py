@@ -26,7 +26,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw
 
 from checksums import ICMP_ERRORS, VLAN_TYPES, fix_checksums, l3_offset
-from hyperplane.sandbox import (CLIENT, CLIENT2, CLIENT_MAC, INET, INET2, INET_MAC, MAC,
+from hyperplane.datapath.sandbox import (CLIENT, CLIENT2, CLIENT_MAC, INET, INET2, INET_MAC, MAC,
                                 NAT_IP, ROUTER, TARGET_MAC, TARGETS, VIP)
 
 INSIDE_ROUTER = "10.10.0.254"     # a router on the inside (sends ICMP errors)

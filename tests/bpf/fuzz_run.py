@@ -15,9 +15,9 @@ import os
 import struct
 
 from checksums import MALFORMED, frame_faults, icmp_quote, source_addresses
-from hyperplane.sandbox import INET_MAC, MAC
-from hyperplane.testrun import _libbpf, test_run
-from hyperplane.verdicts import V_MAX, Verdict
+from hyperplane.datapath.sandbox import INET_MAC, MAC
+from hyperplane.datapath.testrun import _libbpf, test_run
+from hyperplane.datapath.verdicts import V_MAX, Verdict
 
 # The action a program returns, by hook, as a class: "tx" (the packet leaves: transmitted
 # or redirected), "pass" (to the kernel), "drop". Anything else (XDP_ABORTED, unknown

@@ -10,11 +10,11 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from bpf_env import CLIENT, INET, MAC, NAT_IP, SIZES, TARGET_MAC, TARGETS, VIP, Env
-from hyperplane.flows import collect_garbage, flow_tables, user_ends_bases
-from hyperplane.metrics import gateway_metrics, load_balancer_metrics
-from hyperplane.nlb import NlbDataplane
-from hyperplane.nlb_config import NlbConfig
-from hyperplane.verdicts import FlowKind, Verdict
+from hyperplane.datapath.flows import collect_garbage, flow_tables, user_ends_bases
+from hyperplane.observe.metrics import gateway_metrics, load_balancer_metrics
+from hyperplane.nlb.dataplane import NlbDataplane
+from hyperplane.nlb.config import NlbConfig
+from hyperplane.datapath.verdicts import FlowKind, Verdict
 from packets import from_client, from_inet, tcp_syn
 
 
@@ -101,7 +101,7 @@ def test_a_flow_the_data_path_deletes_first_is_counted_once(e, monkeypatch):
     """An expired flow met by a packet between the GC's read and its delete is deleted (and
     counted ended) by the data path; the GC, whose delete finds it gone, does not count it
     again."""
-    from hyperplane import flows
+    from hyperplane.datapath import flows
     nat_flow(e, 41100)
     age_every_flow(e.dp)
     real, sent = flows.delete_flow_entries, []
@@ -176,8 +176,8 @@ def test_metrics_never_read_the_flow_tables(e):
 def test_listener_slots_follow_the_nodes_gateway_count(env):
     """A node built with 4 gateway slots keeps its listeners' user_ends after slot 4 (the
     C's USER_ENDS_LB_BASE is HP_MAX_GATEWAYS), not after the header's default 16."""
-    from hyperplane.loader import Datapath
-    from hyperplane.settings import write_config
+    from hyperplane.datapath.loader import Datapath
+    from hyperplane.datapath.settings import write_config
     dp = Datapath(replace(SIZES, max_gateways=4), hook=env.hook)
     try:
         write_config(dp)
@@ -197,7 +197,7 @@ def test_listener_slots_follow_the_nodes_gateway_count(env):
 def test_batched_delete_tells_its_deletions_from_keys_already_gone(e):
     """BPF_MAP_DELETE_BATCH stops at a key that is gone: the keys before it were deleted by
     the call, that one was not, and the rest are deleted by the next batch."""
-    from hyperplane.flows import _delete
+    from hyperplane.datapath.flows import _delete
     for cport in range(45000, 45004):
         nat_flow(e, cport, confirm=False)
     table = e.dp.table("pending")

@@ -7,14 +7,14 @@ import time
 import pytest
 
 from hyperplane import netns
-from hyperplane.agent import Agent, AgentConfig, read_status, status_path
-from hyperplane.flows import now_ns
-from hyperplane.metrics import load_balancer_metrics
-from hyperplane.loader import Sizes
-from hyperplane.nat import GatewayConfig
-from hyperplane.node import start_nat_node, stop_node
-from hyperplane.store import Store
-from hyperplane.verdicts import FlowKind, TcpState
+from hyperplane.node.agent import Agent, AgentConfig, read_status, status_path
+from hyperplane.datapath.flows import now_ns
+from hyperplane.observe.metrics import load_balancer_metrics
+from hyperplane.datapath.loader import Sizes
+from hyperplane.nat.gateway import GatewayConfig
+from hyperplane.node.lifecycle import start_nat_node, stop_node
+from hyperplane.fleet.store import Store
+from hyperplane.datapath.verdicts import FlowKind, TcpState
 
 NS = f"hpt-agent-{os.getpid() % 100000}"
 NODE = f"hpt-agent-{os.getpid() % 100000}"

@@ -28,10 +28,10 @@ from bpf_env import CLIENT, CLIENT2, INET, INET2, NS, VIP
 from flowkit import flow_table_problems, from_target, key_tuple, nlb_config
 from fuzz_run import VerdictReader
 from hyperplane.netns import NETNS_RUN_DIR
-from hyperplane.nlb import NlbDataplane
-from hyperplane.nlb_config import NlbConfig
-from hyperplane.testrun import test_run as bpf_test_run
-from hyperplane.verdicts import FlowKind, Verdict
+from hyperplane.nlb.dataplane import NlbDataplane
+from hyperplane.nlb.config import NlbConfig
+from hyperplane.datapath.testrun import test_run as bpf_test_run
+from hyperplane.datapath.verdicts import FlowKind, Verdict
 from packets import from_client, from_inet
 
 CPUS = (0, 1)

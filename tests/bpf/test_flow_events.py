@@ -2,8 +2,8 @@
 from scapy.layers.inet import IP, TCP
 
 from bpf_env import CLIENT, INET, NAT_IP
-from hyperplane.events import subscribe
-from hyperplane.verdicts import FlowEventType, FlowKind
+from hyperplane.observe.events import subscribe
+from hyperplane.datapath.verdicts import FlowEventType, FlowKind
 from packets import from_client, tcp_syn
 
 

@@ -37,17 +37,18 @@ import pytest
 from fuzz_packets import (REGRESSIONS, Fuzzer, FuzzPacket, Live, followups, learn, openers,
                           regressions, seeds)
 from fuzz_run import as_delivered, VerdictReader, action_name, check_packet, run_packets
-from hyperplane import netns, sandbox
+from hyperplane import netns
+from hyperplane.datapath import sandbox
 from hyperplane.errors import EnvironmentProblem
-from hyperplane.flows import flow_tables
-from hyperplane.loader import HOOKS, Datapath, Sizes
-from hyperplane.metrics import verdict_counts
-from hyperplane.nat import GatewayConfig, apply_gateway
-from hyperplane.nlb import NlbDataplane
-from hyperplane.nlb_config import NlbConfig
-from hyperplane.sandbox import NAT_IP, TARGETS, VIP
-from hyperplane.settings import Timeouts, write_config
-from hyperplane.verdicts import Verdict
+from hyperplane.datapath.flows import flow_tables
+from hyperplane.datapath.loader import HOOKS, Datapath, Sizes
+from hyperplane.observe.metrics import verdict_counts
+from hyperplane.nat.gateway import GatewayConfig, apply_gateway
+from hyperplane.nlb.dataplane import NlbDataplane
+from hyperplane.nlb.config import NlbConfig
+from hyperplane.datapath.sandbox import NAT_IP, TARGETS, VIP
+from hyperplane.datapath.settings import Timeouts, write_config
+from hyperplane.datapath.verdicts import Verdict
 
 NS = f"hpt-fz-{os.getpid() % 100000}"
 SEED = int(os.environ.get("HP_FUZZ_SEED", "6"))

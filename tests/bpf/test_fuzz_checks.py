@@ -17,8 +17,8 @@ from checksums import (MALFORMED, checksum, fix_checksums, frame_faults, icmp_qu
                        source_addresses, sum16)
 from fuzz_packets import Fuzzer, Live, followups, openers, seeds
 from fuzz_run import action_class, check_packet, toward_outside, verdict_class
-from hyperplane.sandbox import CLIENT_MAC, INET, INET_MAC, MAC, NAT_IP, ROUTER
-from hyperplane.verdicts import Verdict
+from hyperplane.datapath.sandbox import CLIENT_MAC, INET, INET_MAC, MAC, NAT_IP, ROUTER
+from hyperplane.datapath.verdicts import Verdict
 
 ETH_OUT = dict(src=MAC["out0"], dst=INET_MAC)
 GET = b"GET / HTTP/1.1\r\n\r\n"

@@ -4,7 +4,7 @@ import socket
 from scapy.layers.inet import IP, UDP
 
 from bpf_env import CLIENT, INET
-from hyperplane.flows import collect_garbage, flow_tables
+from hyperplane.datapath.flows import collect_garbage, flow_tables
 from packets import from_client
 
 

@@ -23,11 +23,11 @@ from bpf_env import (CLIENT, CLIENT2, CLIENT_MAC, INET, INET_MAC, MAC, NAT_IP, R
 from flowkit import nlb  # noqa: F401  (a pytest fixture)
 from flowkit import (assert_error_sums, client_tcp, from_target, nat_handshake, nat_port_of,
                      nlb_config, server_tcp, table_len)
-from hyperplane.nlb import NlbDataplane
-from hyperplane.nlb_config import NlbConfig
-from hyperplane.sandbox import (CLIENT_NO_NEIGH, INET_NO_NEIGH, INSIDE_ROUTER, NODE_IP,
+from hyperplane.nlb.dataplane import NlbDataplane
+from hyperplane.nlb.config import NlbConfig
+from hyperplane.datapath.sandbox import (CLIENT_NO_NEIGH, INET_NO_NEIGH, INSIDE_ROUTER, NODE_IP,
                                 SMALL_MTU, SMALL_MTU_HOST, TARGET_NO_NEIGH, TARGET_ROUTER)
-from hyperplane.verdicts import Verdict
+from hyperplane.datapath.verdicts import Verdict
 from packets import assert_checksums, from_client, from_inet
 
 

@@ -18,12 +18,12 @@ from flowkit import (ISN_CLIENT, ISN_SERVER, client_tcp, flow_table_problems, fr
                      nat_handshake, nlb_config, server_tcp, table_len)
 from fuzz_run import VerdictReader, run_packets
 from hyperplane import netns
-from hyperplane.loader import Datapath
-from hyperplane.nat import GatewayConfig, apply_gateway
-from hyperplane.nlb import NlbDataplane
-from hyperplane.nlb_config import NlbConfig
-from hyperplane.settings import write_config
-from hyperplane.verdicts import Verdict
+from hyperplane.datapath.loader import Datapath
+from hyperplane.nat.gateway import GatewayConfig, apply_gateway
+from hyperplane.nlb.dataplane import NlbDataplane
+from hyperplane.nlb.config import NlbConfig
+from hyperplane.datapath.settings import write_config
+from hyperplane.datapath.verdicts import Verdict
 from packets import from_inet
 
 STATE_TABLES = ("flows", "pending", "nat_resv", "nat_cursor")

@@ -12,8 +12,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
 from bpf_env import CLIENT, CLIENT2, CLIENT_MAC, INET, INET2, INET_MAC, MAC, NAT_IP, ROUTER
-from hyperplane.nat import GatewayConfig, apply_gateway
-from hyperplane.verdicts import Verdict
+from hyperplane.nat.gateway import GatewayConfig, apply_gateway
+from hyperplane.datapath.verdicts import Verdict
 from packets import assert_checksums, from_client, from_inet, inet_sum, tcp_syn
 
 
@@ -22,7 +22,7 @@ def out_to_inet(pkt: Ether, dst_mac=INET_MAC):
 
 
 def nat_port(e, client=CLIENT, cport=40000, proto="tcp"):
-    for f in e.dp and __import__("hyperplane.flows", fromlist=["x"]).list_flows(e.dp):
+    for f in e.dp and __import__("hyperplane.datapath.flows", fromlist=["x"]).list_flows(e.dp):
         if f.kind == "NAT_OUT" and f.src == client and f.sport == cport and f.proto == proto:
             return f.new_sport
     raise AssertionError(f"no NAT flow for {client}:{cport}/{proto}")
@@ -412,7 +412,7 @@ def test_fin_both_ways_closes_the_flow(e):
     e.run(from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=port, flags="SA")), "out0")
     e.run(from_client(IP(src=CLIENT, dst=INET) / TCP(sport=40000, dport=80, flags="FA")))
     e.run(from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=port, flags="FA")), "out0")
-    from hyperplane.flows import list_flows
+    from hyperplane.datapath.flows import list_flows
     states = {f.tcp_state for f in list_flows(e.dp)}
     assert states == {"CLOSED"}
     assert e.stats()["FLOW_CLOSED"] == 1
@@ -424,8 +424,8 @@ def test_full_flow_table_keeps_every_confirmed_flow(env):
     in its gateway's flows_refused), and the first four keep working."""
     from bpf_env import SIZES, Env
     from dataclasses import replace
-    from hyperplane.loader import Datapath
-    from hyperplane.settings import write_config
+    from hyperplane.datapath.loader import Datapath
+    from hyperplane.datapath.settings import write_config
     small = Datapath(replace(SIZES, max_flows=8), hook=env.hook)  # room for 4 flows
     try:
         write_config(small)
@@ -457,8 +457,8 @@ def test_full_reservation_table_refuses_new_flows(env):
     the gateway's flows_refused) and the live ones keep their ports."""
     from bpf_env import SIZES, Env
     from dataclasses import replace
-    from hyperplane.loader import Datapath
-    from hyperplane.settings import write_config
+    from hyperplane.datapath.loader import Datapath
+    from hyperplane.datapath.settings import write_config
     small = Datapath(replace(SIZES, max_reservations=4), hook=env.hook)
     try:
         write_config(small)

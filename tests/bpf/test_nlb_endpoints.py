@@ -9,9 +9,9 @@ from scapy.layers.l2 import Ether
 
 from bpf_env import INET, MAC, TARGET_MAC, TARGETS, VIP
 from hyperplane.codec import be16_to_port, be32_to_ip, ip_to_be32, port_to_be16
-from hyperplane.nlb import NlbDataplane
-from hyperplane.nlb_config import NlbConfig
-from hyperplane.verdicts import Verdict
+from hyperplane.nlb.dataplane import NlbDataplane
+from hyperplane.nlb.config import NlbConfig
+from hyperplane.datapath.verdicts import Verdict
 
 STATES = {TARGETS[0]: {"state": "healthy"}, TARGETS[1]: {"state": "unhealthy"},
           TARGETS[2]: {"state": "draining", "draining_since": 1.0}}

@@ -6,9 +6,9 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.l2 import Ether
 
 from bpf_env import INET, INET2, INET_MAC, MAC, TARGET_MAC, TARGETS, VIP
-from hyperplane.nlb import NlbDataplane
-from hyperplane.nlb_config import NlbConfig
-from hyperplane.verdicts import Verdict
+from hyperplane.nlb.dataplane import NlbDataplane
+from hyperplane.nlb.config import NlbConfig
+from hyperplane.datapath.verdicts import Verdict
 from packets import assert_checksums, from_inet
 
 
@@ -168,7 +168,7 @@ def test_new_flow_and_reset_metrics(e, nlb):
 def test_aws_named_load_balancer_metrics(e, nlb):
     """Two connections whose handshakes ended (the client's ACK confirms) are active; a
     third, only a SYN so far, is a new flow but not an active one."""
-    from hyperplane.metrics import load_balancer_metrics
+    from hyperplane.observe.metrics import load_balancer_metrics
     for sport in (56000, 56001):
         target = Ether(e.run(syn(sport=sport), "out0")[2])[IP].dst
         synack = from_target(target, TCP(sport=8080, dport=sport, flags="SA", seq=99, ack=11))

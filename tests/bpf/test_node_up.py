@@ -13,8 +13,8 @@ import pytest
 from hyperplane import netns
 from hyperplane.codec import be32_to_ip
 from hyperplane.errors import ConfigError
-from hyperplane.loader import PIN_ROOT
-from hyperplane.nat import GatewayConfig
+from hyperplane.datapath.loader import PIN_ROOT
+from hyperplane.nat.gateway import GatewayConfig
 
 NS = f"hpt-cfg-{os.getpid()}"
 PEER = f"hpt-cfg-{os.getpid()}-o"
@@ -34,7 +34,7 @@ def node(tmp_path, monkeypatch):
     if os.geteuid() != 0:
         pytest.fail("these tests need root (XDP, network namespaces); run scripts/test as "
                     "root", pytrace=False)
-    from hyperplane import node as node_mod
+    from hyperplane.node import lifecycle as node_mod
     monkeypatch.setattr(node_mod, "NODE_STATE_DIR", str(tmp_path))
     for ns in (NS, PEER):
         netns.remove(ns)
@@ -114,8 +114,8 @@ def test_nat_up_adds_its_nat_ips_removes_them_again_and_leaves_the_users_alone(n
 
 
 def test_a_nat_ip_that_is_a_vip_of_the_node_is_refused(node):
-    from hyperplane.nlb import NlbDataplane
-    from hyperplane.nlb_config import NlbConfig
+    from hyperplane.nlb.dataplane import NlbDataplane
+    from hyperplane.nlb.config import NlbConfig
     dp = node.start_nat_node(NODE, IFNAMES, [gateway("198.18.0.100")], netns=NS)
     NlbDataplane(dp).apply(NlbConfig.from_dict({
         "load_balancers": [{"name": "lb", "lb_id": 0}], "target_groups": [{"name": "web"}],

@@ -1,5 +1,5 @@
 """Reading a running node's state needs no compile: hpctl counters / flows / top answer
-from the pinned maps (hyperplane/pinned.py) in a process where bcc cannot be imported.
+from the pinned maps (hyperplane/datapath/pinned.py) in a process where bcc cannot be imported.
 
 A node is started in a private namespace (hpt-rd-<pid>) with a NAT gateway and a load
 balancer, a few connections go through its program (BPF_PROG_TEST_RUN), and the read
@@ -17,15 +17,16 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import ARP, Ether
 
-from hyperplane import netns, sandbox
-from hyperplane.flows import list_flows
-from hyperplane.loader import PIN_ROOT, Sizes, remove_pins
-from hyperplane.metrics import gateway_metrics, load_balancer_metrics, stat_counts, verdict_counts
-from hyperplane.nat import GatewayConfig
-from hyperplane.pinned import PinnedNode, pinned_map_names
-from hyperplane.sandbox import CLIENT, CLIENT_MAC, INET, INET_MAC, MAC, NAT_IP, TARGETS, VIP
-from hyperplane.testrun import test_run as run_packet
-from hyperplane.verdicts import Verdict
+from hyperplane import netns
+from hyperplane.datapath import sandbox
+from hyperplane.datapath.flows import list_flows
+from hyperplane.datapath.loader import PIN_ROOT, Sizes, remove_pins
+from hyperplane.observe.metrics import gateway_metrics, load_balancer_metrics, stat_counts, verdict_counts
+from hyperplane.nat.gateway import GatewayConfig
+from hyperplane.datapath.pinned import PinnedNode, pinned_map_names
+from hyperplane.datapath.sandbox import CLIENT, CLIENT_MAC, INET, INET_MAC, MAC, NAT_IP, TARGETS, VIP
+from hyperplane.datapath.testrun import test_run as run_packet
+from hyperplane.datapath.verdicts import Verdict
 
 NAME = f"hpt-rd-{os.getpid()}"          # namespace and node
 PIN_DIR = os.path.join(PIN_ROOT, NAME)
@@ -64,9 +65,9 @@ def node():
     if os.geteuid() != 0:
         pytest.fail("needs root (BPF and a network namespace); run scripts/test as root",
                     pytrace=False)
-    from hyperplane.nlb import NlbDataplane
-    from hyperplane.nlb_config import NlbConfig
-    from hyperplane.node import open_node, start_nat_node, stop_node
+    from hyperplane.nlb.dataplane import NlbDataplane
+    from hyperplane.nlb.config import NlbConfig
+    from hyperplane.node.lifecycle import open_node, start_nat_node, stop_node
     netns.remove(NAME)
     dp = None
     try:
@@ -224,7 +225,7 @@ def test_pinned_map_reads_and_writes_agree_with_bcc(node, monkeypatch):
     """Batched reads across many small batches (and a hash bucket bigger than one), batch
     updates and deletes, clear(), per-CPU values and a map without batch operations (the
     LPM trie), each checked through bcc's view of the same map."""
-    from hyperplane import pinned
+    from hyperplane.datapath import pinned
     from hyperplane.codec import ip_to_be32
     monkeypatch.setattr(pinned, "BATCH_ENTRIES", 1)
     maps = PinnedNode(PIN_DIR)

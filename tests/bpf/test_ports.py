@@ -20,13 +20,13 @@ from scapy.layers.l2 import Ether
 from bpf_env import CLIENT, INET, INET2, NAT_IP, NS, SIZES
 from flowkit import ISN_CLIENT, client_tcp, flow_table_problems, server_tcp, table_len
 from hyperplane import netns
-from hyperplane.flows import RESV_GRACE_S, now_ns
-from hyperplane.loader import Datapath
-from hyperplane.metrics import verdict_counts
-from hyperplane.nat import GatewayConfig, apply_gateway, write_gateways
-from hyperplane.settings import Timeouts, write_config
-from hyperplane.testrun import test_run as bpf_test_run
-from hyperplane.verdicts import Verdict
+from hyperplane.datapath.flows import RESV_GRACE_S, now_ns
+from hyperplane.datapath.loader import Datapath
+from hyperplane.observe.metrics import verdict_counts
+from hyperplane.nat.gateway import GatewayConfig, apply_gateway, write_gateways
+from hyperplane.datapath.settings import Timeouts, write_config
+from hyperplane.datapath.testrun import test_run as bpf_test_run
+from hyperplane.datapath.verdicts import Verdict
 
 NAT_IPS = [f"198.18.0.{100 + i}" for i in range(8)]
 DEFAULT_GW = GatewayConfig("gw-test", 0, [NAT_IP], ["10.10.0.0/24"])

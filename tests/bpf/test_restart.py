@@ -5,10 +5,10 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from bpf_env import CLIENT, INET, NAT_IP, SIZES, Env
-from hyperplane.loader import PIN_ROOT, Datapath, remove_pins
-from hyperplane.nat import GatewayConfig, apply_gateway
-from hyperplane.settings import write_config
-from hyperplane.verdicts import Verdict
+from hyperplane.datapath.loader import PIN_ROOT, Datapath, remove_pins
+from hyperplane.nat.gateway import GatewayConfig, apply_gateway
+from hyperplane.datapath.settings import write_config
+from hyperplane.datapath.verdicts import Verdict
 from packets import from_inet, tcp_syn
 
 

@@ -20,8 +20,8 @@ from scapy.layers.l2 import Ether
 from bpf_env import CLIENT, INET, NAT_IP
 from flowkit import (ISN_CLIENT, ISN_SERVER, client_tcp, flow_table_problems, nat_handshake,
                      nat_port_of, server_tcp, table_len)
-from hyperplane.flows import list_flows
-from hyperplane.verdicts import Verdict
+from hyperplane.datapath.flows import list_flows
+from hyperplane.datapath.verdicts import Verdict
 from packets import from_client, from_inet
 
 # after nat_handshake(data=True): the client's next sequence number and the server's

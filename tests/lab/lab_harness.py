@@ -70,10 +70,10 @@ class Lab:
     def counters(self) -> dict[str, int]:
         """Verdict name -> packets of the lab's node. The node's maps are opened once per
         lab (opening compiles the program, ~1 s) and read again on each call."""
-        from hyperplane import node
+        from hyperplane.node import lifecycle as node
         name = lab.node_name(self.cfg)
         try:
-            from hyperplane.metrics import verdict_counts
+            from hyperplane.observe.metrics import verdict_counts
         except ImportError:
             return node.read_counters(name, pin_root=lab.topology(self.cfg)["node"]["pin_root"])
         if self._dp is None:
@@ -101,11 +101,11 @@ class Lab:
 
     @property
     def store(self):
-        from hyperplane.store import Store
+        from hyperplane.fleet.store import Store
         return Store(lab.store_path(self.cfg.prefix))
 
     def agent_status(self) -> dict:
-        from hyperplane.agent import status_path
+        from hyperplane.node.agent import status_path
         try:
             with open(status_path(lab.node_name(self.cfg))) as f:
                 return json.load(f)

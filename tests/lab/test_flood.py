@@ -92,8 +92,8 @@ def _flood(the_lab) -> subprocess.Popen:
 
 
 def test_spoofed_syn_flood_at_the_vip(flood_lab):
-    from hyperplane import node
-    from hyperplane.metrics import stat_counts, verdict_counts
+    from hyperplane.node import lifecycle as node
+    from hyperplane.observe.metrics import stat_counts, verdict_counts
     dp = node.open_node(lab.node_name(flood_lab.cfg))
     conns = [KeepAlive(flood_lab.inet, SOURCES[i % 2]) for i in range(16)]
     download = None

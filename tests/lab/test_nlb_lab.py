@@ -89,8 +89,8 @@ def test_fresh_connections_with_neighbour_caches_flushed(nlb_lab):
     """No static neighbours: with the node's and the targets' caches just flushed, every
     new connection still reaches its target (the node resolves them by ARP on the way)
     and the answers come back."""
-    from hyperplane.metrics import stat_counts
-    from hyperplane import node
+    from hyperplane.observe.metrics import stat_counts
+    from hyperplane.node import lifecycle as node
     for role in ("node", "inet", *NAMES):
         netns.run_in(nlb_lab.ns_of(role), ["ip", "neigh", "flush", "all"])
     dp = node.open_node(lab.node_name(nlb_lab.cfg))

@@ -42,14 +42,14 @@ def stream_server(nat_lab):
 
 
 def _node_dp(the_lab):
-    from hyperplane import node
+    from hyperplane.node import lifecycle as node
     if the_lab._dp is None:
         the_lab._dp = node.open_node(lab.node_name(the_lab.cfg))
     return the_lab._dp
 
 
 def _metrics(the_lab) -> dict[str, int]:
-    from hyperplane.metrics import gateway_metrics, stat_counts
+    from hyperplane.observe.metrics import gateway_metrics, stat_counts
     dp = _node_dp(the_lab)
     return {**gateway_metrics(dp, 0), **stat_counts(dp), **the_lab.counters()}
 

@@ -2,7 +2,7 @@
 and labelled while the label fits) are ever removed."""
 import pytest
 
-from hyperplane.addresses import Added, label, plan
+from hyperplane.node.addresses import Added, label, plan
 from hyperplane.errors import ConfigError
 
 LINKS = ["lo", "in0", "out0", "averyverylongif"]

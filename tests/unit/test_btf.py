@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from hyperplane import btf
+from hyperplane.datapath import btf
 
 
 class BlobWriter:

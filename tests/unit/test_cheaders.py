@@ -1,7 +1,7 @@
-"""Reading constants and map declarations from C header text (hyperplane/cheaders.py)."""
+"""Reading constants and map declarations from C header text (hyperplane/datapath/cheaders.py)."""
 import pytest
 
-from hyperplane import cheaders
+from hyperplane.datapath import cheaders
 
 HEADER = r"""
 /* a comment with enum fake { X = 9 }; and HP_MAP("hash", a, b, commented, 1, 0); */

@@ -10,8 +10,8 @@ from dataclasses import asdict
 import pytest
 
 from hpctl.main import main
-from hyperplane import node as node_mod
-from hyperplane.loader import Sizes
+from hyperplane.node import lifecycle as node_mod
+from hyperplane.datapath.loader import Sizes
 
 
 def hpctl(capsys, store, *args):

@@ -2,7 +2,7 @@
 2, never a traceback; everything is checked before anything is loaded; `nat down` of a
 node that does not exist says so (exit 4).
 
-Nothing here loads a program: hyperplane.node.Datapath is replaced by one that fails the
+Nothing here loads a program: hyperplane.node.lifecycle.Datapath is replaced by one that fails the
 test, so a check that came too late (after compiling) shows as a failure, not as a
 program attached to this machine's interfaces."""
 import json
@@ -10,7 +10,7 @@ import json
 import pytest
 
 from hpctl.main import main
-from hyperplane import node as node_mod
+from hyperplane.node import lifecycle as node_mod
 
 GW = {"name": "gw", "nat_ips": ["198.18.0.100"], "inside_cidrs": ["10.10.0.0/24"]}
 

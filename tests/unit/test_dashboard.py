@@ -1,7 +1,7 @@
 """The dashboard's render() is a pure function of a snapshot."""
 from rich.console import Console
 
-from hyperplane.dashboard import Snapshot, render
+from hyperplane.observe.dashboard import Snapshot, render
 
 
 def _text(snapshot) -> str:

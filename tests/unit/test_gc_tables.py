@@ -4,11 +4,11 @@ import ctypes
 
 import pytest
 
-from hyperplane import flows
-from hyperplane.flows import FLOW_F_PENDING, NSEC, RESV_GRACE_S, collect_garbage
-from hyperplane.loader import Sizes
-from hyperplane.settings import Timeouts
-from hyperplane.verdicts import FlowKind, TcpState
+from hyperplane.datapath import flows
+from hyperplane.datapath.flows import FLOW_F_PENDING, NSEC, RESV_GRACE_S, collect_garbage
+from hyperplane.datapath.loader import Sizes
+from hyperplane.datapath.settings import Timeouts
+from hyperplane.datapath.verdicts import FlowKind, TcpState
 
 NOW = 10**15
 UDP_S = Timeouts().udp

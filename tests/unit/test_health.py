@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from hyperplane.errors import ConfigError, EnvironmentProblem
-from hyperplane.health import (REASON_FAILED, REASON_INITIAL, REASON_STATUS, REASON_TIMEOUT,
+from hyperplane.nlb.health import (REASON_FAILED, REASON_INITIAL, REASON_STATUS, REASON_TIMEOUT,
                                Endpoint, HealthChecker, HealthCheckConfig, HealthState,
                                ProbeResult, TargetHealth, healthy_targets, http_probe,
                                probe_target, tcp_probe)

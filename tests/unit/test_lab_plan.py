@@ -167,7 +167,7 @@ def test_vip_on_out0_unless_the_agent_adds_it(cfg):
 def test_nlb_per_mode():
     xdp = lab.topology(lab.LabConfig(mode="xdp"))["nlb"]
     assert xdp["enabled"] and xdp["by"] == "hyperplane"
-    from hyperplane.store import DEFAULT_STORE
+    from hyperplane.fleet.store import DEFAULT_STORE
     assert xdp["store"] == DEFAULT_STORE          # hpctl lb's default: drives the default lab
     assert lab.topology(lab.LabConfig(prefix="hpt1", mode="xdp"))["nlb"]["store"] == \
         "/run/hyperplane/lab/hpt1-store.json"
@@ -216,7 +216,7 @@ def test_nftlb_is_a_dnat_by_5tuple_hash_that_keeps_the_client_ip():
 
 
 def test_the_lab_nlb_config():
-    from hyperplane.nlb_config import NlbConfig
+    from hyperplane.nlb.config import NlbConfig
     c = lab.nlb_config(lab.LabConfig())
     assert NlbConfig.from_dict(c.to_dict()).to_dict() == c.to_dict()     # round-trips
     assert [(lb.name, lb.lb_id) for lb in c.load_balancers] == [("lab-nlb", 0)]

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from hyperplane.errors import ConfigError
-from hyperplane.maglev import DEFAULT_TABLE_SIZE, NO_TARGET, Backend, build_table
+from hyperplane.nlb.maglev import DEFAULT_TABLE_SIZE, NO_TARGET, Backend, build_table
 
 M = DEFAULT_TABLE_SIZE
 
@@ -89,7 +89,7 @@ def test_table_is_the_same_in_every_process() -> None:
     # different versions disagree about targets, so it has to show up here first.
     assert build_table(GOLDEN_TARGETS, size=13) == GOLDEN_TABLE
     # Processes with different str hash seeds (what hash() would depend on) agree.
-    program = ("from hyperplane.maglev import Backend, build_table; "
+    program = ("from hyperplane.nlb.maglev import Backend, build_table; "
                f"print(build_table({GOLDEN_TARGETS!r}, size=13))")
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}

@@ -1,10 +1,11 @@
 """Metrics from the maps, on a stand-in for the maps (no BPF needed)."""
 from types import SimpleNamespace
 
-from hyperplane import flows, metrics
-from hyperplane.loader import Sizes
-from hyperplane.metrics import NAT_METRICS, NLB_METRICS, OWN_METRICS
-from hyperplane.verdicts import FlowKind
+from hyperplane.datapath import flows
+from hyperplane.observe import metrics
+from hyperplane.datapath.loader import Sizes
+from hyperplane.observe.metrics import NAT_METRICS, NLB_METRICS, OWN_METRICS
+from hyperplane.datapath.verdicts import FlowKind
 
 
 class Table:
@@ -122,7 +123,7 @@ def test_every_active_metric_goes_through_active_flows(monkeypatch):
 
 
 def test_counters_of_indexes_the_program_lacks_read_zero():
-    from hyperplane.verdicts import Verdict
+    from hyperplane.datapath.verdicts import Verdict
     table = Table({i: [i, 1] for i in range(3)}, max_entries=3)
     dp = SimpleNamespace(table=lambda name: table)
     counts = metrics.verdict_counts(dp)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from hyperplane.errors import ConfigError
-from hyperplane.loader import Sizes
-from hyperplane.nat import GatewayConfig, NodeConfig, check_gateways
-from hyperplane.settings import Timeouts
+from hyperplane.datapath.loader import Sizes
+from hyperplane.nat.gateway import GatewayConfig, NodeConfig, check_gateways
+from hyperplane.datapath.settings import Timeouts
 
 
 def gw(name="gw1", gw_id=0, nat_ips=None, inside=None, **kw):

@@ -10,9 +10,9 @@ from ipaddress import IPv4Address
 import pytest
 
 from hyperplane.errors import ConfigError
-from hyperplane.health import Endpoint, HealthCheckConfig, HealthState, TargetHealth
-from hyperplane.maglev import build_table
-from hyperplane.nlb_config import (Listener, LoadBalancer, NlbConfig, Target, TargetGroup)
+from hyperplane.nlb.health import Endpoint, HealthCheckConfig, HealthState, TargetHealth
+from hyperplane.nlb.maglev import build_table
+from hyperplane.nlb.config import (Listener, LoadBalancer, NlbConfig, Target, TargetGroup)
 
 NOW = 1_700_000_000.0
 
@@ -242,8 +242,8 @@ def test_maglev_backends_index_targets_and_leave_out_unroutable_ones() -> None:
     ({}, ("10.100.0.10",), "Listener 10.100.0.10:80: the VIP is a NAT IP of this node"),
 ])
 def test_a_config_beyond_a_nodes_capacity_is_refused(sizes, nat_ips, words) -> None:
-    from hyperplane.loader import Sizes
-    from hyperplane.nlb import check_fits
+    from hyperplane.datapath.loader import Sizes
+    from hyperplane.nlb.dataplane import check_fits
     config = NlbConfig.from_dict(sample())
     if words is None:
         check_fits(config, Sizes(**sizes), nat_ips)

@@ -1,6 +1,6 @@
 """Python's view of the C constants matches the C (bpf/*.h), read here independently.
 
-hyperplane/verdicts.py builds its enums and flags from the headers (hyperplane/cheaders.py);
+hyperplane/datapath/verdicts.py builds its enums and flags from the headers (hyperplane/datapath/cheaders.py);
 this test reads the same headers with its own simple patterns, and checks the constants
 other modules still copy."""
 import re
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hyperplane import cheaders, verdicts
+from hyperplane.datapath import cheaders
+from hyperplane.datapath import verdicts
 
 BPF = Path(__file__).resolve().parents[2] / "bpf"
 
@@ -87,7 +88,10 @@ def test_flags_and_maglev_empty_match_c():
 
 def test_constants_other_modules_copy_from_c():
     """Copies outside verdicts.py (until they import from it) still equal the C."""
-    from hyperplane import flows, nat, nlb, settings
+    from hyperplane.datapath import flows
+    from hyperplane.nat import gateway as nat
+    from hyperplane.nlb import dataplane as nlb
+    from hyperplane.datapath import settings
     flags = c_defines("structs.h", "")
     assert verdicts.MAGLEV_EMPTY == c_defines("nlb.h", "MAGLEV_EMPTY")["MAGLEV_EMPTY"]
     assert nlb.MAGLEV_EMPTY is verdicts.MAGLEV_EMPTY
@@ -101,7 +105,7 @@ def test_sizes_defaults_are_the_c_defaults():
     """loader.Sizes passes each size as -DHP_<NAME>; its defaults are consts.h's."""
     from dataclasses import fields
 
-    from hyperplane.loader import Sizes
+    from hyperplane.datapath.loader import Sizes
     c = c_defines("consts.h", "HP_")
     for f in fields(Sizes):
         assert f"HP_{f.name.upper()}" in c, f"consts.h has no default for HP_{f.name.upper()}"
@@ -109,7 +113,7 @@ def test_sizes_defaults_are_the_c_defaults():
 
 
 def test_timeout_indexes_are_written_in_c_order():
-    from hyperplane.settings import Timeouts
+    from hyperplane.datapath.settings import Timeouts
     t = Timeouts(tcp_established=1, tcp_syn=2, tcp_closing=3, udp=4, icmp=5)
     by_index = t.by_index()
     for name, index in c_enum("hp_timeout").items():
@@ -118,13 +122,13 @@ def test_timeout_indexes_are_written_in_c_order():
 
 
 def test_pinned_map_list_is_every_hp_map_of_maps_h():
-    from hyperplane.loader import Datapath
-    from hyperplane.pinned import pinned_map_names
+    from hyperplane.datapath.loader import Datapath
+    from hyperplane.datapath.pinned import pinned_map_names
     text = re.sub(r"/\*.*?\*/", "", raw("maps.h"), flags=re.S)
     declared = re.findall(r"^HP_MAP\([^;]*?,\s*(\w+)\s*,[^,;]*,[^,;]*\);", text, re.M)
     assert list(pinned_map_names()) == declared
     assert set(Datapath.PINNED) == set(declared), \
-        "loader's Datapath.PINNED differs from maps.h: use hyperplane.pinned.pinned_map_names()"
+        "loader's Datapath.PINNED differs from maps.h: use hyperplane.datapath.pinned.pinned_map_names()"
 
 
 def test_flow_event_layout_follows_the_c_struct():
@@ -133,7 +137,7 @@ def test_flow_event_layout_follows_the_c_struct():
     import ctypes
     from types import SimpleNamespace
 
-    from hyperplane.events import event_class
+    from hyperplane.observe.events import event_class
     flows = SimpleNamespace(Key=ctypes.c_uint8 * 16, Leaf=ctypes.c_uint8 * 104)
     cls = event_class(SimpleNamespace(table=lambda name: flows))
     sizes = {"__u32": 4, "__u64": 8, "struct flow_key": 16, "struct flow_value": 104}
@@ -147,8 +151,8 @@ def test_user_ends_slots_are_the_cs_with_the_nodes_sizes():
     simple pattern), evaluated with a node's max_gateways rather than the default."""
     from types import SimpleNamespace
 
-    from hyperplane import flows
-    from hyperplane.loader import Sizes
+    from hyperplane.datapath import flows
+    from hyperplane.datapath.loader import Sizes
     text = raw("consts.h")
     nat = re.search(r"^#define\s+USER_ENDS_NAT_BASE\s+(\w+)", text, re.M).group(1)
     lb = re.search(r"^#define\s+USER_ENDS_LB_BASE\s+(\w+)", text, re.M).group(1)

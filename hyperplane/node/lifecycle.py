@@ -18,14 +18,14 @@ import os
 import re
 from dataclasses import asdict
 
-from . import addresses
-from . import netns as _netns
-from . import validate
-from .codec import be32_to_ip
-from .errors import ConfigError, HyperplaneError, NotFound
-from .loader import PIN_ROOT, Datapath, Sizes, detach, remove_pins, validate_mode
-from .nat import GatewayConfig, check_gateways, write_gateways
-from .settings import Timeouts, write_config
+from hyperplane.node import addresses
+from hyperplane import netns as _netns
+from hyperplane import validate
+from hyperplane.codec import be32_to_ip
+from hyperplane.errors import ConfigError, HyperplaneError, NotFound
+from hyperplane.datapath.loader import PIN_ROOT, Datapath, Sizes, detach, remove_pins, validate_mode
+from hyperplane.nat.gateway import GatewayConfig, check_gateways, write_gateways
+from hyperplane.datapath.settings import Timeouts, write_config
 
 NODE_STATE_DIR = "/run/hyperplane/nodes"
 # A node's name becomes file and directory names: no dots, slashes or spaces.
@@ -33,7 +33,7 @@ NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 # The maps `hpctl nat up` writes; they are restored if a later step fails.
 NAT_TABLES = ("config", "gateways", "nat_ips", "inside_nets")
 
-log = logging.getLogger("hyperplane.node")
+log = logging.getLogger("hyperplane.node.lifecycle")
 
 
 def check_node_name(node) -> str:
@@ -168,7 +168,7 @@ def start_nat_node(node: str, ifnames: list[str], gateways: list[GatewayConfig],
     """Compile and load the program, pin its maps under pin_root/node (reusing any already
     there: a restart keeps every flow), write the settings and gateways, attach to ifnames,
     add each NAT IP the namespace does not have yet as a /32 on the outside interface
-    (outside_if, else found from the routes: hyperplane.addresses), and remove what a
+    (outside_if, else found from the routes: hyperplane.node.addresses), and remove what a
     previous run of the node had and this one has not (NAT IPs, networks, interfaces,
     addresses). All or nothing: see the module's docstring."""
     # 1. check everything; nothing has changed yet
@@ -256,7 +256,7 @@ def stop_node(node: str, ifnames: list[str] | None = None, *, netns: str | None 
     """Stop its agent, detach from the node's interfaces, remove the addresses hyperplane
     added for it (NAT IPs and VIPs), its pinned maps and state. Tolerates a half-built or
     damaged node; returns warnings about what could not be cleaned up."""
-    from .agent import release_vips, stop_agent
+    from hyperplane.node.agent import release_vips, stop_agent
     check_node_name(node)
     warnings = []
     stop_agent(node)
@@ -291,7 +291,7 @@ def stop_node(node: str, ifnames: list[str] | None = None, *, netns: str | None 
 def open_node(node: str):
     """The running node's maps, opened from their pins without compiling anything
     (hyperplane.pinned.PinnedNode: table(name) like a Datapath, and the node's sizes)."""
-    from .pinned import PinnedNode
+    from hyperplane.datapath.pinned import PinnedNode
     state = node_state(node)
     if not os.path.isdir(state["pin_dir"]):
         raise NotFound(f"node {node!r} has no pinned maps at {state['pin_dir']}")
@@ -301,7 +301,7 @@ def open_node(node: str):
 def read_counters(node: str, *, pin_root: str = PIN_ROOT) -> dict[str, int]:
     """Verdict name -> packets, summed over CPUs, from the node's pinned counters (at
     pin_root/node; the node's state file is not needed)."""
-    from .metrics import verdict_counts
-    from .pinned import PinnedNode
+    from hyperplane.observe.metrics import verdict_counts
+    from hyperplane.datapath.pinned import PinnedNode
     with PinnedNode(os.path.join(pin_root, node)) as maps:
         return verdict_counts(maps)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .codec import be16_to_port, be32_to_ip, ip_to_be32, port_to_be16
-from .errors import ConfigError
-from .maglev import build_table
-from .nlb_config import NlbConfig, TargetGroup
-from .verdicts import MAGLEV_EMPTY, FlowKind, TargetFlag
+from hyperplane.codec import be16_to_port, be32_to_ip, ip_to_be32, port_to_be16
+from hyperplane.errors import ConfigError
+from hyperplane.nlb.maglev import build_table
+from hyperplane.nlb.config import NlbConfig, TargetGroup
+from hyperplane.datapath.verdicts import MAGLEV_EMPTY, FlowKind, TargetFlag
 
 NLB_KINDS = (FlowKind.NLB_IN, FlowKind.NLB_OUT)   # both entries of an NLB flow
 
@@ -228,7 +228,7 @@ class NlbDataplane:
         """Delete every flow pinned to target slot tid (both entries, confirmed or not), in
         every flow table; the open confirmed ones are counted as ended (user_ends), so
         ActiveFlowCount drops with them. Returns the flows deleted (original entries)."""
-        from .flows import delete_flow_entries, node_flow_tables
+        from hyperplane.datapath.flows import delete_flow_entries, node_flow_tables
         flows = 0
         for name in node_flow_tables(self.dp):
             doomed = [(k, v) for k, v in self.dp.table(name).items_lookup_batch()
@@ -242,7 +242,7 @@ class NlbDataplane:
         flow table, no decoding); a TCP flow already closed (FIN both ways or RST) no longer
         counts, so a drain ends when the last connection closes, not when its closing
         timeout ends."""
-        from .flows import entry_open, flow_entries, flow_timeouts, now_ns
+        from hyperplane.datapath.flows import entry_open, flow_entries, flow_timeouts, now_ns
         timeouts, now = flow_timeouts(self.dp), now_ns()
         counts: dict[int, int] = {}
         for k, v in flow_entries(self.dp):

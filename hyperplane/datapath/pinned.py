@@ -17,9 +17,9 @@ import errno
 import os
 from collections.abc import MutableMapping
 
-from . import btf
-from .cheaders import map_declarations
-from .errors import EnvironmentProblem, NotFound
+from hyperplane.datapath import btf
+from hyperplane.datapath.cheaders import map_declarations
+from hyperplane.errors import EnvironmentProblem, NotFound
 
 # BPF_MAP_TYPE_* (linux/bpf.h)
 HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LRU_PERCPU_HASH, LPM_TRIE = 1, 2, 5, 6, 9, 10, 11
@@ -74,7 +74,7 @@ def _libbpf():
     """libbpf with the signatures used here (libbpf 1.x returns -errno on failure)."""
     global _lib
     if _lib is None:
-        from .testrun import _libbpf as load
+        from hyperplane.datapath.testrun import _libbpf as load
         lib = load()
         vp, u32p, i = ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_int
         for fn, args in {"bpf_obj_get": [ctypes.c_char_p],

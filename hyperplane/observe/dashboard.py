@@ -23,9 +23,9 @@ class Snapshot:
 
 
 def take(node: str, dp, previous: Snapshot | None, status: dict | None, top: int = 8) -> Snapshot:
-    from .flows import list_flows
-    from .metrics import gateway_metrics, load_balancer_metrics, verdict_counts
-    from .node import node_state
+    from hyperplane.datapath.flows import list_flows
+    from hyperplane.observe.metrics import gateway_metrics, load_balancer_metrics, verdict_counts
+    from hyperplane.node.lifecycle import node_state
     now = time.monotonic()
     verdicts = verdict_counts(dp)
     rates = {}

@@ -9,7 +9,7 @@ import ctypes.util
 import os
 from dataclasses import dataclass
 
-from .errors import EnvironmentProblem
+from hyperplane.errors import EnvironmentProblem
 
 XDP_ACTIONS = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"}
 TC_ACTIONS = {-1: "TC_ACT_UNSPEC", 0: "TC_ACT_OK", 2: "TC_ACT_SHOT", 7: "TC_ACT_REDIRECT"}

@@ -28,7 +28,7 @@ def strip_comments(text: str) -> str:
 @functools.cache
 def header_text(name: str) -> str:
     """A header of bpf/ without its comments."""
-    from .loader import bpf_dir
+    from hyperplane.datapath.loader import bpf_dir
     with open(os.path.join(bpf_dir(), name)) as f:
         return strip_comments(f.read())
 

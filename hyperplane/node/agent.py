@@ -21,18 +21,18 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, HyperplaneError
-from .flows import collect_garbage
-from .health import HealthChecker, TargetHealth
-from .nlb import NlbDataplane, check_fits
-from .nlb_config import NlbConfig
-from .node import node_state, open_node, read_state_file, state_path, write_state_file
-from .store import DEFAULT_STORE, Store
+from hyperplane.errors import ConfigError, HyperplaneError
+from hyperplane.datapath.flows import collect_garbage
+from hyperplane.nlb.health import HealthChecker, TargetHealth
+from hyperplane.nlb.dataplane import NlbDataplane, check_fits
+from hyperplane.nlb.config import NlbConfig
+from hyperplane.node.lifecycle import node_state, open_node, read_state_file, state_path, write_state_file
+from hyperplane.fleet.store import DEFAULT_STORE, Store
 
-if TYPE_CHECKING:  # hyperplane.addresses (pyroute2) is imported where it is used
-    from .addresses import Added
+if TYPE_CHECKING:  # hyperplane.node.addresses (pyroute2) is imported where it is used
+    from hyperplane.node.addresses import Added
 
-log = logging.getLogger("hyperplane.agent")
+log = logging.getLogger("hyperplane.node.agent")
 
 
 def status_path(node: str) -> str:
@@ -51,7 +51,7 @@ def _vips_path(node: str) -> str:
 def _read_vips(node: str) -> list[Added]:
     """What earlier agents added; a missing or damaged record adds up to nothing (an
     address not known to be ours is never removed)."""
-    from .addresses import Added  # pyroute2: not on the read paths (hpctl counters)
+    from hyperplane.node.addresses import Added  # pyroute2: not on the read paths (hpctl counters)
     try:
         return Added.from_dicts(read_state_file(_vips_path(node), "").get("addresses"))
     except HyperplaneError:
@@ -60,7 +60,7 @@ def _read_vips(node: str) -> list[Added]:
 
 def release_vips(node: str, netns: str | None) -> None:
     """Remove the VIP addresses the node's agents added (the node goes down)."""
-    from . import addresses
+    from hyperplane.node import addresses
     addresses.release(netns, _read_vips(node))
     try:
         os.unlink(_vips_path(node))
@@ -199,7 +199,7 @@ class Agent:
         the address where the network routes the VIP to the node."""
         if wanted == self.vips_wanted:
             return
-        from . import addresses
+        from hyperplane.node import addresses
         owned, removing = list(self.vips), []
         try:
             plan = addresses.plan_in(self.netns, sorted(wanted), self.vips,
@@ -350,7 +350,7 @@ def spawn_agent(node: str, store_path: str = DEFAULT_STORE, timeout_s: float = 3
     except FileNotFoundError:
         pass
     log_file = open(state_path(node, ".agent.log"), "a")
-    proc = subprocess.Popen([sys.executable, "-m", "hyperplane.agent", "--node", node,
+    proc = subprocess.Popen([sys.executable, "-m", "hyperplane.node.agent", "--node", node,
                              "--store", store_path], stdout=log_file, stderr=log_file,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     with open(_pid_path(node), "w") as f:

@@ -17,8 +17,8 @@ import ipaddress
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
-from . import netns as _netns
-from .errors import ConfigError, HyperplaneError
+from hyperplane import netns as _netns
+from hyperplane.errors import ConfigError, HyperplaneError
 
 LABEL_SUFFIX = ":hp"
 IFNAMSIZ = 16  # with the terminating NUL: labels have at most 15 characters

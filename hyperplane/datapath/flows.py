@@ -8,10 +8,10 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
-from . import cheaders
-from .cheaders import map_declarations
-from .codec import PROTOCOL_NAMES, PROTOCOLS, be16_to_port, be32_to_ip, proto_number
-from .verdicts import FlowKind, TcpState, Timeout
+from hyperplane.datapath import cheaders
+from hyperplane.datapath.cheaders import map_declarations
+from hyperplane.codec import PROTOCOL_NAMES, PROTOCOLS, be16_to_port, be32_to_ip, proto_number
+from hyperplane.datapath.verdicts import FlowKind, TcpState, Timeout
 
 NSEC = 1_000_000_000
 FLOW_F_PENDING = cheaders.define("structs.h", "FLOW_F_PENDING")  # unconfirmed (no reply yet)
@@ -180,7 +180,7 @@ def user_ends_bases(dp) -> dict[str, int]:
 
 
 def node_sizes(dp) -> dict[str, int]:
-    """HP_MAX_* -> value for the node's program: its Sizes (the -D flags hyperplane.loader
+    """HP_MAX_* -> value for the node's program: its Sizes (the -D flags hyperplane.datapath.loader
     compiles it with), or, for maps opened without them, what the maps themselves say."""
     sizes = getattr(dp, "sizes", None)
     if sizes is not None:
@@ -257,7 +257,7 @@ def _delete(table, keys: list) -> list[bool]:
     fd = getattr(table, "map_fd", None)
     if fd is None:  # a stand-in for a map (tests): one by one
         return [table.pop(k, None) is not None for k in keys]
-    from .pinned import _NO_BATCH, delete_batch
+    from hyperplane.datapath.pinned import _NO_BATCH, delete_batch
     done: list[bool] = []
     while len(done) < len(keys):
         rest = keys[len(done):]
@@ -302,7 +302,7 @@ def collect_garbage(dp) -> GcResult:
 
 
 def _has_table(dp, name: str) -> bool:
-    from .errors import NotFound
+    from hyperplane.errors import NotFound
     try:
         dp.table(name)
     except (KeyError, NotFound):  # a program older than the headers

@@ -1,10 +1,10 @@
 """Counters and metrics read from the maps: verdicts, events, per-gateway (AWS names).
 
 Every function takes `dp`, anything with table(name) (a compiled Datapath or a node's
-pinned maps, hyperplane/pinned.py)."""
+pinned maps, hyperplane/datapath/pinned.py)."""
 from __future__ import annotations
 
-from .verdicts import FlowKind, Stat, Verdict
+from hyperplane.datapath.verdicts import FlowKind, Stat, Verdict
 
 # gw_metrics field -> AWS NAT gateway metric name (REFERENCE.md)
 NAT_METRICS = {
@@ -52,12 +52,12 @@ def active_flows(dp, kind: FlowKind, ids=None) -> dict[int, int]:
 
     active = sum over CPUs of (flows_confirmed - flows_ended) of the resource's gw_stats /
     lb_stats entry, minus user_ends[slot] (confirmed flows user space deleted while open,
-    hyperplane.flows.add_user_ends). A flow counts from its confirmation (the originator's
+    hyperplane.datapath.flows.add_user_ends). A flow counts from its confirmation (the originator's
     packet after a reply: bpf/flow.h flow_should_confirm) until it closes (FIN both ways,
     RST) or is deleted (expired and met by the data path or the GC, reset, its target
     removed); unconfirmed flows do not count. ids: the resources to read (default: every
     slot of the stats map)."""
-    from .flows import user_ends_bases
+    from hyperplane.datapath.flows import user_ends_bases
     nat = kind in (FlowKind.NAT_OUT, FlowKind.NAT_IN)
     stats = dp.table("gw_stats" if nat else "lb_stats")
     if ids is None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-from .errors import ConfigError
-from .verdicts import Timeout
+from hyperplane.errors import ConfigError
+from hyperplane.datapath.verdicts import Timeout
 
 F_RST_ON_NO_FLOW = 1  # bpf/structs.h HP_F_RST_ON_NO_FLOW (keep in sync)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import asdict, dataclass, field
 
-from . import validate as v
-from .codec import be32_to_ip, ip_to_be32
-from .errors import ConfigError
-from .settings import Timeouts
+from hyperplane import validate as v
+from hyperplane.codec import be32_to_ip, ip_to_be32
+from hyperplane.errors import ConfigError
+from hyperplane.datapath.settings import Timeouts
 
 MAX_NAT_IPS = 8  # AWS: up to 8 IPs per NAT gateway (bpf/consts.h HP_MAX_NAT_IPS)
 

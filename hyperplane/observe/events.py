@@ -8,8 +8,8 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from .flows import Flow, flow_timeouts, decode
-from .verdicts import FlowEventType
+from hyperplane.datapath.flows import Flow, flow_timeouts, decode
+from hyperplane.datapath.verdicts import FlowEventType
 
 
 def event_class(dp):

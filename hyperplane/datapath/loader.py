@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass, fields
 from importlib import resources
 
-from .errors import ConfigError, EnvironmentProblem
-from .pinned import pinned_map_names
+from hyperplane.errors import ConfigError, EnvironmentProblem
+from hyperplane.datapath.pinned import pinned_map_names
 
 PIN_ROOT = "/run/hyperplane/bpf"
 # The same C is built for two hooks (bpf/hook.h): native XDP, and tc ingress for devices
@@ -320,7 +320,7 @@ def map_info(fd: int):
                     ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
                     ("name", ctypes.c_char * 16), ("rest", ctypes.c_uint8 * 64)]
 
-    from .testrun import _libbpf
+    from hyperplane.datapath.testrun import _libbpf
     info = MapInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))
     if _libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) != 0:

@@ -3,7 +3,7 @@
 bcc loads the program's BTF (the C structs as clang saw them) into the kernel and ties
 each map to its key and value type ids. Reading it back gives the exact layout of a map's
 entries from the C itself, so a process that opens the pinned maps without compiling
-(hyperplane/pinned.py) still defines nothing about the structs in Python.
+(hyperplane/datapath/pinned.py) still defines nothing about the structs in Python.
 
 Format: linux/btf.h (Documentation/bpf/btf.rst). Only what map keys and values use is
 turned into ctypes: ints, enums, arrays, structs and unions (with padding), typedefs and

@@ -9,7 +9,7 @@ import os
 from contextlib import contextmanager
 from typing import Callable
 
-from .errors import ConfigError
+from hyperplane.errors import ConfigError
 
 DEFAULT_STORE = "/run/hyperplane/store/nlb.json"
 

@@ -6,7 +6,7 @@ calls test_run, so that thread must be in a namespace with the node's addresses,
 and neighbours. The veth peers here lead nowhere: nothing leaves the namespace."""
 from __future__ import annotations
 
-from . import netns
+from hyperplane import netns
 
 CLIENT, CLIENT2 = "10.10.0.10", "10.10.0.11"
 INET, INET2 = "198.18.0.2", "198.18.0.3"

@@ -1,13 +1,13 @@
 """The data path's enums and flags, read from the C (bpf/consts.h, bpf/structs.h, bpf/nlb.h).
 
 Each is defined once, in C; the classes here are built from the headers at import (see
-hyperplane/cheaders.py), so a verdict, stat or state added in C appears here by itself.
+hyperplane/datapath/cheaders.py), so a verdict, stat or state added in C appears here by itself.
 tests/unit/test_verdicts.py checks the reading against the headers and that every enum of
 consts.h has its class."""
 import enum
 import re
 
-from . import cheaders
+from hyperplane.datapath import cheaders
 
 
 def _members(c_enum: str, prefix: str) -> dict[str, int]:

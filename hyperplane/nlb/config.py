@@ -16,9 +16,9 @@ from typing import Any
 
 from hyperplane import validate
 from hyperplane.errors import ConfigError
-from hyperplane.health import (Endpoint, HealthCheckConfig, HealthState, TargetHealth,
+from hyperplane.nlb.health import (Endpoint, HealthCheckConfig, HealthState, TargetHealth,
                                healthy_targets)
-from hyperplane.maglev import Backend
+from hyperplane.nlb.maglev import Backend
 
 # Listener protocol -> the IP protocol numbers its BPF listener keys use.
 LISTENER_PROTOCOLS = {"TCP": (6,), "UDP": (17,), "TCP_UDP": (6, 17)}

@@ -1,0 +1,1 @@
+"""Network load balancers: configuration, Maglev tables, health checks, and how they are written into the maps."""

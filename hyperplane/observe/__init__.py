@@ -1,0 +1,1 @@
+"""Observability: metrics, flow events, the dashboards' snapshot models."""
