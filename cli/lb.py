@@ -70,15 +70,29 @@ def _find(items: list, what: str, **match) -> dict:
 @command.command("create")
 @click.argument("name")
 @click.option("--id", "lb_id", type=int, help="Numeric id (default: the lowest free one).")
+@click.option("--shard-size", type=click.IntRange(1, 64), default=None,
+              help="How many of the fleet's nodes carry it (default: 3, or all when fewer).")
 @store_option
-def create_lb(name, lb_id, store_path):
+def create_lb(name, lb_id, shard_size, store_path):
     """Create a load balancer."""
     def fn(cfg):
         ids = {lb["lb_id"] for lb in cfg["load_balancers"]}
-        cfg["load_balancers"].append({"name": name, "lb_id": lb_id if lb_id is not None else
-                                      next(i for i in range(len(ids) + 1) if i not in ids)})
+        lb = {"name": name, "lb_id": lb_id if lb_id is not None else
+              next(i for i in range(len(ids) + 1) if i not in ids)}
+        if shard_size is not None:
+            lb["shard_size"] = shard_size
+        cfg["load_balancers"].append(lb)
     _change(store_path, fn)
     click.echo(f"load balancer {name} created", err=True)
+    _ensure_shards(store_path)
+
+
+def _ensure_shards(store_url: str) -> None:
+    """Give the new resource its shard of the fleet's named nodes (none named: no-op)."""
+    from hyperplane.fleet.cluster import ensure_shards
+    from hyperplane.fleet.store import open_store
+    with open_store(store_url) as store:
+        ensure_shards(store)
 
 
 @command.command("delete")

@@ -17,12 +17,15 @@ Examples:
   hpctl flows --node node1 --proto tcp
   hpctl counters --json
   hpctl top                         live dashboard of the node
+  hpctl nodes; hpctl shards         the fleet's nodes and each resource's shard
+  hpctl fleet status                members, sync peers, replication lag
   hpctl lab down
 """
 
 # command name -> the module of this package that defines it as `command`
 COMMANDS = {"lab": "lab", "nat": "nat", "lb": "lb", "agent": "agent", "flows": "flows",
-            "counters": "counters", "top": "top"}
+            "counters": "counters", "top": "top", "nodes": "nodes", "shards": "shards",
+            "fleet": "fleet"}
 
 
 class BrokenCommand(Exception):

@@ -7,6 +7,7 @@ import click
 
 from hyperplane.errors import ConfigError, NotFound
 from hyperplane.datapath.loader import MODES
+from hyperplane.fleet.store import DEFAULT_STORE
 from hyperplane.nat.gateway import GatewayConfig, NodeConfig
 
 from .options import emit_json, json_option, node_option, resolve_node
@@ -17,6 +18,8 @@ command = click.Group(
            "  hpctl nat up --node gw1 --if eth1 --if eth2 --nat-ip 198.18.0.100 \\\n"
            "               --inside 10.10.0.0/24\n"
            "  hpctl nat up --node gw1 --config gw1.json\n"
+           "  hpctl nat up --node gw1 --if eth1 --nat-ip 198.18.0.100 --inside 10.10.0.0/24 \\\n"
+           "               --shard-size 2 --store etcd://10.0.0.1:2379\n"
            "  hpctl nat show --json\n"
            "  hpctl nat down --node gw1")
 
@@ -51,8 +54,15 @@ def _load_config_file(path: str) -> dict:
               help='JSON: {"ifnames": [...], "netns": ..., "xdp_mode": ..., "outside_if": ..., '
                    '"timeouts": {...}, "gateways": [{"name", "nat_ips", "inside_cidrs", '
                    '"port_min", "port_max"}]}')
+@click.option("--shard-size", type=click.IntRange(1, 64), default=None,
+              help="How many of the fleet's nodes carry each gateway (default: 3, or all "
+                   "when fewer; a gateway already in the store keeps its size).")
+@click.option("--store", "store_url", default=DEFAULT_STORE, show_default=True,
+              envvar="HPCTL_STORE",
+              help="The cluster store the gateways are written to (/nat) and the agent "
+                   "reads: a file (PATH or file:PATH) or etcd://HOST:PORT.")
 def up_cmd(node, ifnames, netns, nat_ips, inside, ports, mode, outside_if, agent,
-           config_file):
+           config_file, shard_size, store_url):
     """Load the data path, configure the gateway(s), attach, and add the NAT IPs the node
     does not have yet. All or nothing: on an error the node is left as it was. Flows
     survive a re-run; what a re-run no longer lists (NAT IPs, networks, interfaces) goes."""
@@ -75,11 +85,46 @@ def up_cmd(node, ifnames, netns, nat_ips, inside, ports, mode, outside_if, agent
     start_nat_node(node, ifnames, gws, netns=netns or cfg.netns, mode=mode or cfg.xdp_mode,
                    timeouts=cfg.timeouts, outside_if=outside_if or cfg.outside_if)
     click.echo(f"node {node}: NAT up on {', '.join(ifnames)}", err=True)
+    from hyperplane.errors import HyperplaneError
+    try:
+        _publish(store_url, gws, shard_size)
+        unpublished = None
+    except HyperplaneError as exc:  # the node is up: start its agent all the same
+        unpublished = exc
     if agent:
         from hyperplane.node.agent import spawn_agent, stop_agent
         stop_agent(node)  # a re-run replaces the agent too
-        pid = spawn_agent(node)
+        pid = spawn_agent(node, store_url=store_url)
         click.echo(f"node {node}: agent running (pid {pid})", err=True)
+    if unpublished is not None:
+        click.echo(f"hpctl: node {node} is up but its gateways are not in the store "
+                   f"{store_url} (run nat up again): {unpublished}", err=True)
+        raise SystemExit(unpublished.exit_status)
+
+
+def _publish(store_url: str, gateways: list[GatewayConfig], shard_size: int | None) -> None:
+    """Write the gateways into the store's /nat (the fleet's NAT config: same name,
+    replaced; others kept) and give each its shard of the fleet's named nodes."""
+    from hyperplane.fleet.cluster import NAT_KEY, ensure_shards
+    from hyperplane.fleet.store import open_store
+
+    def merge(value):
+        old = value.get("gateways", []) if isinstance(value, dict) else []
+        old = [g for g in old if isinstance(g, dict)]
+        sizes = {g.get("name"): g["shard_size"] for g in old if "shard_size" in g}
+        names = {gw.name for gw in gateways}
+        new = []
+        for gw in gateways:
+            entry = gw.to_dict()
+            size = shard_size if shard_size is not None else sizes.get(gw.name)
+            if size is not None:
+                entry["shard_size"] = size
+            new.append(entry)
+        return {**(value if isinstance(value, dict) else {}),
+                "gateways": [g for g in old if g.get("name") not in names] + new}
+    with open_store(store_url) as store:
+        store.update(NAT_KEY, merge, default={"gateways": []})
+        ensure_shards(store)
 
 
 @command.command("show")

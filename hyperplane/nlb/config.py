@@ -29,6 +29,7 @@ NO_NEW_FLOWS = frozenset({"draining", "unused"})
 MAX_WEIGHT = 65535
 DEREGISTRATION_DELAY_RANGE_S = (0, 3600)
 IDLE_TIMEOUT_RANGE_S = (60, 6000)
+MAX_SHARD_SIZE = 64                    # a fleet's most nodes (hyperplane.fleet.cluster.MAX_NODES)
 AWS_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?")  # 1-32, no edge hyphen
 
 
@@ -57,18 +58,21 @@ def _without_none(data: dict[str, Any]) -> dict[str, Any]:
 class LoadBalancer:
     name: str
     lb_id: int                         # its row in the data path's tables (struct target_value.lb_id)
+    shard_size: int | None = None      # nodes of the fleet that carry it (None: the default)
 
     def __post_init__(self) -> None:
         _name("load balancer", self.name)
         with _context(f"Load balancer {self.name!r}"):
             _integer("lb_id", self.lb_id, 0, 2**32 - 1)
+            if self.shard_size is not None:
+                _integer("shard_size", self.shard_size, 1, MAX_SHARD_SIZE)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoadBalancer:
         return cls(**_kwargs(cls, data, "load balancer"))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _without_none(dataclasses.asdict(self))
 
 
 @dataclass
