@@ -10,13 +10,15 @@ from rich.table import Table
 
 from hyperplane.errors import ConfigError
 from hyperplane.nlb.config import NlbConfig
-from hyperplane.fleet.store import DEFAULT_STORE, Store
+from hyperplane.fleet.store import DEFAULT_STORE, NLB_KEY, open_store
 
 from .exit import Exit
 from .options import emit_json, json_option, node_option, resolve_node
 
-store_option = click.option("--store", "store_path", default=DEFAULT_STORE, show_default=True,
-                            envvar="HPCTL_STORE", help="The cluster store (JSON file).")
+store_option = click.option("--store", "store_url", default=DEFAULT_STORE, show_default=True,
+                            envvar="HPCTL_STORE",
+                            help="The cluster store: a file (PATH or file:PATH) or "
+                                 "etcd://HOST:PORT.")
 
 command = click.Group(
     "lb", help="Network load balancers. Changes go to the store; each node's agent applies them.",
@@ -29,7 +31,7 @@ command = click.Group(
            "  hpctl lb health --json")
 
 
-def _change(store_path: str, fn, *, adds: bool = True) -> dict:
+def _change(store_url: str, fn, *, adds: bool = True) -> dict:
     """Apply fn to the store's config, validating the result as a whole and, for a change
     that adds something, against the nodes running here (what they hold, their NAT IPs):
     a removal is never refused, so an over-full store can always be shrunk."""
@@ -40,7 +42,8 @@ def _change(store_path: str, fn, *, adds: bool = True) -> dict:
         if adds:
             _check_nodes_here(new)
         return new.to_dict()
-    return Store(store_path).update(update)
+    with open_store(store_url) as store:
+        return store.update(NLB_KEY, update, default={})
 
 
 def _check_nodes_here(cfg: NlbConfig) -> None:
@@ -73,7 +76,7 @@ def _find(items: list, what: str, **match) -> dict:
 @click.option("--shard-size", type=click.IntRange(1, 64), default=None,
               help="How many of the fleet's nodes carry it (default: 3, or all when fewer).")
 @store_option
-def create_lb(name, lb_id, shard_size, store_path):
+def create_lb(name, lb_id, shard_size, store_url):
     """Create a load balancer."""
     def fn(cfg):
         ids = {lb["lb_id"] for lb in cfg["load_balancers"]}
@@ -82,9 +85,9 @@ def create_lb(name, lb_id, shard_size, store_path):
         if shard_size is not None:
             lb["shard_size"] = shard_size
         cfg["load_balancers"].append(lb)
-    _change(store_path, fn)
+    _change(store_url, fn)
     click.echo(f"load balancer {name} created", err=True)
-    _ensure_shards(store_path)
+    _ensure_shards(store_url)
 
 
 def _ensure_shards(store_url: str) -> None:
@@ -98,13 +101,13 @@ def _ensure_shards(store_url: str) -> None:
 @command.command("delete")
 @click.argument("name")
 @store_option
-def delete_lb(name, store_path):
+def delete_lb(name, store_url):
     """Delete a load balancer and its listeners."""
     def fn(cfg):
         _find(cfg["load_balancers"], "load balancer", name=name)
         cfg["load_balancers"] = [lb for lb in cfg["load_balancers"] if lb["name"] != name]
         cfg["listeners"] = [l for l in cfg["listeners"] if l["lb"] != name]
-    _change(store_path, fn, adds=False)
+    _change(store_url, fn, adds=False)
     click.echo(f"load balancer {name} deleted", err=True)
 
 
@@ -120,9 +123,9 @@ command.add_command(listener)
               default="TCP", show_default=True)
 @click.option("--tg", "target_group", required=True, help="Target group name.")
 @store_option
-def listener_add(lb, vip, port, protocol, target_group, store_path):
+def listener_add(lb, vip, port, protocol, target_group, store_url):
     """Add a listener."""
-    _change(store_path, lambda cfg: cfg["listeners"].append(
+    _change(store_url, lambda cfg: cfg["listeners"].append(
         {"lb": lb, "vip": vip, "port": port, "protocol": protocol.upper(),
          "target_group": target_group}))
     click.echo(f"listener {vip}:{port}/{protocol.upper()} -> {target_group} added", err=True)
@@ -132,13 +135,13 @@ def listener_add(lb, vip, port, protocol, target_group, store_path):
 @click.option("--vip", required=True)
 @click.option("--port", type=int, required=True)
 @store_option
-def listener_delete(vip, port, store_path):
+def listener_delete(vip, port, store_url):
     """Delete the listener(s) on VIP:port."""
     def fn(cfg):
         _find(cfg["listeners"], "listener", vip=vip, port=port)
         cfg["listeners"] = [l for l in cfg["listeners"]
                             if not (l["vip"] == vip and l["port"] == port)]
-    _change(store_path, fn, adds=False)
+    _change(store_url, fn, adds=False)
     click.echo(f"listener {vip}:{port} deleted", err=True)
 
 
@@ -161,14 +164,14 @@ command.add_command(tg)
 @click.option("--reset-on-unhealthy", is_flag=True, help="Reset flows of targets that fail.")
 @store_option
 def tg_create(name, hc_protocol, hc_port, hc_path, interval, timeout, healthy, unhealthy, fast,
-              deregistration_delay, reset_on_unhealthy, store_path):
+              deregistration_delay, reset_on_unhealthy, store_url):
     """Create a target group."""
     hc = {"protocol": hc_protocol, "path": hc_path, "interval_s": interval,
           "timeout_s": timeout if timeout is not None else min(10.0, interval), "healthy_threshold": healthy, "unhealthy_threshold": unhealthy,
           "allow_fast": fast}
     if hc_port is not None:
         hc["port"] = hc_port
-    _change(store_path, lambda cfg: cfg["target_groups"].append(
+    _change(store_url, lambda cfg: cfg["target_groups"].append(
         {"name": name, "targets": [], "health_check": hc,
          "deregistration_delay_s": deregistration_delay, "reset_on_unhealthy": reset_on_unhealthy}))
     click.echo(f"target group {name} created", err=True)
@@ -177,12 +180,12 @@ def tg_create(name, hc_protocol, hc_port, hc_path, interval, timeout, healthy, u
 @tg.command("delete")
 @click.argument("name")
 @store_option
-def tg_delete(name, store_path):
+def tg_delete(name, store_url):
     """Delete a target group (no listener may use it)."""
     def fn(cfg):
         _find(cfg["target_groups"], "target group", name=name)
         cfg["target_groups"] = [t for t in cfg["target_groups"] if t["name"] != name]
-    _change(store_path, fn, adds=False)
+    _change(store_url, fn, adds=False)
     click.echo(f"target group {name} deleted", err=True)
 
 
@@ -203,7 +206,7 @@ def _parse_target(text: str) -> dict:
 @click.option("--tg", "group", required=True)
 @click.argument("targets", nargs=-1, required=True)
 @store_option
-def register(group, targets, store_path):
+def register(group, targets, store_url):
     """Register targets (IP:PORT[@WEIGHT]); a draining one is registered again."""
     parsed = [_parse_target(t) for t in targets]
     seen = set()
@@ -218,7 +221,7 @@ def register(group, targets, store_path):
             g["targets"] = [x for x in g["targets"]
                             if not (x["ip"] == t["ip"] and x["port"] == t["port"])]
             g["targets"].append({**t, "state": "initial"})
-    _change(store_path, fn)
+    _change(store_url, fn)
     click.echo(f"registered {len(parsed)} target(s) in {group}", err=True)
 
 
@@ -226,7 +229,7 @@ def register(group, targets, store_path):
 @click.option("--tg", "group", required=True)
 @click.argument("targets", nargs=-1, required=True)
 @store_option
-def deregister(group, targets, store_path):
+def deregister(group, targets, store_url):
     """Deregister targets: no new flows; existing ones continue until the deregistration
     delay ends or they are gone."""
     parsed = [_parse_target(t) for t in targets]
@@ -237,16 +240,18 @@ def deregister(group, targets, store_path):
             x = _find(g["targets"], "target", ip=t["ip"], port=t["port"])
             if x.get("state") != "draining":
                 x["state"], x["draining_since"] = "draining", time.time()
-    _change(store_path, fn, adds=False)
+    _change(store_url, fn, adds=False)
     click.echo(f"draining {len(parsed)} target(s) of {group}", err=True)
 
 
 @command.command("show")
 @store_option
 @json_option
-def show(store_path, as_json):
+def show(store_url, as_json):
     """The load balancers, listeners and target groups in the store."""
-    cfg = NlbConfig.from_dict(Store(store_path).read()).to_dict()
+    with open_store(store_url) as store:
+        entry = store.get(NLB_KEY)
+    cfg = NlbConfig.from_dict(entry.value if entry else {}).to_dict()
     if as_json:
         emit_json(cfg)
         return

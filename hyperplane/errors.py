@@ -17,3 +17,8 @@ class ConfigError(HyperplaneError):
 
 class NotFound(HyperplaneError):
     exit_status = 4
+
+
+class StoreError(ConfigError):
+    """The cluster store cannot be reached, read or parsed, or refused a request
+    (hyperplane.fleet.store). The message names the store and what to do."""

@@ -3,7 +3,8 @@
 # already set up. Run as root. scripts/demo and scripts/test run this first.
 #
 # What it makes sure of, in order:
-#   1. Debian packages (apt-get update only when one is missing; iputils-ping for the demo)
+#   1. Debian packages (apt-get update only when one is missing; iputils-ping for the demo,
+#      etcd-server for the cluster store)
 #   2. kernel headers at /lib/modules/$(uname -r)/build (bcc compiles the XDP C with them;
 #      a kernel without a Debian headers package gets links to the newest Debian headers)
 #   3. a bpffs at /run/hyperplane/bpf (pinned maps; /sys/fs/bpf is hidden by `ip netns exec`)
@@ -17,8 +18,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
+# etcd-server: the cluster store for many hosts; the tests start their own private etcd
+# (its install may also start the system's etcd on 127.0.0.1:2379, which nothing here uses).
 PACKAGES=(python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 nftables ethtool iperf3 wrk
-          python3-venv python3-pip curl haproxy tcpdump iputils-ping hping3)
+          python3-venv python3-pip curl haproxy tcpdump iputils-ping hping3 etcd-server)
 BPFFS=/run/hyperplane/bpf
 VENV="$ROOT/.venv"
 STAMP="$VENV/.hyperplane-pyproject.sha256"

@@ -13,7 +13,7 @@ from hyperplane.observe.metrics import load_balancer_metrics
 from hyperplane.datapath.loader import Sizes
 from hyperplane.nat.gateway import GatewayConfig
 from hyperplane.node.lifecycle import start_nat_node, stop_node
-from hyperplane.fleet.store import Store
+from hyperplane.fleet.store import NLB_KEY, open_store
 from hyperplane.datapath.verdicts import FlowKind, TcpState
 
 NS = f"hpt-agent-{os.getpid() % 100000}"
@@ -71,10 +71,10 @@ def _tick_until(agent, cond, seconds=5.0):
     return False
 
 
-def test_health_drives_the_maglev_table_and_drains_end(node):
-    store = Store(node["store"])
-    store.update(lambda _: _config(node["up"], node["down"], delay=0))
-    agent = Agent(AgentConfig(NODE, node["store"]))
+def test_health_drives_the_maglev_table_and_drains_end(node, store):
+    # on both store backends (the `store` fixture): a file and etcd
+    store.put(NLB_KEY, _config(node["up"], node["down"], delay=0))
+    agent = Agent(AgentConfig(NODE, store.url))
     agent.startup()
     try:
         up_id, down_id = f"127.0.0.1:{node['up']}", f"127.0.0.1:{node['down']}"
@@ -95,9 +95,10 @@ def test_health_drives_the_maglev_table_and_drains_end(node):
                 if t["port"] == node["up"]:
                     t["state"], t["draining_since"] = "draining", time.time()
             return data
-        store.update(drain)
+        store.update(NLB_KEY, drain)
         assert _tick_until(agent, lambda: up_id not in
-                           {f"{t['ip']}:{t['port']}" for t in store.read()["target_groups"][0]["targets"]})
+                           {f"{t['ip']}:{t['port']}"
+                            for t in store.get(NLB_KEY).value["target_groups"][0]["targets"]})
         # only the unhealthy target is left: fail open to it
         assert _tick_until(agent, lambda: {table[table.Key(i)].value for i in range(251)} ==
                            {agent.plane.target_id(down_id)})
@@ -106,14 +107,14 @@ def test_health_drives_the_maglev_table_and_drains_end(node):
 
 
 def test_a_bad_store_is_reported_and_the_last_good_state_kept(node):
-    store = Store(node["store"])
-    store.update(lambda _: _config(node["up"], node["down"]))
+    store = open_store(node["store"])
+    store.put(NLB_KEY, _config(node["up"], node["down"]))
     agent = Agent(AgentConfig(NODE, node["store"]))
     agent.startup()
     try:
         agent.tick(time.monotonic())
         listeners = len(list(agent.dp.table("listeners").items()))
-        store.update(lambda d: {**d, "listeners": [{"lb": "nope", "vip": "1.2.3.4", "port": 1,
+        store.update(NLB_KEY, lambda d: {**d, "listeners": [{"lb": "nope", "vip": "1.2.3.4", "port": 1,
                                                     "protocol": "TCP", "target_group": "web"}]})
         agent.tick(time.monotonic())
         assert agent.config_error and "nope" in agent.config_error
@@ -126,7 +127,7 @@ def test_reset_on_unhealthy_deletes_the_targets_flows(node):
     cfg = _config(node["up"], node["down"])
     cfg["target_groups"][0]["reset_on_unhealthy"] = True
     cfg["target_groups"][0]["health_check"]["interval_s"] = 0.3
-    Store(node["store"]).update(lambda _: cfg)
+    open_store(node["store"]).put(NLB_KEY, cfg)
     agent = Agent(AgentConfig(NODE, node["store"]))
     agent.startup()
     try:
@@ -194,16 +195,19 @@ def _vip_is_the_nat_ip(up, down):
 def test_a_bad_store_never_stops_the_agent(node, bad, words):
     path = node["store"]
     good = _config(node["up"], node["down"])
-    Store(path).update(lambda _: good)
+    store = open_store(path)
+    store.put(NLB_KEY, good)
     agent = Agent(AgentConfig(NODE, path, gc_every_s=0))
     agent.startup()
     try:
         agent.tick(time.monotonic())
         listeners = _listeners(agent)
         assert len(listeners) == 1 and agent.config_error is None
-        with open(path, "wb") as f:
-            f.write(bad if isinstance(bad, bytes) else
-                    json.dumps(bad(node["up"], node["down"])).encode())
+        if isinstance(bad, bytes):   # the file itself damaged
+            with open(path, "wb") as f:
+                f.write(bad)
+        else:                        # a good file holding a bad configuration
+            store.put(NLB_KEY, bad(node["up"], node["down"]))
         flow_left = _expired_flow(agent)
         agent.tick(time.monotonic())
         assert agent.config_error and words in agent.config_error, agent.config_error
@@ -211,9 +215,10 @@ def test_a_bad_store_never_stops_the_agent(node, bad, words):
         assert not flow_left(), "garbage collection stopped with the bad store"
         status = read_status(NODE)
         assert words in status["config_error"] and set(status["target_groups"]) == {"web"}
-        # fixed: applied again, the error is gone
-        with open(path, "w") as f:
-            json.dump(good, f)
+        # fixed: applied again, the error is gone (a damaged file is fixed by starting anew)
+        if isinstance(bad, bytes):
+            os.unlink(path)
+        store.put(NLB_KEY, good)
         agent.tick(time.monotonic())
         assert agent.config_error is None and read_status(NODE)["config_error"] is None
     finally:
@@ -228,7 +233,7 @@ def test_the_agent_adds_the_vips_it_needs_and_removes_only_its_own(node):
     netns.add_address(NS, "out0", "198.18.0.201/32")   # the user's own VIP address
     cfg = _config(node["up"], node["down"])
     cfg["listeners"].append({**cfg["listeners"][0], "vip": "198.18.0.201"})
-    Store(node["store"]).update(lambda _: cfg)
+    open_store(node["store"]).put(NLB_KEY, cfg)
     agent = Agent(AgentConfig(NODE, node["store"]))
     agent.startup()
     try:
@@ -240,12 +245,12 @@ def test_the_agent_adds_the_vips_it_needs_and_removes_only_its_own(node):
         def drop_listeners(data):
             data["listeners"] = []
             return data
-        Store(node["store"]).update(drop_listeners)
+        open_store(node["store"]).update(NLB_KEY, drop_listeners)
         agent.tick(time.monotonic())
         assert "198.18.0.200" not in _addresses(), "a VIP the agent added stayed"
         assert "198.18.0.201" in _addresses(), "the agent removed the user's address"
 
-        Store(node["store"]).update(lambda _: cfg)
+        open_store(node["store"]).put(NLB_KEY, cfg)
         agent.tick(time.monotonic())
         assert "198.18.0.200" in _addresses()
     finally:

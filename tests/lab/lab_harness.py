@@ -101,8 +101,8 @@ class Lab:
 
     @property
     def store(self):
-        from hyperplane.fleet.store import Store
-        return Store(lab.store_path(self.cfg.prefix))
+        from hyperplane.fleet.store import open_store
+        return open_store(lab.store_path(self.cfg.prefix))
 
     def agent_status(self) -> dict:
         from hyperplane.node.agent import status_path
@@ -133,7 +133,8 @@ class Lab:
     def reset_nlb(self) -> None:
         """Put the lab's NLB config back into the store (as `lab up` wrote it)."""
         data = lab.nlb_config(self.cfg).to_dict()
-        self.store.update(lambda _old: data)
+        from hyperplane.fleet.store import NLB_KEY
+        self.store.put(NLB_KEY, data)
 
 
 ARP_TABLE = "hpt_arp"

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from hyperplane import lab, netns
+from hyperplane.fleet.store import NLB_KEY
 
 from lab_traffic import StreamDownload, http_get_many
 
@@ -155,20 +156,20 @@ def test_long_download_survives_target_changes(nlb_lab):
         others = [t for t in NAMES if t != mine]
         added, removed = others[0], others[1]
         # 1. a target is added (a 4th: the server of `added` also listens on 8081)
-        store.update(lambda d: (_group_targets(d, lab.WEB_GROUP).append(
+        store.update(NLB_KEY, lambda d: (_group_targets(d, lab.WEB_GROUP).append(
             {"ip": IP_OF[added], "port": 8081}), d)[1])
         nlb_lab.wait_states({web(added, 8081): "healthy"}, timeout=5)
         res = http_get_many(nlb_lab.inet, VIP, 120, sources=SOURCES, timeout=30)
         _all_ok(res)
         assert web(added, 8081) in _spread(res), _spread(res)
         # 2. another target is removed from the group outright
-        store.update(lambda d: (_remove(d, web(removed)), d)[1])
+        store.update(NLB_KEY, lambda d: (_remove(d, web(removed)), d)[1])
         nlb_lab.wait_states({web(removed): None}, timeout=5)
         res = http_get_many(nlb_lab.inet, VIP, 90, sources=SOURCES, timeout=30)
         _all_ok(res)
         assert web(removed) not in _spread(res), _spread(res)
         # 3. the download's own target is drained: no new flows, this one goes on
-        store.update(lambda d: (_deregister(d, web(mine)), d)[1])
+        store.update(NLB_KEY, lambda d: (_deregister(d, web(mine)), d)[1])
         nlb_lab.wait_states({web(mine): "draining"}, timeout=5)
         st = nlb_lab.agent_status()["target_groups"][lab.WEB_GROUP][web(mine)]
         assert st["active_flows"] >= 1, st

@@ -3,13 +3,16 @@ input and damaged files exit 2 with one sentence; `lb health` says how old the a
 view is and never shows a dead agent's "healthy"."""
 import json
 import os
+import socket
 import subprocess
 import time
 from dataclasses import asdict
 
 import pytest
 
+from fleet_store import wipe
 from hpctl.main import main
+from hyperplane.fleet.store import NLB_KEY, open_store
 from hyperplane.node import lifecycle as node_mod
 from hyperplane.datapath.loader import Sizes
 
@@ -46,6 +49,28 @@ def test_build_a_load_balancer(capsys, store):
     assert targets["10.20.1.10:8080"]["state"] == "draining"
     assert targets["10.20.2.10:8080"]["weight"] == 3
     assert cfg["listeners"][0]["protocol"] == "TCP"
+
+
+def test_lb_drives_an_etcd_store(capsys, etcd_server):
+    """--store takes a URL: the same commands on etcd, the config under its one key."""
+    wipe(etcd_server)   # the session's etcd: start from no keys
+    url = etcd_server.url
+    assert hpctl(capsys, url, "lb", "create", "web-nlb")[0] == 0
+    assert hpctl(capsys, url, "lb", "tg", "create", "web", "--interval", "5")[0] == 0
+    assert hpctl(capsys, url, "lb", "register", "--tg", "web", "10.20.1.10:8080")[0] == 0
+    code, out, _ = hpctl(capsys, url, "lb", "show", "--json")
+    assert code == 0 and json.loads(out) == open_store(url).get(NLB_KEY).value
+    assert json.loads(out)["target_groups"][0]["targets"][0]["ip"] == "10.20.1.10"
+    assert hpctl(capsys, url, "lb", "delete", "web-nlb")[0] == 0
+    assert open_store(url).get(NLB_KEY).value["load_balancers"] == []
+
+
+def test_an_unreachable_store_is_one_sentence_and_exit_2(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"etcd://127.0.0.1:{s.getsockname()[1]}"   # nothing listens there
+    code, _, err = hpctl(capsys, url, "lb", "show")
+    assert code == 2 and url in err and "is etcd running" in err and one_sentence(err), err
 
 
 @pytest.mark.parametrize("args,message", [
@@ -99,9 +124,8 @@ def test_a_damaged_store_is_one_sentence_and_exit_2(capsys, store, content, args
 
 
 def test_integer_addresses_in_the_store_are_refused(capsys, store):
-    with open(store, "w") as f:
-        json.dump({"target_groups": [{"name": "web", "targets": [{"ip": 167772161,
-                                                                 "port": 80}]}]}, f)
+    open_store(store).put(NLB_KEY, {"target_groups": [{"name": "web", "targets": [
+        {"ip": 167772161, "port": 80}]}]})
     code, _, err = hpctl(capsys, store, "lb", "show")
     assert code == 2 and "ip must be an IPv4 address" in err
 
