@@ -46,6 +46,18 @@
 #ifndef HP_MAX_CURSORS
 #define HP_MAX_CURSORS 65536       /* NAT port cursors, one per recent destination (LRU) */
 #endif
+#ifndef HP_MAX_NODES
+#define HP_MAX_NODES 64            /* fleet members (node ids 0..HP_MAX_NODES-1) */
+#endif
+#ifndef HP_MAX_SHARD
+#define HP_MAX_SHARD 16            /* nodes in one resource's shard */
+#endif
+#ifndef HP_PORT_BLOCKS
+#define HP_PORT_BLOCKS 64          /* NAT port blocks per NAT IP (fleet: owned per node) */
+#endif
+#ifndef HP_INSTALL_BATCH
+#define HP_INSTALL_BATCH 64        /* flow records one run of PROG install takes */
+#endif
 #ifndef HP_ICMP_RATE
 #define HP_ICMP_RATE 1000          /* ICMP errors this node sends per second per CPU */
 #endif
@@ -63,37 +75,41 @@ enum hp_verdict {
 	V_TX_RST = 6,            /* TCP with no live flow: RST sent back (bounced) */
 	V_TX_TIME_EXCEEDED = 7,  /* TTL <= 1: this node sends ICMP time exceeded (bounced) */
 	V_TX_FRAG_NEEDED = 8,    /* too big for the next hop with DF: ICMP frag. needed (bounced) */
-	V_PASS_NON_IP = 9,       /* ARP, IPv6 and other non-IPv4: to the kernel */
-	V_PASS_NO_RESOURCE = 10, /* IPv4 not for any NAT gateway or listener: kernel */
-	V_PASS_LOCAL = 11,       /* ping to a NAT IP or VIP: the node answers */
-	V_PASS_FRAGMENTING = 12, /* translated, too big for the next hop, no DF: the kernel
+	V_TX_SECOND_CHANCE = 9,  /* fleet: no state here and another node owns the flow: handed
+				  * to the owner over the sync network (GLB's second chance) */
+	V_PASS_NON_IP = 10,      /* ARP, IPv6 and other non-IPv4: to the kernel */
+	V_PASS_NO_RESOURCE = 11, /* IPv4 not for any NAT gateway or listener: kernel */
+	V_PASS_LOCAL = 12,       /* ping to a NAT IP or VIP: the node answers */
+	V_PASS_FRAGMENTING = 13, /* translated, too big for the next hop, no DF: the kernel
 				  * fragments and forwards it (tc: skb->mark HP_MARK_ASSIST) */
-	V_PASS_NEIGH = 13,       /* XDP: translated, next hop not resolved yet: the kernel
+	V_PASS_NEIGH = 14,       /* XDP: translated, next hop not resolved yet: the kernel
 				  * resolves it (ARP) and forwards (tc redirects via the
 				  * neighbour subsystem instead and counts TX) */
-	V_DROP_MALFORMED = 14,   /* truncated or inconsistent header */
-	V_DROP_IP_OPTIONS = 15,  /* IPv4 header with options toward a resource */
-	V_DROP_FRAGMENT = 16,    /* TCP/ICMP fragment, or UDP fragment with no first part */
-	V_DROP_UNKNOWN_PROTO = 17, /* not TCP, UDP or ICMP, toward a resource */
-	V_DROP_NO_FLOW = 18,     /* to a NAT IP or from a target, no flow */
-	V_DROP_PORT_ALLOC = 19,  /* no free NAT port for this destination */
-	V_DROP_TABLE_FULL = 20,  /* flow or reservation table refused an insert */
-	V_DROP_NO_ROUTE = 21,    /* FIB: unreachable / blackhole / prohibited / not forwardable */
-	V_DROP_ICMP_UNSUPPORTED = 22, /* ICMP type we do not translate */
-	V_DROP_NO_TARGET = 23,   /* listener has no target in its table */
-	V_DROP_NO_LISTENER = 24, /* to a VIP on a port/proto with no listener */
-	V_DROP_TCP_NOT_SYN = 25, /* to a listener, no flow, a RST (never answered) */
-	V_DROP_WRONG_IFACE = 26, /* arrived on an interface its source is not routed through
+	V_DROP_MALFORMED = 15,   /* truncated or inconsistent header */
+	V_DROP_IP_OPTIONS = 16,  /* IPv4 header with options toward a resource */
+	V_DROP_FRAGMENT = 17,    /* TCP/ICMP fragment, or UDP fragment with no first part */
+	V_DROP_UNKNOWN_PROTO = 18, /* not TCP, UDP or ICMP, toward a resource */
+	V_DROP_NO_FLOW = 19,     /* to a NAT IP or from a target, no flow */
+	V_DROP_PORT_ALLOC = 20,  /* no free NAT port for this destination */
+	V_DROP_TABLE_FULL = 21,  /* flow or reservation table refused an insert */
+	V_DROP_NO_ROUTE = 22,    /* FIB: unreachable / blackhole / prohibited / not forwardable */
+	V_DROP_ICMP_UNSUPPORTED = 23, /* ICMP type we do not translate */
+	V_DROP_NO_TARGET = 24,   /* listener has no target in its table */
+	V_DROP_NO_LISTENER = 25, /* to a VIP on a port/proto with no listener */
+	V_DROP_TCP_NOT_SYN = 26, /* to a listener, no flow, a RST (never answered) */
+	V_DROP_WRONG_IFACE = 27, /* arrived on an interface its source is not routed through
 				  * (strict reverse-path check): spoofed or misrouted */
-	V_DROP_TCP_INVALID = 27, /* a RST outside the receiver's window (conntrack's rule) */
-	V_DROP_TUPLE_TAKEN = 28, /* NLB: the target already sees this client ip:port from
+	V_DROP_TCP_INVALID = 28, /* a RST outside the receiver's window (conntrack's rule) */
+	V_DROP_TUPLE_TAKEN = 29, /* NLB: the target already sees this client ip:port from
 				  * another connection (AWS: a client IP preservation collision) */
-	V_DROP_ICMP_RATELIMIT = 29, /* an ICMP error this node would send, over its rate */
-	V_DROP_NO_REPLY = 30,    /* a RST / ICMP error that cannot be built (no source
+	V_DROP_ICMP_RATELIMIT = 30, /* an ICMP error this node would send, over its rate */
+	V_DROP_NO_REPLY = 31,    /* a RST / ICMP error that cannot be built (no source
 				  * address, in-band VLAN at tc, an ICMP error about an error) */
-	V_MAX = 31,
+	V_DROP_NO_OWNER = 32,    /* fleet: no state here, and the flow's owner is unknown or
+				  * not live (a second-chance packet is never passed on) */
+	V_MAX = 33,
 };
-#define V_LAST_TX V_TX_FRAG_NEEDED
+#define V_LAST_TX V_TX_SECOND_CHANCE
 #define V_LAST_PASS V_PASS_NEIGH
 
 /* Flow events on the ring buffer. Keep in sync: verdicts.py FlowEventType */
@@ -101,6 +117,8 @@ enum hp_event_type {
 	EV_FLOW_CREATED = 1,
 	EV_FLOW_CLOSED = 2,      /* FIN both ways or RST */
 	EV_FLOW_EXPIRED = 3,     /* found idle past its timeout */
+	EV_FLOW_CONFIRMED = 4,   /* moved to the flow table (a reply, then the originator) */
+	EV_FLOW_CHANGED = 5,     /* TCP state changed (established, one FIN) */
 };
 
 /* Counted events that are not packet verdicts. Keep in sync: verdicts.py Stat */
@@ -118,7 +136,13 @@ enum hp_stat {
 	S_NEIGH_RESOLVE = 10,    /* tc: sent through the neighbour subsystem (no MAC yet) */
 	S_RST_IGNORED = 11,      /* a RST outside the window was dropped (flow kept) */
 	S_IFACE_MOVED = 12,      /* a flow's ingress interface changed with its route */
-	S_MAX = 13,
+	S_PEER_PACKET = 13,      /* fleet: a packet a peer handed over, translated and sent here */
+	S_REC_INSTALLED = 14,    /* fleet: a flow record from a peer created a replica */
+	S_REC_MERGED = 15,       /* fleet: ... updated a flow this node holds */
+	S_REC_REJECTED = 16,     /* fleet: ... refused: malformed, or a resource not served here */
+	S_REC_CONFLICT = 17,     /* fleet: ... whose tuple or NAT port another flow holds here */
+	S_REC_FULL = 18,         /* fleet: ... not installed: a table was full */
+	S_MAX = 19,
 };
 
 /* What a flow entry is for. Keep in sync: verdicts.py FlowKind */

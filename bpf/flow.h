@@ -130,6 +130,33 @@ static __always_inline int flow_expired(struct hp_config *cfg, struct flow_value
 	return 1;
 }
 
+/* The record of a flow for other nodes, from either of its entries (k, v). Written with
+ * selects rather than two copies of the code: it is inlined at every event. resource is
+ * the entry's own (gateway id, or the listener's row, which the agent names by its load
+ * balancer before the record leaves the node). */
+static __always_inline void record_of(struct flow_record *r, struct flow_key *k,
+				      struct flow_value *v, __u64 now, __u32 origin)
+{
+	int reply = is_reply_kind(v->kind);
+	struct flow_key *orig = reply ? &v->twin : k;
+	r->key = *orig;
+	r->new_src_ip = reply ? k->dst_ip : v->new_src_ip;
+	r->new_dst_ip = reply ? k->src_ip : v->new_dst_ip;
+	r->new_src_port = reply ? k->dst_port : v->new_src_port;
+	r->new_dst_port = reply ? k->src_port : v->new_dst_port;
+	r->kind = v->kind - reply; /* KIND_NAT_IN - 1 = KIND_NAT_OUT, KIND_NLB_OUT - 1 = KIND_NLB_IN */
+	__u8 fin = v->fin_seen;
+	r->fin_seen = reply ? (((fin & 1) << 1) | ((fin >> 1) & 1)) : fin;
+	r->tcp_state = v->tcp_state;
+	r->flags = ((v->flags & FLOW_F_PENDING) ? 0 : REC_F_CONFIRMED) |
+		   ((v->flags & FLOW_F_REPLY_SEEN) ? REC_F_REPLY_SEEN : 0);
+	r->resource = v->resource;
+	r->origin = origin;
+	r->idle_ms = (now - v->last_seen_ns) / 1000000;
+	r->age_ms = (now - v->created_ns) / 1000000;
+	r->pad = 0;
+}
+
 static __always_inline void emit_event(__u32 type, struct flow_key *k, struct flow_value *v,
 				       __u64 now)
 {
@@ -138,11 +165,13 @@ static __always_inline void emit_event(__u32 type, struct flow_key *k, struct fl
 		stat_inc(S_EVENT_LOST);
 		return;
 	}
+	struct hp_config *cfg = get_config();
 	e->type = type;
 	e->pad = 0;
 	e->ts_ns = now;
-	__builtin_memcpy(&e->key, k, sizeof(*k));
-	__builtin_memcpy(&e->value, v, sizeof(*v));
+	record_of(&e->rec, k, v, now, cfg ? cfg->node_id : 0);
+	e->packets = v->packets;
+	e->bytes = v->bytes;
 	/* no wakeup per event: readers consume on a timer (an irq_work per new flow costs
 	 * more than the rest of the event) */
 	flow_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
@@ -294,7 +323,9 @@ static __always_inline int flow_create(struct pkt *p, struct hp_config *cfg, __b
 
 	v->twin = reply;
 	v->kind = kind;
-	v->in_ifindex = p->ifindex;
+	/* a packet a peer handed over came in on the sync network: the interface the
+	 * flow's packets arrive on is learned from its first own packet */
+	v->in_ifindex = p->from_peer ? 0 : p->ifindex;
 	v->new_src_ip = nsrc;
 	v->new_src_port = nsport;
 	v->new_dst_ip = ndst;
@@ -335,10 +366,12 @@ static __always_inline int flow_create(struct pkt *p, struct hp_config *cfg, __b
 }
 
 /* Move both entries of an unconfirmed flow to the flow table. Returns the entry of `k`
- * that packets now use (the moved one, or v when the table is full). The entries are
+ * that packets now use (the moved one, or v when the table is full). quiet: no event (a
+ * peer's record confirmed it: the peer has told the others). The entries are
  * inserted straight from the pending map's values (no stack copies: the stack is 512
  * bytes). */
-static __always_inline struct flow_value *flow_confirm(struct flow_key *k, struct flow_value *v)
+static __always_inline struct flow_value *flow_confirm(struct flow_key *k, struct flow_value *v,
+						       __u64 now, int quiet)
 {
 	struct flow_key key = *k;
 	struct flow_key twin_key = v->twin;
@@ -356,13 +389,16 @@ static __always_inline struct flow_value *flow_confirm(struct flow_key *k, struc
 			flows.delete(&twin_key);
 		goto full;
 	}
-	if (!rc && !rc2) { /* not moved concurrently by another CPU */
+	int moved_here = !rc && !rc2; /* not moved concurrently by another CPU */
+	if (moved_here) {
 		stat_inc(S_FLOW_CONFIRMED);
 		res_count(v->kind, v->resource, RES_CONFIRMED);
 	}
 	pending.delete(&twin_key);
 	pending.delete(&key);
 	struct flow_value *moved = flows.lookup(&key);
+	if (moved && moved_here && !quiet)
+		emit_event(EV_FLOW_CONFIRMED, &key, moved, now);
 	return moved ? moved : v;
 full:
 	v->flags |= FLOW_F_PENDING;
@@ -457,6 +493,8 @@ static __always_inline int tcp_track(struct pkt *p, struct flow_value *v)
 		/* the twin sees our FIN as its peer's (bit 1) */
 		t->fin_seen = (t->fin_seen & 1) | ((fin & 1) << 1);
 	}
+	if (rc != TCP_TRACK_CLOSED) /* a close has its own event (count_tcp_close) */
+		emit_event(EV_FLOW_CHANGED, &p->key, v, p->now);
 	return rc;
 }
 

@@ -125,8 +125,8 @@ static __always_inline int to_this_node(HP_CTX *ctx, struct pkt *p)
 static __always_inline int flow_ingress_ok(HP_CTX *ctx, struct pkt *p, struct hp_config *cfg,
 					   struct flow_value *v)
 {
-	if (v->in_ifindex == p->ifindex)
-		return 1;
+	if (v->in_ifindex == p->ifindex || p->from_peer)
+		return 1; /* a peer checked a handed-over packet where it came in */
 	if (!ingress_ok(ctx, p, cfg))
 		return 0;
 	if (v->in_ifindex) /* 0: a reply direction's first packet, learned here */

@@ -134,6 +134,16 @@ static __always_inline int ctx_redirect(__u32 ifindex)
 #endif
 }
 
+/* Copy len bytes at offset off of the packet into buf. Returns 0 or < 0. */
+static __always_inline int ctx_load_bytes(HP_CTX *ctx, __u32 off, void *buf, __u32 len)
+{
+#ifdef HP_HOOK_TC
+	return bpf_skb_load_bytes(ctx, off, buf, len);
+#else
+	return bpf_xdp_load_bytes(ctx, off, buf, len);
+#endif
+}
+
 /* Send the packet back out of the interface it came in on (RSTs, ICMP errors). */
 static __always_inline int ctx_bounce(HP_CTX *ctx)
 {

@@ -54,16 +54,10 @@ struct pkt {
 	__u16 mtu;                /* DO_FRAG_NEEDED: the next hop's MTU */
 	__u8 wscale_ready;        /* a SYN's window scale was read (PROG_WSCALE) */
 	__u8 wscale;
+	__u8 from_peer;           /* fleet: a peer handed it over (second chance) */
+	__u8 owner_local;         /* fleet: PROG_OWNER found this node the flow's owner */
 	int action;               /* the hook's action for a TX verdict */
 };
-
-#include "flow.h"
-#include "fwd.h"
-#include "nat.h"
-#include "nlb.h"
-#include "icmp_gen.h"
-#include "icmp_err.h"
-#include "rst.h"
 
 /* Tail-called programs (the slow paths; bpf/maps.h progs). Keep in sync:
  * hyperplane/datapath/loader.py PROGRAMS. */
@@ -71,6 +65,9 @@ struct pkt {
 #define PROG_REPLY 1  /* answer it (RST, ICMP error), or translate an ICMP error */
 #define PROG_MAIN 2   /* the main program, for PROG_WSCALE to hand a SYN back */
 #define PROG_WSCALE 3 /* read a SYN's window scale option, then back to the main program */
+#define PROG_OWNER 4  /* fleet: hand a packet of no flow to its owner, or back to PROG_NEW */
+#define PROG_NAT 5    /* a new NAT flow: take a port for it */
+#define PROG_NAT_FLOW 6 /* ... then create the flow and forward the packet */
 
 /* What a slow path is asked to do (scratch.todo); above every verdict. */
 #define DO_NEW (V_MAX + 1)            /* classify and create */
@@ -79,6 +76,19 @@ struct pkt {
 #define DO_FRAG_NEEDED (V_MAX + 4)    /* answer with ICMP fragmentation needed (p->mtu) */
 #define DO_ICMP_ERROR (V_MAX + 5)     /* translate an ICMP error about a flow */
 #define DO_WSCALE (V_MAX + 6)         /* read the window scale of a SYN */
+#define DO_OWNER (V_MAX + 7)          /* fleet: find the flow's owner (scratch.owner_*) */
+#define DO_NAT_NEW (V_MAX + 8)        /* create a NAT flow for gateway scratch.gw_id */
+#define DO_NAT_FLOW (V_MAX + 9)       /* ... with the port in scratch.resv */
+
+#include "flow.h"
+#include "fleet.h"
+#include "fwd.h"
+#include "nat.h"
+#include "nlb.h"
+#include "icmp_gen.h"
+#include "icmp_err.h"
+#include "rst.h"
+#include "install.h"
 
 #define IP_DF 0x4000
 #define IP_MF 0x2000
@@ -203,7 +213,7 @@ static __always_inline int forward_flow(HP_CTX *ctx, struct pkt *p, struct hp_co
 	count_resource(p, v);
 	__u8 kind = v->kind;
 	if ((v->flags & FLOW_F_PENDING) && flow_should_confirm(p, v, track))
-		v = flow_confirm(&p->key, v);
+		v = flow_confirm(&p->key, v, p->now, 0);
 	if (rt == RT_TOO_BIG) {
 		/* no DF: the kernel fragments the translated packet and forwards it */
 		rewrite(p, v->new_src_ip, v->new_dst_ip, v->new_src_port, v->new_dst_port, 0);
@@ -307,6 +317,14 @@ static __always_inline int classify(HP_CTX *ctx, struct pkt *p, struct hp_config
 	if (ni) {
 		if (p->icmp && p->icmp_type == ICMP_ECHO)
 			return V_PASS_LOCAL;
+		/* fleet: the port's block owner holds the flow (or will: a reply can beat the
+		 * flow's replication here) */
+		if (ip->ihl == 5 && !p->frag &&
+		    (p->tcp || p->udp || (p->icmp && p->icmp_type == ICMP_ECHOREPLY))) {
+			int rc = ask_owner(p, cfg, OWN_NAT_REPLY, 0);
+			if (rc != OWNER_LOCAL)
+				return rc;
+		}
 		__u32 gw_id = ni->gw_id;
 		struct gw_metrics *m = gw_stats.lookup(&gw_id);
 		if (m)
@@ -341,8 +359,15 @@ static __always_inline int classify(HP_CTX *ctx, struct pkt *p, struct hp_config
 		 * health check's answer) is the node's */
 		if (p->tcp || p->udp) {
 			struct endpoint_key ek = { .ip = ip->saddr, .port = p->key.src_port };
-			if (target_endpoints.lookup(&ek))
-				return to_this_node(ctx, p) ? V_PASS_NO_RESOURCE : V_DROP_NO_FLOW;
+			__u32 *tid = target_endpoints.lookup(&ek);
+			if (tid) {
+				if (to_this_node(ctx, p))
+					return V_PASS_NO_RESOURCE;
+				struct target_value *t = targets.lookup(tid);
+				int rc = t ? ask_owner(p, cfg, OWN_TARGET_REPLY, SHARD_LB_BASE + t->lb_id)
+					   : OWNER_LOCAL;
+				return rc == OWNER_LOCAL ? V_DROP_NO_FLOW : rc;
+			}
 		}
 		struct inside_key ik = { .prefixlen = 32, .addr = ip->saddr };
 		__u32 *gw = inside_nets.lookup(&ik);
@@ -353,11 +378,15 @@ static __always_inline int classify(HP_CTX *ctx, struct pkt *p, struct hp_config
 		if (inside_nets.lookup(&ik))
 			return V_PASS_NO_RESOURCE; /* inside to inside: not translated */
 	}
-	/* a source that is not routed through the interface it came in on: spoofed */
-	if (!ingress_ok(ctx, p, cfg))
+	/* a source that is not routed through the interface it came in on: spoofed (a
+	 * packet a peer handed over was checked where it came in) */
+	if (!p->from_peer && !ingress_ok(ctx, p, cfg))
 		return V_DROP_WRONG_IFACE;
 
 	if (l) {
+		int rc = ask_owner(p, cfg, OWN_CLIENT, SHARD_LB_BASE + l->lb_id);
+		if (rc != OWNER_LOCAL)
+			return rc;
 		if (proto == IPPROTO_TCP && !tcp_opens(p)) {
 			if (p->tcp_flags & TH_RST)
 				return V_DROP_TCP_NOT_SYN; /* never answer a RST */
@@ -380,6 +409,9 @@ static __always_inline int classify(HP_CTX *ctx, struct pkt *p, struct hp_config
 		return V_DROP_FRAGMENT;
 	if (proto == IPPROTO_ICMP && p->icmp_type != ICMP_ECHO)
 		return is_icmp_error(p->icmp_type) ? V_DROP_NO_FLOW : V_DROP_ICMP_UNSUPPORTED;
+	int owner_rc = ask_owner(p, cfg, OWN_CLIENT, gw_id);
+	if (owner_rc != OWNER_LOCAL)
+		return owner_rc;
 	if (proto == IPPROTO_TCP && !tcp_opens(p)) {
 		/* not an opening SYN and no live flow: a timed-out connection (AWS: RST) */
 		if ((p->tcp_flags & TH_RST) || !(cfg->flags & HP_F_RST_ON_NO_FLOW))
@@ -388,7 +420,12 @@ static __always_inline int classify(HP_CTX *ctx, struct pkt *p, struct hp_config
 	}
 	if (ip->ttl <= 1)
 		return DO_TIME_EXCEEDED;
-	return nat_new_flow(p, cfg, gw_id, v);
+	/* the port search is verified in a program of its own (PROG_NAT) */
+	struct scratch *s = scratch_get();
+	if (!s)
+		return V_DROP_MALFORMED;
+	s->gw_id = gw_id;
+	return DO_NAT_NEW;
 }
 
 /* The flow a parsed packet belongs to, or 0. Deletes an expired one on the way (then the
@@ -481,6 +518,8 @@ static __always_inline int finish(HP_CTX *ctx, struct pkt *p, int verdict)
 	__u64 *cnt = verdicts.lookup(&idx);
 	if (cnt)
 		*cnt += 1;
+	if (p->from_peer && idx <= V_LAST_TX)
+		stat_inc(S_PEER_PACKET);
 	if (idx <= V_LAST_TX)
 		return p->action >= 0 ? p->action : ctx_drop();
 	if (idx <= V_LAST_PASS)
@@ -497,8 +536,10 @@ static __always_inline int go_slow(HP_CTX *ctx, struct scratch *s, struct pkt *p
 	s->mtu = mtu;
 	s->wscale_ready = p->wscale_ready;
 	s->wscale = p->wscale;
+	s->owner_local = p->owner_local;
 	progs.call(ctx, prog);
 	s->wscale_ready = 0;
+	s->owner_local = 0;
 	return V_DROP_MALFORMED;
 }
 
@@ -514,10 +555,15 @@ static __always_inline int begin(HP_CTX *ctx, struct pkt *p, struct scratch **s,
 		return V_DROP_MALFORMED;
 	p->wscale_ready = (*s)->wscale_ready;
 	p->wscale = (*s)->wscale;
+	p->owner_local = (*s)->owner_local;
 	(*s)->wscale_ready = 0;
+	(*s)->owner_local = 0;
 	int rc = parse_packet(ctx, p, cfg);
 	if (!rc && !*cfg)
 		rc = V_PASS_NO_RESOURCE;
+	if (!rc)
+		p->from_peer = fleet_on(*cfg) && (*cfg)->sync_ifindex &&
+			       p->ifindex == (*cfg)->sync_ifindex;
 	return rc;
 }
 
@@ -567,8 +613,81 @@ int HP_PROG(new)(HP_CTX *ctx)
 	rc = classify(ctx, &p, cfg, &v);
 	if (rc == 0 && v)
 		rc = forward_flow(ctx, &p, cfg, v);
+	if (rc == DO_OWNER)
+		rc = go_slow(ctx, s, &p, PROG_OWNER, rc, 0);
+	else if (rc == DO_NAT_NEW)
+		rc = go_slow(ctx, s, &p, PROG_NAT, rc, 0);
+	else if (rc > V_MAX)
+		rc = go_slow(ctx, s, &p, PROG_REPLY, rc, p.mtu);
+	return finish(ctx, &p, rc);
+}
+
+/* PROG_NAT: a new outbound flow of NAT gateway scratch.gw_id (classified by PROG_NEW)
+ * gets a port for its destination. The search is a program of its own: each of its exits
+ * would otherwise verify the rest (the flow's creation, forwarding) again. */
+int HP_PROG(nat)(HP_CTX *ctx)
+{
+	struct pkt p = {};
+	struct hp_config *cfg = 0;
+	struct scratch *s = 0;
+	int rc = begin(ctx, &p, &s, &cfg);
+	if (rc || !s || !cfg)
+		return finish(ctx, &p, rc);
+	rc = nat_new_port(&p, cfg, s->gw_id, &s->resv);
+	if (rc == 0)
+		rc = go_slow(ctx, s, &p, PROG_NAT_FLOW, DO_NAT_FLOW, 0);
+	return finish(ctx, &p, rc);
+}
+
+/* PROG_NAT_FLOW: the new NAT flow with the port PROG_NAT reserved, and its packet
+ * forwarded. */
+int HP_PROG(nat_flow)(HP_CTX *ctx)
+{
+	struct pkt p = {};
+	struct hp_config *cfg = 0;
+	struct scratch *s = 0;
+	int rc = begin(ctx, &p, &s, &cfg);
+	if (rc || !s || !cfg)
+		return finish(ctx, &p, rc);
+	struct nat_resv_key rk = s->resv;
+	struct flow_value *v = 0;
+	rc = nat_new_flow(&p, cfg, s->gw_id, &rk, &v);
+	if (rc == 0 && v)
+		rc = forward_flow(ctx, &p, cfg, v);
 	if (rc > V_MAX)
 		rc = go_slow(ctx, s, &p, PROG_REPLY, rc, p.mtu);
+	return finish(ctx, &p, rc);
+}
+
+/* PROG_OWNER (fleet): a packet of no flow here goes to the flow's owner over the sync
+ * network (fleet.h), or, when this node is the owner, back to PROG_NEW to be handled
+ * here. */
+int HP_PROG(owner)(HP_CTX *ctx)
+{
+	struct pkt p = {};
+	struct hp_config *cfg = 0;
+	struct scratch *s = 0;
+	int rc = begin(ctx, &p, &s, &cfg);
+	if (rc || !s || !cfg)
+		return finish(ctx, &p, rc);
+	struct iphdr *ip = p.iph;
+	__u32 owner = NO_OWNER;
+	if (s->owner_case == OWN_NAT_REPLY) {
+		struct nat_ip_value *ni = nat_ips.lookup(&ip->daddr);
+		if (ni)
+			owner = port_block_owner(ni, p.key.dst_port);
+	} else if (s->owner_case == OWN_CLIENT) {
+		owner = shard_owner(s->owner_slot, ip->saddr, p.key.src_port, p.key.proto,
+				    cfg->hash_seed);
+	} else {
+		owner = shard_owner(s->owner_slot, ip->daddr, p.key.dst_port, p.key.proto,
+				    cfg->hash_seed);
+	}
+	rc = to_owner(ctx, &p, cfg, owner);
+	if (rc == OWNER_LOCAL) {
+		p.owner_local = 1;
+		rc = go_slow(ctx, s, &p, PROG_NEW, DO_NEW, 0);
+	}
 	return finish(ctx, &p, rc);
 }
 
@@ -620,4 +739,27 @@ int HP_PROG(wscale)(HP_CTX *ctx)
 	/* a SYN of no flow goes straight on to be classified */
 	__u32 next = known_flow(&p, cfg) ? PROG_MAIN : PROG_NEW;
 	return finish(ctx, &p, go_slow(ctx, s, &p, next, DO_NEW, 0));
+}
+
+/* PROG install (fleet): flow records from peers, installed or merged (install.h). Never
+ * attached: the agent runs it through BPF_PROG_TEST_RUN on a "packet" of INSTALL_HDR
+ * bytes and up to HP_INSTALL_BATCH records; S_REC_* count the outcomes. */
+int HP_PROG(install)(HP_CTX *ctx)
+{
+	struct hp_config *cfg = get_config();
+	struct scratch *s = scratch_get();
+	if (!cfg || !s)
+		return ctx_drop();
+	__u32 len = ctx_len(ctx);
+	__u64 now = bpf_ktime_get_coarse_ns();
+	for (__u32 i = 0; i < HP_INSTALL_BATCH; i++) {
+		/* opaque: one verifier pass over the body, not one per record */
+		__u32 off = INSTALL_HDR + opaque_u32(s, i) * sizeof(struct flow_record);
+		if (off + sizeof(struct flow_record) > len)
+			break;
+		if (ctx_load_bytes(ctx, off, &s->rec, sizeof(s->rec)))
+			break;
+		install_record(cfg, s, now);
+	}
+	return ctx_drop();
 }

@@ -57,6 +57,16 @@ HP_MAP("percpu_array", u32, u64, target_packets, HP_MAX_TARGETS, 0);
  * listeners (USER_ENDS_*). Written only by user space; active = confirmed - ended - this. */
 HP_MAP("array", u32, u64, user_ends, HP_MAX_GATEWAYS + HP_MAX_LISTENERS, 0);
 
+/* Fleet: peers by node id (their MACs on the sync network); written by the agent. */
+HP_MAP("array", u32, struct peer, peers, HP_MAX_NODES, 0);
+/* Fleet: each resource's live shard nodes (gateway id, then SHARD_LB_BASE + lb id). */
+HP_MAP("array", u32, struct shard, shards, HP_MAX_GATEWAYS + HP_MAX_LBS, 0);
+/* Fleet: the NAT port blocks this node takes ports from, per gateway. */
+HP_MAP("array", u32, struct gw_blocks, gw_blocks, HP_MAX_GATEWAYS, 0);
+/* Fleet: owner (node id + 1; 0 = none) of every port block:
+ * ((gw id * HP_MAX_NAT_IPS) + ip index) * HP_PORT_BLOCKS + block. */
+HP_MAP("array", u32, u16, port_owner, HP_MAX_GATEWAYS * HP_MAX_NAT_IPS * HP_PORT_BLOCKS, 0);
+
 /* Events and housekeeping that are not packet verdicts (enum hp_stat), per CPU. */
 HP_MAP("percpu_array", u32, u64, stats, S_MAX, 0);
 /* ICMP error rate limit, per CPU (index 0). */
@@ -73,6 +83,12 @@ struct scratch {
 	struct bpf_fib_lookup fib; /* a route lookup's parameters and result */
 	struct icmp_err_hdrs icmp; /* an ICMP error being built */
 	__u32 opaque;             /* see opaque_u32() */
+	struct flow_record rec;   /* PROG install: the record in hand */
+	__u32 owner_slot;         /* DO_OWNER: the shard (gateway id, SHARD_LB_BASE + lb id) */
+	__u8 owner_case;          /* DO_OWNER: OWN_* */
+	__u8 owner_local;         /* PROG_OWNER found this node the owner (for PROG_NEW) */
+	__u32 gw_id;              /* DO_NAT_NEW, DO_NAT_FLOW: the gateway */
+	struct nat_resv_key resv; /* DO_NAT_FLOW: the port PROG_NAT reserved */
 };
 BPF_F_TABLE("percpu_array", u32, struct scratch, scratch, 1, 0);
 
@@ -81,13 +97,30 @@ BPF_F_TABLE("percpu_array", u32, struct scratch, scratch, 1, 0);
  * by the loader. Pinned (one per hook: a program array holds one program type), because
  * the kernel empties a program array when its last user-space reference closes. */
 #ifdef HP_PIN_DIR
-BPF_TABLE_PINNED("prog", u32, u32, progs, 4, HP_PIN_DIR "/progs_" HP_HOOK_NAME);
+BPF_TABLE_PINNED("prog", u32, u32, progs, 8, HP_PIN_DIR "/progs_" HP_HOOK_NAME);
 #else
-BPF_PROG_ARRAY(progs, 4);
+BPF_PROG_ARRAY(progs, 8);
 #endif
 
-/* Flow created / closed / expired events for the controller (not pinned: a reader
- * attaches to the running program's ring). */
+/* Flow events (created, confirmed, changed, closed, expired) for the agent, which
+ * replicates them. Pinned like the state maps, so the XDP and tc builds write one ring and
+ * an agent that is not the loader reads it. bcc has no pinned ring buffer macro: this is
+ * BPF_RINGBUF_OUTPUT's table in a pinned map section ("maps/<type>:<path>", as
+ * BPF_TABLE_PINNED makes). */
+#ifdef HP_PIN_DIR
+struct flow_events_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" HP_PIN_DIR "/flow_events")))
+struct flow_events_table_t flow_events = { .max_entries = HP_RINGBUF_PAGES * PAGE_SIZE };
+#else
 BPF_RINGBUF_OUTPUT(flow_events, HP_RINGBUF_PAGES);
+#endif
 
 #endif

@@ -26,18 +26,28 @@ static __always_inline int resv_reclaim(struct hp_config *cfg, struct nat_resv_k
 	return rc;
 }
 
-/* Pair number j of a gateway's (NAT IP, port) space: consecutive numbers alternate over
- * the IPs, so a probe sequence reaches every pair whatever the number of IPs and ports. */
-static __always_inline void port_candidate(struct gw_config *gw, __u32 j, struct nat_resv_key *rk)
+/* Pair number j of the (NAT IP, port) pairs this node may take: consecutive numbers
+ * alternate over the owned blocks (one node: one block per NAT IP, its whole range), so
+ * a probe sequence reaches every pair whatever their numbers. Returns 0, or -1 for a
+ * number that names no port (past the range's end in the last, shorter block). */
+static __always_inline int port_candidate(struct gw_config *gw, struct gw_blocks *gb, __u32 j,
+					  struct nat_resv_key *rk)
 {
-	__u32 n = gw->n_nat_ips;
-	__u32 ip_idx = j % n;
-	/* verifier workaround: LLVM drops any bound it can prove (ip_idx < n <= 8) unless
-	 * the value is hidden from it, and the verifier needs one on the index */
-	asm volatile("" : "+r"(ip_idx));
-	ip_idx &= HP_MAX_NAT_IPS - 1;
+	__u32 n = gb->n;
+	__u32 e = j % n;
+	/* verifier workaround: LLVM drops any bound it can prove unless the value is hidden
+	 * from it, and the verifier needs one on the index */
+	asm volatile("" : "+r"(e));
+	if (e >= HP_MAX_NAT_IPS * HP_PORT_BLOCKS)
+		return -1;
+	__u16 owned = gb->owned[e];
+	__u32 ip_idx = owned >> 8;
+	__u32 port = gw->port_min + (owned & 0xff) * gb->block_size + j / n;
+	if (ip_idx >= HP_MAX_NAT_IPS || port > gw->port_max)
+		return -1;
 	rk->nat_ip = gw->nat_ips[ip_idx];
-	rk->nat_port = bpf_htons((__u16)(gw->port_min + j / n));
+	rk->nat_port = bpf_htons((__u16)port);
+	return 0;
 }
 
 /* Take a (NAT IP, port) for the packet's destination. The search starts where the last
@@ -48,7 +58,11 @@ static __always_inline void port_candidate(struct gw_config *gw, __u32 j, struct
 static __always_inline int nat_take_port(struct pkt *p, struct hp_config *cfg, __u32 gw_id,
 					 struct gw_config *gw, struct nat_resv_key *rk)
 {
-	__u32 total = gw->n_nat_ips * ((__u32)gw->port_max - gw->port_min + 1);
+	/* the ports of this node's blocks (written with the gateway; fleet: by the agent) */
+	struct gw_blocks *gb = gw_blocks.lookup(&gw_id);
+	if (!gb || !gb->n || !gb->block_size)
+		return -EEXIST;
+	__u32 total = gb->n * gb->block_size;
 	struct nat_cursor_key ck = { .dst_ip = p->key.dst_ip, .dst_port = p->key.dst_port,
 				     .proto = p->key.proto, .gw_id = gw_id };
 	__u32 *cursor = nat_cursor.lookup(&ck);
@@ -74,15 +88,16 @@ static __always_inline int nat_take_port(struct pkt *p, struct hp_config *cfg, _
 	for (__u32 i = 0; i < HP_PORT_PROBES; i++) {
 		/* a modulo, not a branch; opaque: no verifier state per probe */
 		j = opaque_u32(s, (base + i) % total);
-		port_candidate(gw, j, rk);
+		if (port_candidate(gw, gb, j, rk))
+			continue;
 		rc = nat_resv.insert(rk, &rv);
 		if (rc != -EEXIST)
 			break;
 	}
 	if (rc == -EEXIST) {
 		j = base;
-		port_candidate(gw, j, rk);
-		rc = resv_reclaim(cfg, rk, &rv, p->now);
+		if (!port_candidate(gw, gb, j, rk))
+			rc = resv_reclaim(cfg, rk, &rv, p->now);
 	}
 	/* after a refusal the next search starts past the window just probed: the cursor
 	 * sweeps the space instead of every later flow probing the same taken ports */
@@ -94,33 +109,39 @@ static __always_inline int nat_take_port(struct pkt *p, struct hp_config *cfg, _
 	return rc;
 }
 
-/* Create both entries of a new NAT flow. Returns 0 and sets *out, or a verdict. */
-static __always_inline int nat_new_flow(struct pkt *p, struct hp_config *cfg,
-					__u32 gw_id, struct flow_value **out)
+/* The port for a new NAT flow (PROG_NAT): 0 with *rk filled, or a verdict. */
+static __always_inline int nat_new_port(struct pkt *p, struct hp_config *cfg, __u32 gw_id,
+					struct nat_resv_key *rk)
 {
 	struct gw_config *gw = gateways.lookup(&gw_id);
 	if (!gw || gw->n_nat_ips == 0 || gw->n_nat_ips > HP_MAX_NAT_IPS ||
 	    gw->port_max < gw->port_min)
 		return V_DROP_NO_ROUTE; /* a client of a gateway with no NAT IP: never untranslated */
-	struct gw_metrics *m = gw_stats.lookup(&gw_id);
-
-	struct nat_resv_key rk = {};
-	int rc = nat_take_port(p, cfg, gw_id, gw, &rk);
-	if (rc) {
-		if (rc != -EEXIST) {
-			res_count(KIND_NAT_OUT, gw_id, RES_REFUSED);
-			return V_DROP_TABLE_FULL;
-		}
-		if (m)
-			m->error_port_allocation++;
-		return V_DROP_PORT_ALLOC;
+	int rc = nat_take_port(p, cfg, gw_id, gw, rk);
+	if (!rc)
+		return 0;
+	if (rc != -EEXIST) {
+		res_count(KIND_NAT_OUT, gw_id, RES_REFUSED);
+		return V_DROP_TABLE_FULL;
 	}
-	struct flow_key reply = { .src_ip = rk.dst_ip, .dst_ip = rk.nat_ip, .src_port = rk.dst_port,
-				  .dst_port = rk.nat_port, .proto = rk.proto };
+	struct gw_metrics *m = gw_stats.lookup(&gw_id);
+	if (m)
+		m->error_port_allocation++;
+	return V_DROP_PORT_ALLOC;
+}
 
-	rc = flow_create(p, cfg, rk.nat_ip, rk.nat_port, p->key.dst_ip, p->key.dst_port,
-			 KIND_NAT_OUT, KIND_NAT_IN, gw_id, 0, out);
+/* Create both entries of a new NAT flow whose port is reserved (rk; PROG_NAT_FLOW).
+ * Returns 0 and sets *out, or a verdict. */
+static __always_inline int nat_new_flow(struct pkt *p, struct hp_config *cfg, __u32 gw_id,
+					struct nat_resv_key *rk, struct flow_value **out)
+{
+	struct flow_key reply = { .src_ip = rk->dst_ip, .dst_ip = rk->nat_ip,
+				  .src_port = rk->dst_port, .dst_port = rk->nat_port,
+				  .proto = rk->proto };
+	int rc = flow_create(p, cfg, rk->nat_ip, rk->nat_port, p->key.dst_ip, p->key.dst_port,
+			     KIND_NAT_OUT, KIND_NAT_IN, gw_id, 0, out);
 	if (rc == CREATE_OK) {
+		struct gw_metrics *m = gw_stats.lookup(&gw_id);
 		if (m)
 			m->connection_attempt++;
 		return 0;

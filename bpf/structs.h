@@ -85,9 +85,34 @@ struct gw_config {
 	__u16 port_max;
 };
 
-/* Which gateway a NAT IP belongs to. */
+/* Which gateway a NAT IP belongs to, and its place in the gateway's nat_ips. */
 struct nat_ip_value {
 	__u32 gw_id;
+	__u32 ip_idx;
+};
+
+/* The NAT port blocks this node takes ports from, per gateway. One node: one block per
+ * NAT IP, its whole port range. Fleet: each NAT IP's range is cut into HP_PORT_BLOCKS
+ * blocks of block_size ports (the last one shorter), every block has one owner in the
+ * gateway's shard (port_owner), so two nodes never take the same port. n = 0: none. */
+struct gw_blocks {
+	__u32 n;                  /* entries of owned[] in use */
+	__u32 block_size;         /* ports per block */
+	__u16 owned[HP_MAX_NAT_IPS * HP_PORT_BLOCKS]; /* ip_idx << 8 | block */
+};
+
+/* Fleet: a member of the fleet, by node id: its MAC on the sync network. */
+struct peer {
+	__u8 mac[6];
+	__u16 flags;              /* PEER_F_* */
+};
+#define PEER_F_LIVE 1
+
+/* Fleet: the live nodes of one resource's shard (gateways first, then load balancers:
+ * SHARD_LB_BASE). Every node computes a flow's owner from it alike (rendezvous hash). */
+struct shard {
+	__u32 n;
+	__u16 nodes[HP_MAX_SHARD];
 };
 
 /* Longest-prefix key for inside networks. */
@@ -101,9 +126,12 @@ struct hp_config {
 	__u32 timeout_s[TO_MAX];  /* enum hp_timeout */
 	__u32 flags;              /* HP_F_* */
 	__u32 hash_seed;          /* random per cluster: NAT ports are not predictable */
+	__u32 node_id;            /* HP_F_FLEET: this node's id in the fleet */
+	__u32 sync_ifindex;       /* HP_F_FLEET: the sync network's interface (second chance) */
 };
 #define HP_F_RST_ON_NO_FLOW 1 /* TCP from inside without a live flow gets a RST (AWS) */
 #define HP_F_LOOSE_INGRESS 2  /* skip the strict reverse-path check (asymmetric routing) */
+#define HP_F_FLEET 4          /* one of many nodes: port blocks, owners, second chance */
 
 /* Per-gateway metrics, per CPU; AWS NAT gateway names (REFERENCE.md). */
 struct gw_metrics {
@@ -142,13 +170,36 @@ struct frag_value {
 	__u8 pad;
 };
 
-/* A flow event for the controller (ring buffer). */
+/* A flow as it travels between nodes: portable (identities, not this node's slot
+ * numbers; ages, not its clock), always in its original direction. 48 bytes; the first
+ * 16 (the key) identify it. Keep in sync: hyperplane/fleet/records.py. */
+struct flow_record {
+	struct flow_key key;      /* the original direction (client -> destination / VIP) */
+	__be32 new_src_ip;        /* its translation */
+	__be32 new_dst_ip;
+	__be16 new_src_port;
+	__be16 new_dst_port;
+	__u8 kind;                /* KIND_NAT_OUT or KIND_NLB_IN */
+	__u8 tcp_state;
+	__u8 fin_seen;            /* bit 0: FIN from the originator, bit 1: from the other side */
+	__u8 flags;               /* REC_F_* */
+	__u16 resource;           /* gateway id (NAT) or load balancer id (NLB): cluster ids */
+	__u16 origin;             /* node id of the node that sent it */
+	__u32 idle_ms;            /* since the sender last saw a packet of it */
+	__u32 age_ms;             /* since it was created */
+	__u32 pad;
+};
+#define REC_F_CONFIRMED 1     /* in the flow table (not unconfirmed) */
+#define REC_F_REPLY_SEEN 2
+
+/* A flow event (ring buffer): what happened, and the flow as a record. */
 struct flow_event {
 	__u32 type;               /* enum hp_event_type */
 	__u32 pad;
 	__u64 ts_ns;
-	struct flow_key key;      /* the original direction */
-	struct flow_value value;
+	struct flow_record rec;
+	__u64 packets;            /* of the direction whose packet caused the event */
+	__u64 bytes;
 };
 
 /* NLB: an address that is a listener VIP (any port). */

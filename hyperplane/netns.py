@@ -145,6 +145,36 @@ def veth(ns_a: str, if_a: str, ns_b: str, if_b: str, *, mac_a: str | None = None
     set_up(ns_b, if_b)
 
 
+def bridge(ns: str, ifname: str, *, mac: str | None = None, mtu: int | None = None) -> None:
+    """A Linux bridge in the namespace (no STP: its ports forward at once), brought up."""
+    with ipr(ns) as ip:
+        ip.link("add", ifname=ifname, kind="bridge")
+        kw: dict[str, Any] = {}
+        if mac:
+            kw["address"] = mac
+        if mtu:
+            kw["mtu"] = mtu
+        if kw:
+            ip.link("set", index=_index(ip, ifname), **kw)
+    set_up(ns, ifname)
+
+
+def set_master(ns: str, ifname: str, master: str) -> None:
+    """Make ifname a port of the bridge `master` (both in the namespace)."""
+    with ipr(ns) as ip:
+        ip.link("set", index=_index(ip, ifname), master=_index(ip, master))
+
+
+def delete_link(ns: str, ifname: str) -> bool:
+    """Delete an interface (a veth takes its peer with it); True if it existed."""
+    with ipr(ns) as ip:
+        idx = ip.link_lookup(ifname=ifname)
+        if not idx:
+            return False
+        ip.link("del", index=idx[0])
+        return True
+
+
 def set_up(ns: str, ifname: str) -> None:
     with ipr(ns) as ip:
         ip.link("set", index=_index(ip, ifname), state="up")

@@ -18,8 +18,12 @@ HOOKS = ("xdp", "tc")
 # Per hook: the main program, then the slow paths it tail-calls, in the order of their
 # slots in the `progs` map. Keep in sync: bpf/hyperplane.bpf.c PROG_*.
 PROGRAMS = {hook: tuple(f"{hook}_{name}".encode() for name in
-                        ("hyperplane", "hp_new", "hp_reply", "hp_wscale")) for hook in HOOKS}
-PROG_SLOTS = {0: 2, 1: 0, 2: 1, 3: 3}  # index in PROGRAMS[hook] -> slot in progs (PROG_*)
+                        ("hyperplane", "hp_new", "hp_reply", "hp_wscale", "hp_owner",
+                         "hp_nat", "hp_nat_flow"))
+            for hook in HOOKS}
+PROG_SLOTS = {0: 2, 1: 0, 2: 1, 3: 3, 4: 4, 5: 5, 6: 6}  # index in PROGRAMS[hook] -> slot in progs (PROG_*)
+# Fleet: installs flow records from peers; never attached, run with BPF_PROG_TEST_RUN.
+INSTALL_PROGRAM = {hook: f"{hook}_hp_install".encode() for hook in HOOKS}
 # Attach modes: a hook, or "auto" (native XDP where the driver has it, tc elsewhere).
 MODES = ("auto", "xdp", "tc")
 # XDP attach flags, to detach whatever mode an older version attached in.
@@ -170,6 +174,7 @@ class Datapath:
         if load_program:
             self._load(hook)
         self.fn = self.fns.get(hook)
+        self.install_fn = None
         self.attached: list[tuple[str, str, int]] = []  # (ifname, hook, ifindex or flags)
 
     def _compile(self, hook: str):
@@ -233,6 +238,16 @@ class Datapath:
     @property
     def prog_fd(self) -> int:
         return self.fn.fd
+
+    def install_fd(self) -> int:
+        """The record installer (bpf/install.h) of this data path's first hook, loaded on
+        first use."""
+        if self.install_fn is None:
+            bcc = _import_bcc()
+            prog_type = bcc.BPF.SCHED_CLS if self.hook == "tc" else bcc.BPF.XDP
+            self.install_fn = self.builds[self.hook].load_func(INSTALL_PROGRAM[self.hook],
+                                                               prog_type)
+        return self.install_fn.fd
 
     def table(self, name: str):
         return self.bpf[name.encode()]

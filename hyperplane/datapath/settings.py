@@ -5,9 +5,10 @@ import os
 from dataclasses import asdict, dataclass
 
 from hyperplane.errors import ConfigError
-from hyperplane.datapath.verdicts import Timeout
+from hyperplane.datapath.verdicts import ConfigFlag, Timeout
 
 F_RST_ON_NO_FLOW = 1  # bpf/structs.h HP_F_RST_ON_NO_FLOW (keep in sync)
+F_FLEET = int(ConfigFlag.FLEET)  # set by hyperplane.fleet.dataplane
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,15 @@ class Timeouts:
 def write_config(dp, timeouts: Timeouts | None = None, *, rst_on_no_flow: bool = True,
                  hash_seed: int | None = None) -> None:
     """Write the node-wide settings. Keeps the existing hash seed of a pinned map, so a
-    restarted node keeps choosing the same ports and targets."""
+    restarted node keeps choosing the same ports and targets, and the fleet identity
+    (hyperplane.fleet.dataplane writes it)."""
     timeouts = timeouts or Timeouts()
     table = dp.table("config")
     key = table.Key(0)
     leaf = table[key]
     for i, value in enumerate(timeouts.by_index()):
         leaf.timeout_s[i] = value
-    leaf.flags = F_RST_ON_NO_FLOW if rst_on_no_flow else 0
+    leaf.flags = (leaf.flags & F_FLEET) | (F_RST_ON_NO_FLOW if rst_on_no_flow else 0)
     if hash_seed is not None:
         leaf.hash_seed = hash_seed
     elif leaf.hash_seed == 0:

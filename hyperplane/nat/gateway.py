@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from hyperplane import validate as v
 from hyperplane.codec import be32_to_ip, ip_to_be32
 from hyperplane.errors import ConfigError
-from hyperplane.datapath.settings import Timeouts
+from hyperplane.datapath.settings import F_FLEET, Timeouts
 
 MAX_NAT_IPS = 8  # AWS: up to 8 IPs per NAT gateway (bpf/consts.h HP_MAX_NAT_IPS)
 
@@ -141,9 +141,10 @@ def apply_gateway(dp, gw: GatewayConfig) -> None:
     leaf.port_min = gw.port_min
     leaf.port_max = gw.port_max
     nat_ips = dp.table("nat_ips")
-    for ip in gw.nat_ips:
+    for idx, ip in enumerate(gw.nat_ips):
         val = nat_ips.Leaf()
         val.gw_id = gw.gw_id
+        val.ip_idx = idx
         nat_ips[nat_ips.Key(ip_to_be32(ip))] = val
     inside = dp.table("inside_nets")
     for cidr in gw.inside_cidrs:
@@ -152,8 +153,28 @@ def apply_gateway(dp, gw: GatewayConfig) -> None:
         k.prefixlen = net.prefixlen
         k.addr = ip_to_be32(str(net.network_address))
         inside[k] = inside.Leaf(gw.gw_id)
+    config = dp.table("config")
+    if not config[config.Key(0)].flags & F_FLEET:
+        whole_range_blocks(dp, gw.gw_id, len(gw.nat_ips), gw.port_min, gw.port_max)
     # the gateway slot last: the data path uses a gateway only once it is whole
     gateways[gateways.Key(gw.gw_id)] = leaf
+
+
+def write_blocks(dp, gw_id: int, blocks: list[tuple[int, int]], size: int) -> None:
+    """The blocks (NAT IP index, block) a node takes ports of gateway gw_id from."""
+    table = dp.table("gw_blocks")
+    leaf = table.Leaf()
+    leaf.n = len(blocks)
+    leaf.block_size = size
+    for i, (ip_idx, block) in enumerate(blocks):
+        leaf.owned[i] = (ip_idx << 8) | block
+    table[table.Key(gw_id)] = leaf
+
+
+def whole_range_blocks(dp, gw_id: int, n_nat_ips: int, port_min: int, port_max: int) -> None:
+    """Every port of every NAT IP (one block per IP, its whole range): a node on its own.
+    A fleet node's blocks come from hyperplane.fleet.dataplane."""
+    write_blocks(dp, gw_id, [(i, 0) for i in range(n_nat_ips)], port_max - port_min + 1)
 
 
 def write_gateways(dp, gateways: list[GatewayConfig]) -> None:

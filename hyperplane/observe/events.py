@@ -1,31 +1,34 @@
-"""Flow events from the data path's ring buffer (bpf/structs.h struct flow_event).
+"""Flow events from the data path's ring buffer (bpf/structs.h struct flow_event): what
+happened to a flow (created, confirmed, changed, closed, expired), the flow as a portable
+record (hyperplane.fleet.records), and the packets and bytes of the direction whose packet
+caused the event.
 
-bcc cannot infer the type of a ring buffer filled with ringbuf_reserve, so the event is
-assembled here from the flow table's own Key and Leaf classes (which bcc derives from the
-C structs): only the three leading scalar fields are written out."""
+bcc cannot infer the type of a ring buffer filled with ringbuf_reserve, so the event's
+layout is declared here; a unit test holds it to the C struct."""
 from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
 
-from hyperplane.datapath.flows import Flow, flow_timeouts, decode
 from hyperplane.datapath.verdicts import FlowEventType
+from hyperplane.fleet.records import RECORD_SIZE, FlowRecord
 
 
-def event_class(dp):
-    flows = dp.table("flows")
+class RawFlowEvent(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("ts_ns", ctypes.c_uint64), ("rec", ctypes.c_uint8 * RECORD_SIZE),
+                ("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
-    class RawFlowEvent(ctypes.Structure):
-        _fields_ = [("type", ctypes.c_uint32), ("pad", ctypes.c_uint32),
-                    ("ts_ns", ctypes.c_uint64), ("key", flows.Key), ("value", flows.Leaf)]
 
-    return RawFlowEvent
+REC_OFFSET = RawFlowEvent.rec.offset
 
 
 @dataclass
 class FlowEvent:
     type: FlowEventType
-    flow: Flow            # the entry as it was when the event was sent
+    record: FlowRecord
+    packets: int
+    bytes: int
     ts_ns: int
 
 
@@ -33,12 +36,18 @@ def subscribe(dp, callback) -> None:
     """Call callback(FlowEvent) for each event, delivered by dp.bpf.ring_buffer_consume()
     (call it on a timer: the data path submits without wakeups, so a blocking poll would
     not return for new events)."""
-    cls = event_class(dp)
-    timeouts = flow_timeouts(dp)
-
     def on_event(_ctx, data, _size):
-        ev = ctypes.cast(data, ctypes.POINTER(cls)).contents
-        callback(FlowEvent(FlowEventType(ev.type), decode(ev.key, ev.value, timeouts, ev.ts_ns),
-                           ev.ts_ns))
+        ev = ctypes.cast(data, ctypes.POINTER(RawFlowEvent)).contents
+        callback(FlowEvent(FlowEventType(ev.type), FlowRecord.unpack(bytes(ev.rec)),
+                           ev.packets, ev.bytes, ev.ts_ns))
+
+    dp.table("flow_events").open_ring_buffer(on_event)
+
+
+def subscribe_records(dp, callback) -> None:
+    """The fast path for replication: callback(event type, record bytes) per event."""
+    def on_event(_ctx, data, _size):
+        raw = ctypes.string_at(data, REC_OFFSET + RECORD_SIZE)
+        callback(int.from_bytes(raw[:4], "little"), raw[REC_OFFSET:])
 
     dp.table("flow_events").open_ring_buffer(on_event)

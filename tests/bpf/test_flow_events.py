@@ -9,8 +9,8 @@ from packets import from_client, tcp_syn
 
 def test_created_and_closed_events(e):
     events = []
-    subscribe(e.dp, lambda ev: events.append((ev.type, FlowKind[ev.flow.kind], ev.flow.src,
-                                              ev.flow.sport, ev.flow.new_src)))
+    subscribe(e.dp, lambda ev: events.append((ev.type, ev.record.kind, ev.record.src,
+                                              ev.record.sport, ev.record.new_src)))
     e.dp.bpf.ring_buffer_consume()  # drain what earlier tests left
     events.clear()
     e.run(tcp_syn(sport=46000))

@@ -132,18 +132,16 @@ def test_pinned_map_list_is_every_hp_map_of_maps_h():
 
 
 def test_flow_event_layout_follows_the_c_struct():
-    """events.py assembles struct flow_event from the flow table's Key and Leaf (bcc
-    cannot type the ring buffer): its members are the C's, in order, with the C's sizes."""
+    """events.py declares struct flow_event (bcc cannot type the ring buffer): its members
+    are the C's, in order, with the C's sizes; the record inside is records.py's."""
     import ctypes
-    from types import SimpleNamespace
 
-    from hyperplane.observe.events import event_class
-    flows = SimpleNamespace(Key=ctypes.c_uint8 * 16, Leaf=ctypes.c_uint8 * 104)
-    cls = event_class(SimpleNamespace(table=lambda name: flows))
-    sizes = {"__u32": 4, "__u64": 8, "struct flow_key": 16, "struct flow_value": 104}
+    from hyperplane.fleet.records import RECORD_SIZE
+    from hyperplane.observe.events import RawFlowEvent
+    sizes = {"__u32": 4, "__u64": 8, "struct flow_record": RECORD_SIZE}
     want = [(name, sizes[ctype]) for ctype, name in cheaders.struct_members("structs.h",
                                                                              "flow_event")]
-    assert [(n, ctypes.sizeof(t)) for n, t in cls._fields_] == want
+    assert [(n, ctypes.sizeof(t)) for n, t in RawFlowEvent._fields_] == want
 
 
 def test_user_ends_slots_are_the_cs_with_the_nodes_sizes():

@@ -1,0 +1,192 @@
+/* Fleet: installing flow records from peers (PROG install, run by the agent through
+ * BPF_PROG_TEST_RUN with a batch of records as its "packet"). A record either creates
+ * the flow's two entries here (a replica: its NAT port reserved too) or is merged into
+ * the flow this node holds. Merging only moves forward, whatever order records from
+ * several nodes arrive in: TCP state and FIN bits never go back, the last packet seen is
+ * the latest any node saw. A record of a newer flow on the same tuple (created after the
+ * one held here) replaces it. Every record is counted (S_REC_*). */
+#ifndef HP_INSTALL_H
+#define HP_INSTALL_H
+
+#define INSTALL_HDR 16            /* the batch's header (test_run wants an Ethernet header) */
+
+/* How far a flow has gone: TCP states in order; UDP/ICMP are TCP_S_NONE. */
+static __always_inline __u8 state_max(__u8 a, __u8 b)
+{
+	return a > b ? a : b;
+}
+
+/* Merge record r into the flow held here (v: its original direction's entry). */
+static __always_inline void install_merge(struct flow_record *r, struct flow_key *k,
+					  struct flow_value *v, __u64 last_seen, __u64 now)
+{
+	struct flow_value *t = flow_in(&v->twin, v->flags);
+	__u8 old_state = v->tcp_state;
+	__u8 state = state_max(old_state, r->tcp_state);
+	__u8 fin = v->fin_seen | r->fin_seen;
+	if (state == TCP_S_CLOSED && old_state != TCP_S_CLOSED && !(v->flags & FLOW_F_PENDING))
+		res_count(v->kind, v->resource, RES_ENDED);
+	v->tcp_state = state;
+	v->fin_seen = fin;
+	if (last_seen > v->last_seen_ns)
+		v->last_seen_ns = last_seen;
+	if (r->flags & REC_F_REPLY_SEEN)
+		v->flags |= FLOW_F_REPLY_SEEN;
+	if (t) {
+		t->tcp_state = state;
+		t->fin_seen = ((fin & 1) << 1) | ((fin >> 1) & 1);
+		if (r->flags & REC_F_REPLY_SEEN)
+			t->flags |= FLOW_F_REPLY_SEEN;
+	}
+	if ((r->flags & REC_F_CONFIRMED) && (v->flags & FLOW_F_PENDING))
+		flow_confirm(k, v, now, 1);
+}
+
+/* Install one record (in the scratch space). */
+static __always_inline void install_record(struct hp_config *cfg, struct scratch *s, __u64 now)
+{
+	struct flow_record *r = &s->rec;
+	__u8 proto = r->key.proto;
+	if ((r->kind != KIND_NAT_OUT && r->kind != KIND_NLB_IN) || r->tcp_state > TCP_S_CLOSED ||
+	    (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP)) {
+		stat_inc(S_REC_REJECTED);
+		return;
+	}
+	/* this node's own names for the record's identities: a NAT IP's gateway, a
+	 * listener's row and a target's index (none: a resource not served here) */
+	__u16 resource;
+	__u16 target = 0;
+	__u8 reply_kind;
+	if (r->kind == KIND_NAT_OUT) {
+		struct nat_ip_value *ni = nat_ips.lookup(&r->new_src_ip);
+		if (!ni) {
+			stat_inc(S_REC_REJECTED);
+			return;
+		}
+		resource = ni->gw_id;
+		reply_kind = KIND_NAT_IN;
+	} else {
+		struct listener_key lk = { .vip = r->key.dst_ip, .port = r->key.dst_port,
+					   .proto = proto };
+		struct listener_value *l = listeners.lookup(&lk);
+		struct endpoint_key ek = { .ip = r->new_dst_ip, .port = r->new_dst_port };
+		__u32 *tid = target_endpoints.lookup(&ek);
+		if (!l || !tid) {
+			stat_inc(S_REC_REJECTED);
+			return;
+		}
+		resource = l->listener_id;
+		target = *tid;
+		reply_kind = KIND_NLB_OUT;
+	}
+	__u64 idle = (__u64)r->idle_ms * 1000000;
+	__u64 age = (__u64)r->age_ms * 1000000;
+	__u64 last_seen = now > idle ? now - idle : 0;
+	__u64 created = now > age ? now - age : 0;
+	struct flow_key key = r->key;
+
+	struct flow_value *v = flow_find(&key);
+	if (v) {
+		if (v->kind != r->kind) { /* the tuple is another flow's reply direction */
+			stat_inc(S_REC_CONFLICT);
+			return;
+		}
+		/* a flow created well after the one held here: the tuple was reused */
+		if (created <= v->created_ns + HP_NSEC) {
+			install_merge(r, &key, v, last_seen, now);
+			stat_inc(S_REC_MERGED);
+			return;
+		}
+		flow_delete(&key, v);
+	}
+
+	struct flow_key reply = {};
+	reply.src_ip = r->new_dst_ip;
+	reply.dst_ip = r->new_src_ip;
+	reply.src_port = r->new_dst_port;
+	reply.dst_port = r->new_src_port;
+	reply.proto = proto;
+	if (!reply_key_free(cfg, &reply, now)) {
+		stat_inc(S_REC_CONFLICT);
+		return;
+	}
+	int confirmed = r->flags & REC_F_CONFIRMED;
+	struct flow_value *f = &s->flow;
+	__builtin_memset(f, 0, sizeof(*f));
+	f->created_ns = created;
+	f->last_seen_ns = last_seen;
+	f->resource = resource;
+	f->target = target;
+	f->flags = (confirmed ? 0 : FLOW_F_PENDING) |
+		   ((r->flags & REC_F_REPLY_SEEN) ? FLOW_F_REPLY_SEEN : 0);
+	f->wscale = WSCALE_NONE;
+	f->tcp_state = r->tcp_state;
+	f->fin_seen = r->fin_seen;
+	f->twin = reply;
+	f->kind = r->kind;
+	f->new_src_ip = r->new_src_ip;
+	f->new_dst_ip = r->new_dst_ip;
+	f->new_src_port = r->new_src_port;
+	f->new_dst_port = r->new_dst_port;
+	/* in_ifindex 0 and no next hop: both are learned from the first packet here */
+	int rc = confirmed ? flows.insert(&key, f) : pending.insert(&key, f);
+	if (rc) {
+		stat_inc(rc == -EEXIST ? S_REC_MERGED : S_REC_FULL); /* -EEXIST: raced a packet */
+		return;
+	}
+	f->twin = key;
+	f->kind = reply_kind;
+	f->fin_seen = ((r->fin_seen & 1) << 1) | ((r->fin_seen >> 1) & 1);
+	f->new_src_ip = key.dst_ip;
+	f->new_dst_ip = key.src_ip;
+	f->new_src_port = key.dst_port;
+	f->new_dst_port = key.src_port;
+	rc = confirmed ? flows.insert(&reply, f) : pending.insert(&reply, f);
+	if (rc) {
+		if (confirmed)
+			flows.delete(&key);
+		else
+			pending.delete(&key);
+		stat_inc(rc == -EEXIST ? S_REC_CONFLICT : S_REC_FULL);
+		return;
+	}
+	if (r->kind == KIND_NAT_OUT) {
+		/* the port is taken here too: this node never gives it to another flow toward
+		 * the same destination, and takes over the reservation on failover */
+		struct nat_resv_key rk = {};
+		resv_key_of(&reply, &rk);
+		struct nat_resv_value rv = {};
+		rv.orig = key;
+		rv.taken_ns = now;
+		rc = nat_resv.insert(&rk, &rv);
+		if (rc == -EEXIST) {
+			struct nat_resv_value *old = nat_resv.lookup(&rk);
+			if (old && (old->orig.src_ip != key.src_ip || old->orig.src_port != key.src_port)) {
+				/* the holder still uses this port (a race: its reply entry
+				 * would have been found above): two live flows on one port,
+				 * the record's is undone; else the reservation is stale (its
+				 * flow gone, or on another port now) and passes to this one */
+				struct flow_key holder = old->orig;
+				struct flow_value *h = flow_find(&holder);
+				if (h && h->kind == KIND_NAT_OUT && h->new_src_ip == rk.nat_ip &&
+				    h->new_src_port == rk.nat_port) {
+					if (confirmed) {
+						flows.delete(&reply);
+						flows.delete(&key);
+					} else {
+						pending.delete(&reply);
+						pending.delete(&key);
+					}
+					stat_inc(S_REC_CONFLICT);
+					return;
+				}
+				nat_resv.update(&rk, &rv);
+			}
+		}
+	}
+	if (confirmed)
+		res_count(r->kind, resource, RES_CONFIRMED);
+	stat_inc(S_REC_INSTALLED);
+}
+
+#endif

@@ -1,0 +1,219 @@
+"""Flow records: a flow as it travels between nodes (bpf/structs.h struct flow_record),
+and installing peers' records into this node's data path (bpf/install.h).
+
+A record is 48 bytes, its first 16 (the original direction's key) name the flow. The
+layout is read from the C struct at import, not written twice. Records move in blobs of
+whole records: from the ring buffer into the sync protocol, from the protocol into the
+installer, without a Python object per record on the way."""
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+from hyperplane.datapath import cheaders
+from hyperplane.datapath.verdicts import FlowKind, Stat, TcpState
+
+# C member type -> struct code; network-order fields stay bytes (they are compared and
+# passed on, rarely read)
+_CODES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q", "__be16": "2s", "__be32": "4s"}
+INSTALL_HDR = 16                 # bpf/install.h INSTALL_HDR (read below)
+INSTALL_BATCH = cheaders.define("consts.h", "HP_INSTALL_BATCH")
+REC_F_CONFIRMED = cheaders.define("structs.h", "REC_F_CONFIRMED")
+REC_F_REPLY_SEEN = cheaders.define("structs.h", "REC_F_REPLY_SEEN")
+
+
+def _layout(struct_name: str, base: int = 0) -> tuple[str, list[str], dict[str, int]]:
+    """A struct format, the field names and their byte offsets of a C struct of
+    structs.h (nested structs flattened with dotted names, arrays as padding). The C
+    structs here are laid out with no implicit padding (every member is aligned)."""
+    fmt, names, offsets = "", [], {}
+    for ctype, name in cheaders.struct_members("structs.h", struct_name):
+        here = base + struct.calcsize("<" + fmt)
+        if ctype.startswith("struct "):
+            sub_fmt, sub_names, sub_offsets = _layout(ctype.split()[1], here)
+            fmt += sub_fmt
+            names += [f"{name}.{n}" for n in sub_names]
+            offsets.update({f"{name}.{n}": off for n, off in sub_offsets.items()})
+        elif "[" in name:
+            count = int(name[name.index("[") + 1:name.index("]")])
+            fmt += f"{count * struct.calcsize('<' + _CODES[ctype])}x"
+        else:
+            fmt += _CODES[ctype]
+            names.append(name)
+            offsets[name] = here
+    return fmt, names, offsets
+
+
+_FMT, FIELDS, OFFSETS = _layout("flow_record")
+RECORD = struct.Struct("<" + _FMT)
+RECORD_SIZE = RECORD.size        # 48
+KEY_SIZE = struct.calcsize("<" + _layout("flow_key")[0])   # 16: what names a flow
+_KIND_OFF = OFFSETS["kind"]
+_RESOURCE_OFF = OFFSETS["resource"]
+
+
+@dataclass(frozen=True)
+class FlowRecord:
+    """One record, readable (tests, hpctl). Addresses are dotted quads, ports numbers."""
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    proto: int
+    new_src: str
+    new_dst: str
+    new_sport: int
+    new_dport: int
+    kind: FlowKind
+    tcp_state: TcpState
+    fin_seen: int
+    flags: int
+    resource: int
+    origin: int
+    idle_ms: int
+    age_ms: int
+
+    @property
+    def confirmed(self) -> bool:
+        return bool(self.flags & REC_F_CONFIRMED)
+
+    def pack(self) -> bytes:
+        ip, port = socket.inet_aton, (lambda p: struct.pack(">H", p))
+        values = {"key.src_ip": ip(self.src), "key.dst_ip": ip(self.dst),
+                  "key.src_port": port(self.sport), "key.dst_port": port(self.dport),
+                  "key.proto": self.proto, "new_src_ip": ip(self.new_src),
+                  "new_dst_ip": ip(self.new_dst), "new_src_port": port(self.new_sport),
+                  "new_dst_port": port(self.new_dport), "kind": int(self.kind),
+                  "tcp_state": int(self.tcp_state), "fin_seen": self.fin_seen,
+                  "flags": self.flags, "resource": self.resource, "origin": self.origin,
+                  "idle_ms": self.idle_ms, "age_ms": self.age_ms, "pad": 0}
+        return RECORD.pack(*(values[name] for name in FIELDS))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "FlowRecord":
+        f = dict(zip(FIELDS, RECORD.unpack(data[:RECORD_SIZE])))
+        ip, port = socket.inet_ntoa, (lambda b: struct.unpack(">H", b)[0])
+        return cls(src=ip(f["key.src_ip"]), dst=ip(f["key.dst_ip"]),
+                   sport=port(f["key.src_port"]), dport=port(f["key.dst_port"]),
+                   proto=f["key.proto"], new_src=ip(f["new_src_ip"]),
+                   new_dst=ip(f["new_dst_ip"]), new_sport=port(f["new_src_port"]),
+                   new_dport=port(f["new_dst_port"]), kind=FlowKind(f["kind"]),
+                   tcp_state=TcpState(f["tcp_state"]), fin_seen=f["fin_seen"],
+                   flags=f["flags"], resource=f["resource"], origin=f["origin"],
+                   idle_ms=f["idle_ms"], age_ms=f["age_ms"])
+
+
+def split(blob: bytes) -> list[bytes]:
+    """The records of a blob (whole records only)."""
+    return [blob[i:i + RECORD_SIZE] for i in range(0, len(blob) - RECORD_SIZE + 1, RECORD_SIZE)]
+
+
+def group_by_resource(blob: bytes, lb_of_listener: dict[int, int]) -> dict[tuple[str, int], bytearray]:
+    """A node's records by the resource they belong to: ("nat", gateway id) or ("lb",
+    load balancer id). A NAT record names its gateway; an NLB record leaves the data path
+    naming its listener's row on this node, which is replaced here by the load balancer's
+    id (the cluster's name for it). Records of a listener this node no longer has are
+    dropped."""
+    out: dict[tuple[str, int], bytearray] = {}
+    rec = bytearray(RECORD_SIZE)
+    res_off = _RESOURCE_OFF
+    for i in range(0, len(blob) - RECORD_SIZE + 1, RECORD_SIZE):
+        kind = blob[i + _KIND_OFF]
+        resource = int.from_bytes(blob[i + res_off:i + res_off + 2], "little")
+        if kind == FlowKind.NAT_OUT:
+            out.setdefault(("nat", resource), bytearray()).extend(blob[i:i + RECORD_SIZE])
+            continue
+        lb = lb_of_listener.get(resource)
+        if lb is None:
+            continue
+        rec[:] = blob[i:i + RECORD_SIZE]
+        rec[res_off:res_off + 2] = lb.to_bytes(2, "little")
+        out.setdefault(("lb", lb), bytearray()).extend(rec)
+    return out
+
+
+@dataclass
+class InstallResult:
+    installed: int = 0
+    merged: int = 0
+    rejected: int = 0
+    conflict: int = 0
+    full: int = 0
+
+    def total(self) -> int:
+        return self.installed + self.merged + self.rejected + self.conflict + self.full
+
+
+_REC_STATS = {"installed": Stat.REC_INSTALLED, "merged": Stat.REC_MERGED,
+              "rejected": Stat.REC_REJECTED, "conflict": Stat.REC_CONFLICT, "full": Stat.REC_FULL}
+
+
+def _rec_counts(dp) -> dict[str, int]:
+    stats = dp.table("stats")
+    return {name: sum(stats[stats.Key(int(idx))]) for name, idx in _REC_STATS.items()}
+
+
+def install(dp, blob: bytes) -> InstallResult:
+    """Install (or merge) every whole record of blob into dp's maps through the data
+    path's installer (bpf/install.h), INSTALL_BATCH records per run. Returns what became
+    of them (from the S_REC_* counters: exact while only this caller installs)."""
+    from hyperplane.datapath.testrun import test_run
+    before = _rec_counts(dp)
+    fd = dp.install_fd()
+    header = bytes(INSTALL_HDR)
+    step = INSTALL_BATCH * RECORD_SIZE
+    usable = len(blob) - len(blob) % RECORD_SIZE
+    for i in range(0, usable, step):
+        test_run(fd, header + blob[i:min(i + step, usable)], hook=dp.hook)
+    after = _rec_counts(dp)
+    return InstallResult(**{k: after[k] - before[k] for k in after})
+
+
+_VFMT, _VFIELDS, _VOFF = _layout("flow_value")
+_NEW_TUPLE = slice(_VOFF["new_src_ip"], _VOFF["new_src_ip"] + 12)   # ips then ports
+_TAIL = struct.Struct("<BBBBHHIII")      # kind .. pad, as in struct flow_record
+assert KEY_SIZE + 12 + _TAIL.size == RECORD_SIZE and OFFSETS["kind"] == KEY_SIZE + 12
+FLOW_F_PENDING = cheaders.define("structs.h", "FLOW_F_PENDING")
+FLOW_F_REPLY_SEEN = cheaders.define("structs.h", "FLOW_F_REPLY_SEEN")
+_ORIGINALS = (FlowKind.NAT_OUT, FlowKind.NLB_IN)
+
+
+def record_of(key: bytes, value: bytes, now_ns: int, origin: int) -> bytes | None:
+    """The record of a flow from its original direction's entry (raw key and value
+    bytes), as bpf/flow.h record_of builds it; None for a reply direction's entry."""
+    v = memoryview(value)
+    kind = v[_VOFF["kind"]]
+    if kind not in _ORIGINALS:
+        return None
+    flags = v[_VOFF["flags"]]
+    last_seen = int.from_bytes(v[_VOFF["last_seen_ns"]:_VOFF["last_seen_ns"] + 8], "little")
+    created = int.from_bytes(v[_VOFF["created_ns"]:_VOFF["created_ns"] + 8], "little")
+    resource = int.from_bytes(v[_VOFF["resource"]:_VOFF["resource"] + 2], "little")
+    rec_flags = (0 if flags & FLOW_F_PENDING else REC_F_CONFIRMED) | \
+        (REC_F_REPLY_SEEN if flags & FLOW_F_REPLY_SEEN else 0)
+    clamp = lambda ns: min(max(ns, 0) // 1_000_000, 0xFFFFFFFF)  # noqa: E731
+    return (bytes(key[:KEY_SIZE]) + bytes(v[_NEW_TUPLE]) +
+            _TAIL.pack(kind, v[_VOFF["tcp_state"]], v[_VOFF["fin_seen"]], rec_flags, resource,
+                       origin, clamp(now_ns - last_seen), clamp(now_ns - created), 0))
+
+
+def dump(dp, origin: int, *, idle_below_ms: int | None = None,
+         tables: tuple[str, ...] = ("flows",)) -> bytes:
+    """The records of every flow this node holds in `tables` (confirmed flows by
+    default: unconfirmed ones are a flood's to lose), optionally only those that saw a
+    packet in the last idle_below_ms (an owner's refresh of its live flows)."""
+    from hyperplane.datapath.flows import now_ns
+    now = now_ns()
+    out = bytearray()
+    for name in tables:
+        for k, v in dp.table(name).items():
+            rec = record_of(bytes(k), bytes(v), now, origin)
+            if rec is None:
+                continue
+            if idle_below_ms is not None and \
+                    int.from_bytes(rec[OFFSETS["idle_ms"]:OFFSETS["idle_ms"] + 4], "little") \
+                    >= idle_below_ms:
+                continue
+            out += rec
+    return bytes(out)
