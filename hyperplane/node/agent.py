@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hyperplane.errors import ConfigError, HyperplaneError
@@ -27,7 +27,9 @@ from hyperplane.nlb.health import HealthChecker, TargetHealth
 from hyperplane.nlb.dataplane import NlbDataplane, check_fits
 from hyperplane.nlb.config import NlbConfig
 from hyperplane.node.lifecycle import node_state, open_node, read_state_file, state_path, write_state_file
-from hyperplane.fleet.store import DEFAULT_STORE, Store
+from hyperplane.fleet.store import DEFAULT_STORE, NLB_KEY, open_store
+from hyperplane.fleet.member import FleetConfig, FleetMember
+from hyperplane.fleet.dataplane import GatewayBlocks
 
 if TYPE_CHECKING:  # hyperplane.node.addresses (pyroute2) is imported where it is used
     from hyperplane.node.addresses import Added
@@ -71,20 +73,23 @@ def release_vips(node: str, netns: str | None) -> None:
 @dataclass
 class AgentConfig:
     node: str
-    store_path: str = DEFAULT_STORE
+    store_url: str = DEFAULT_STORE     # a path, file:PATH or etcd://HOST:PORT
     tick_s: float = 0.2          # how often the store and the health checks are looked at
     gc_every_s: float = 10.0     # garbage collection of expired flows and reservations
     count_every_s: float = 5.0   # flows per target (drains, status): a scan of the table
+    sync_dev: str | None = None  # the sync network's interface: set, the node is a fleet member
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    watchdog_s: float = 10.0     # a fleet task silent this long is reported (and logged)
 
 
 class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
-        self.store = Store(config.store_path)
+        self.store = open_store(config.store_url)
         self.stop = threading.Event()
         self.checkers: dict[str, HealthChecker] = {}
         self.next_check: dict[str, float] = {}
-        self.store_mtime = -1
+        self.store_revision = -1          # the mod revision of the NLB key read last
         self.pending: dict | None = None  # store content read and not applied yet
         self.good: dict | None = None     # the store content applied last
         self.config_error: str | None = None   # why the store's content was rejected
@@ -96,6 +101,8 @@ class Agent:
         self.count_wall = 0.0        # wall-clock time of the last count (drains use it)
         self.flow_counts: dict[int, int] = {}
         self.resets = 0
+        self.member: FleetMember | None = None
+        self.stalled: list[str] = []      # fleet tasks the watchdog found silent
 
     # --- lifecycle ---------------------------------------------------------------------
     def startup(self) -> None:
@@ -103,10 +110,26 @@ class Agent:
         self.netns = state["netns"]
         self.nat_ips = {ip for gw in state["gateways"] for ip in gw["nat_ips"]}
         self.outside_if = state.get("outside_if")
-        self.dp = open_node(self.config.node)
+        self.gateway_blocks = {g["name"]: GatewayBlocks(g["gw_id"], len(g["nat_ips"]),
+                                                        g["port_min"], g["port_max"])
+                               for g in state["gateways"]}
+        if self.config.sync_dev:
+            # A fleet member installs peers' records (a program: bpf/install.h) and reads
+            # the pinned event ring through bcc: it compiles the data path, loading no
+            # packet program (the running ones stay attached) and reusing every pinned map.
+            from hyperplane.datapath.loader import Datapath, Sizes
+            self.dp = Datapath(Sizes(**state["sizes"]), state["pin_dir"], load_program=False)
+        else:
+            self.dp = open_node(self.config.node)
         self.plane = NlbDataplane(self.dp)
         self.vips = _read_vips(self.config.node)
-        log.info("agent for node %s started (store %s)", self.config.node, self.config.store_path)
+        if self.config.sync_dev:
+            self.member = FleetMember(
+                self.config.node, self.netns, self.dp, self.store,
+                FleetConfig(**{**self.config.fleet.__dict__, "sync_dev": self.config.sync_dev}),
+                gateways=lambda: self.gateway_blocks, lb_ids=self._lb_ids)
+            self.member.start()
+        log.info("agent for node %s started (store %s)", self.config.node, self.config.store_url)
 
     def run(self) -> None:
         self.startup()
@@ -117,10 +140,23 @@ class Agent:
         finally:
             self.shutdown()
 
+    def _lb_ids(self) -> dict[str, int]:
+        """The applied configuration's load balancers (name -> id): the same on every node."""
+        good = self.good
+        if not good:
+            return {}
+        try:
+            return {lb.name: lb.lb_id for lb in NlbConfig.from_dict(good).load_balancers}
+        except ConfigError:
+            return {}
+
     def shutdown(self) -> None:
+        if self.member is not None:
+            self.member.close()
         for checker in self.checkers.values():
             checker.close()
         self.checkers.clear()
+        self.store.close()
         log.info("agent for node %s stopped", self.config.node)
 
     # --- one tick ------------------------------------------------------------------------
@@ -139,6 +175,12 @@ class Agent:
                 self.flow_counts = self.plane.flows_per_target()
                 self.last_count, self.count_wall = now, time.time()
             self._end_drains(cfg)
+        if self.member is not None:
+            stalled = self.member.alive(now, self.config.watchdog_s)
+            if stalled and stalled != self.stalled:
+                log.error("watchdog: fleet task(s) %s silent for %.0f s", ", ".join(stalled),
+                          self.config.watchdog_s)
+            self.stalled = stalled
         if now - self.last_gc >= self.config.gc_every_s:
             collect_garbage(self.dp)
             self.last_gc = now
@@ -150,14 +192,19 @@ class Agent:
         self.config_error = str(exc)
 
     def _read_store(self) -> None:
-        mtime = self.store.mtime_ns()
-        if mtime == self.store_mtime:
-            return
-        self.store_mtime = mtime
         try:
-            self.pending = self.store.read()
+            entry = self.store.get(NLB_KEY)
         except ConfigError as exc:
+            # Read again once the store is back, even at a revision seen before (a file
+            # store removed and written anew starts its revisions again).
+            self.store_revision = -1
             self._reject(exc)
+            return
+        revision = entry.revision if entry else 0
+        if revision == self.store_revision:
+            return
+        self.store_revision = revision
+        self.pending = entry.value if entry else {}
 
     def _apply(self, now: float) -> tuple[NlbConfig | None, dict]:
         """Apply the store's new content if it is good, else the last good content again
@@ -266,18 +313,18 @@ class Agent:
             return cfg.to_dict()
 
         try:
-            self.pending = self.store.update(remove)
+            self.pending = self.store.update(NLB_KEY, remove, default={})
         except ConfigError as exc:  # the store went bad: the drains end once it is fixed
             self._reject(exc)
             return
-        self.store_mtime = self.store.mtime_ns()
         log.info("drains ended: %s", ended)
 
     def _write_status(self, cfg: NlbConfig | None, health: dict) -> None:
         status = {"node": self.config.node, "pid": os.getpid(), "time": time.time(),
                   "config_error": self.config_error, "address_error": self.address_error,
                   "flows_reset_unhealthy": self.resets,
-                  "target_groups": {}}
+                  "target_groups": {}, "stalled_tasks": self.stalled,
+                  "fleet": self.member.status() if self.member is not None else None}
         if cfg is not None:
             flows = self.flow_counts
             packets = self.plane.packets_per_target()
@@ -342,8 +389,10 @@ def status_or_none(node: str) -> dict | None:
     return status if status["running"] else None
 
 
-def spawn_agent(node: str, store_path: str = DEFAULT_STORE, timeout_s: float = 30.0) -> int:
-    """Start an agent process for the node; return once it has written its first status."""
+def spawn_agent(node: str, store_url: str = DEFAULT_STORE, timeout_s: float = 30.0,
+                sync_dev: str | None = None) -> int:
+    """Start an agent process for the node; return once it has written its first status.
+    sync_dev (the node's interface on the sync network) makes it a fleet member."""
     node_state(node)  # fail early and clearly if the node is not running
     try:
         os.unlink(status_path(node))
@@ -351,7 +400,8 @@ def spawn_agent(node: str, store_path: str = DEFAULT_STORE, timeout_s: float = 3
         pass
     log_file = open(state_path(node, ".agent.log"), "a")
     proc = subprocess.Popen([sys.executable, "-m", "hyperplane.node.agent", "--node", node,
-                             "--store", store_path], stdout=log_file, stderr=log_file,
+                             "--store", store_url, *(["--sync-dev", sync_dev] if sync_dev else [])],
+                            stdout=log_file, stderr=log_file,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     with open(_pid_path(node), "w") as f:
         f.write(str(proc.pid))
@@ -398,14 +448,17 @@ def stop_agent(node: str, timeout_s: float = 10.0) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="hyperplane node agent")
     ap.add_argument("--node", required=True)
-    ap.add_argument("--store", default=DEFAULT_STORE)
+    ap.add_argument("--store", default=DEFAULT_STORE,
+                    help="the cluster store: a path, file:PATH or etcd://HOST:PORT")
     ap.add_argument("--tick", type=float, default=0.2)
+    ap.add_argument("--sync-dev", default=None,
+                    help="the node's interface on the sync network: join the fleet")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    agent = Agent(AgentConfig(args.node, args.store, args.tick))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: agent.stop.set())
     try:
+        agent = Agent(AgentConfig(args.node, args.store, args.tick, sync_dev=args.sync_dev))  # a bad --store URL
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: agent.stop.set())
         agent.run()
     except HyperplaneError as exc:
         print(f"hyperplane agent: {exc}", file=sys.stderr)

@@ -1,0 +1,459 @@
+"""A node's part in the fleet, run by its agent (hyperplane.node.agent) in two tasks:
+
+membership  holds the node's lease and member record in the store (/nodes/<name>: the
+            failure detector), watches the store and turns each view of it into the data
+            path's fleet maps: who is live, each resource's live shard nodes, the NAT port
+            blocks this node takes ports from (blocks gained from a node still live are
+            held down a while: it may still be using them), and the sync peers.
+sync        one UDP socket on the sync network driving a SyncNode (hyperplane.fleet.sync):
+            flow events from the data path's ring buffer go to the other nodes of the
+            flow's shard; records from peers are installed (hyperplane.fleet.records);
+            a peer that says HELLO (it restarted or joined) gets every flow of the shards
+            it shares with this node; flows that saw traffic lately are sent again every
+            refresh_s so replicas never expire while the flow lives.
+
+Either task catches and logs its errors and starts over after a pause: a store that is
+down or a bad record stops nothing else. A node is "ready" (the routers may send it
+traffic) once it has greeted every live peer it shares a shard with and the copies they
+sent have stopped arriving (or ready_max_s passed)."""
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from hyperplane import netns as _netns
+from hyperplane.datapath.verdicts import FlowEventType
+from hyperplane.errors import HyperplaneError
+from hyperplane.fleet import cluster, records
+from hyperplane.fleet.cluster import Member
+from hyperplane.fleet.dataplane import FleetDataplane, GatewayBlocks, lb_slot
+from hyperplane.fleet.owner import block_owners
+from hyperplane.fleet.store import LeaseExpired, Store, StoreError, WatchCompacted
+from hyperplane.fleet.sync import SyncNode
+from hyperplane.observe.events import subscribe_records
+
+log = logging.getLogger("hyperplane.fleet.member")
+
+# Events that change what a replica must hold. CREATED is an unconfirmed flow (a flood's
+# SYNs stay on one node); EXPIRED happens on every holder by itself.
+REPLICATED = {int(FlowEventType.FLOW_CONFIRMED), int(FlowEventType.FLOW_CHANGED),
+              int(FlowEventType.FLOW_CLOSED)}
+
+
+@dataclass
+class FleetConfig:
+    sync_dev: str = "sync0"
+    lease_s: float = 2.0          # a dead node leaves the routers after at most this
+    refresh_s: float = 10.0       # owners resend their live flows this often
+    hold_down_s: float = 2.0      # before using port blocks gained from a live node
+    poll_s: float = 0.001         # sync task: how often the ring buffer is read
+    ready_quiet_s: float = 0.3    # no copies arriving for this long: ready
+    ready_max_s: float = 10.0     # ready after this at the latest
+    retry_s: float = 1.0          # pause after an error before a task starts over
+
+
+@dataclass
+class View:
+    """What the store says, as this node applies it."""
+    members: dict[str, Member] = field(default_factory=dict)   # live
+    ids: dict[str, int] = field(default_factory=dict)          # every named node
+    shards: dict[str, list[str]] = field(default_factory=dict)
+    seed: int = 0
+    sync_port: int = cluster.SYNC_PORT
+    keyring: Any = None
+
+
+class FleetMember:
+    def __init__(self, name: str, netns: str | None, dp, store: Store, config: FleetConfig,
+                 gateways: Callable[[], dict[str, GatewayBlocks]],
+                 lb_ids: Callable[[], dict[str, int]]):
+        self.name, self.netns, self.dp, self.store, self.config = name, netns, dp, store, config
+        self.fleet = FleetDataplane(dp)
+        self.gateways = gateways          # gateway name -> its blocks' shape (this node's)
+        self.lb_ids = lb_ids              # load balancer name -> id (the applied config)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.epoch = time.time_ns()
+        self.node_id: int | None = None
+        self.view = View()
+        self.error: str | None = None
+        self.ready = False
+        self.started = time.monotonic()
+        self.heartbeat = {"membership": 0.0, "sync": 0.0}
+        self._threads: list[threading.Thread] = []
+        # sync task state (only the sync thread touches these)
+        self._sync: SyncNode | None = None
+        self._sock: socket.socket | None = None
+        self._events = bytearray()
+        self._peer_plan: dict[int, tuple[str, int]] | None = None   # set by membership
+        self._targets: dict[tuple[str, int], list[int]] = {}       # resource -> sync ids
+        self._lb_of_listener: dict[int, int] = {}
+        self._last_delivery = 0.0
+        self._last_refresh = time.monotonic()
+        self.counts = {"events_read": 0, "events_replicated": 0, "records_sent": 0,
+                       "installed": 0, "merged": 0, "rejected": 0, "conflict": 0, "full": 0,
+                       "dumps_sent": 0, "refreshed": 0}
+        self._sync_stats: dict = {}
+        # port blocks: (gw_id, block) -> (owner, since) for the hold-down
+        self._block_owner: dict[tuple[int, tuple[int, int]], int] = {}
+        self._held: dict[tuple[int, tuple[int, int]], float] = {}
+        self._sync_ifindex = 0
+        self._mac = ""
+        self._sync_ip = ""
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Join: identity from the store, the sync interface's address, the first view;
+        then the two tasks. Raises (the agent reports it) only if the node cannot be a
+        member at all (no sync interface)."""
+        link = self._sync_link()
+        self._sync_ifindex, self._mac, self._sync_ip = link
+        info = cluster.ensure_cluster(self.store)
+        self.node_id = cluster.node_id(self.store, self.name)
+        self.view.seed, self.view.sync_port, self.view.keyring = \
+            info.seed, info.sync_port, info.keyring
+        self.fleet.set_identity(self.node_id, self._sync_ifindex)
+        self._set_seed(info.seed)
+        for target, name in ((self._membership_task, "membership"), (self._sync_task, "sync")):
+            t = threading.Thread(target=self._forever, args=(target, name), name=name,
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("node %s joins the fleet as id %d (sync %s on %s, epoch %d)", self.name,
+                 self.node_id, self._sync_ip, self.config.sync_dev, self.epoch)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        lease = getattr(self, "_lease", None)
+        if lease is not None:
+            try:
+                lease.revoke()      # leave at once rather than after the lease's TTL
+            except StoreError as exc:
+                log.warning("could not revoke the lease: %s", exc)
+        if self._sock is not None:
+            self._sock.close()
+
+    def alive(self, now: float, limit_s: float = 10.0) -> list[str]:
+        """The tasks that have not reported for limit_s (the agent's watchdog)."""
+        return [name for name, t in self.heartbeat.items() if now - t > limit_s]
+
+    def _forever(self, task, name: str) -> None:
+        while not self.stop.is_set():
+            try:
+                task()
+            except Exception as exc:  # noqa: BLE001 - logged, retried: never fatal
+                self.error = f"{name}: {exc}"
+                log.exception("fleet %s task failed; starting over in %.1f s", name,
+                              self.config.retry_s)
+                self.stop.wait(self.config.retry_s)
+
+    def _sync_link(self) -> tuple[int, str, str]:
+        dev = self.config.sync_dev
+        with _netns.ipr_any(self.netns) as ip:
+            links = {l.get_attr("IFLA_IFNAME"): (l["index"], l.get_attr("IFLA_ADDRESS"))
+                     for l in ip.get_links()}
+        if dev not in links:
+            raise HyperplaneError(f"node {self.name} has no sync interface {dev!r}"
+                                  f"{' in namespace ' + self.netns if self.netns else ''}")
+        addrs = [a["address"] for a in _netns.ipv4_addresses(self.netns)
+                 if a["ifname"] == dev]
+        if not addrs:
+            raise HyperplaneError(f"the sync interface {dev} of node {self.name} has no "
+                                  "IPv4 address")
+        return links[dev][0], links[dev][1], addrs[0]
+
+    def _set_seed(self, seed: int) -> None:
+        table = self.dp.table("config")
+        leaf = table[table.Key(0)]
+        if leaf.hash_seed != seed:
+            leaf.hash_seed = seed
+            table[table.Key(0)] = leaf
+
+    # --- membership ----------------------------------------------------------------------
+
+    def _member(self) -> Member:
+        return Member(self.name, self.node_id, self._sync_ip, self._mac, self.epoch, self.ready)
+
+    def _announce(self) -> None:
+        self.store.put(cluster.NODES_PREFIX + self.name, self._member().to_dict(),
+                       lease=self._lease)
+
+    def _membership_task(self) -> None:
+        cfg = self.config
+        self._lease = self.store.lease(cfg.lease_s)
+        announced_ready = self.ready
+        self._announce()
+        listing = self.store.list("/")
+        self._apply_view(listing)
+        watch = self.store.watch("/", start_revision=listing.revision + 1)
+        next_refresh = time.monotonic() + cfg.lease_s / 3
+        try:
+            while not self.stop.is_set():
+                now = time.monotonic()
+                self.heartbeat["membership"] = now
+                if now >= next_refresh:
+                    try:
+                        self._lease.refresh()
+                    except LeaseExpired:
+                        log.warning("the lease expired (paused too long?): joining again")
+                        self._lease = self.store.lease(cfg.lease_s)
+                        self._announce()
+                    next_refresh = now + cfg.lease_s / 3
+                if self.ready != announced_ready:
+                    announced_ready = self.ready
+                    self._announce()
+                self._release_held(now)
+                try:
+                    event = watch.next(timeout=min(0.1, cfg.lease_s / 6))
+                except WatchCompacted:
+                    event = True
+                if event is None:
+                    continue
+                while event is not None and event is not True:   # take what is queued
+                    event = watch.next(timeout=0)
+                listing = self.store.list("/")
+                watch.cancel()
+                self._apply_view(listing)
+                watch = self.store.watch("/", start_revision=listing.revision + 1)
+        finally:
+            watch.cancel()
+
+    def _apply_view(self, listing) -> None:
+        value = lambda key, default: listing[key].value if key in listing else default  # noqa: E731
+        ids = value(cluster.NODE_IDS_KEY, {})
+        members = cluster.members(listing)
+        # a new node or resource gets its shard, a short shard grows (written only when
+        # something changes, so the watch this triggers on every node settles)
+        shards = cluster.ensure_shards(self.store) if ids else {}
+        info = cluster.cluster_from(value(cluster.CLUSTER_KEY, None)) \
+            if cluster.CLUSTER_KEY in listing else None
+        with self.lock:
+            v = self.view
+            v.members, v.ids, v.shards = members, dict(ids), {r: list(m) for r, m in shards.items()}
+            if info is not None:
+                v.seed, v.sync_port, v.keyring = info.seed, info.sync_port, info.keyring
+        self._program(time.monotonic())
+
+    def _program(self, now: float) -> None:
+        """The data path's fleet maps and the sync peers from the view."""
+        v = self.view
+        me = self.node_id
+        live = {m.id for m in v.members.values()} | {me}
+        self._set_seed(v.seed)
+        self.fleet.set_peers({m.id: m.mac for m in v.members.values()} | {me: self._mac}, live)
+        targets: dict[tuple[str, int], list[int]] = {}
+        partners: set[int] = set()
+
+        def live_ids(resource: str) -> list[int]:
+            nodes = v.shards.get(resource, [])
+            return sorted(v.ids[n] for n in nodes if n in v.ids and
+                          (v.ids[n] in live and (n in v.members or n == self.name)))
+
+        for gw_name, gw in self.gateways().items():
+            nodes = live_ids(cluster.nat_resource(gw_name))
+            self.fleet.set_shard(gw.gw_id, nodes)
+            self._set_blocks(gw, nodes, now)
+            if me in nodes:
+                targets[("nat", gw.gw_id)] = [n + 1 for n in nodes if n != me]
+                partners.update(n for n in nodes if n != me)
+        for lb_name, lb_id in self.lb_ids().items():
+            nodes = live_ids(cluster.lb_resource(lb_name))
+            self.fleet.set_shard(lb_slot(self.dp, lb_id), nodes)
+            if me in nodes:
+                targets[("lb", lb_id)] = [n + 1 for n in nodes if n != me]
+                partners.update(n for n in nodes if n != me)
+        peers = {m.id + 1: (m.sync_ip, v.sync_port) for m in v.members.values()
+                 if m.id in partners}
+        with self.lock:
+            self._targets = targets
+            self._peer_plan = peers
+
+    def _set_blocks(self, gw: GatewayBlocks, nodes: list[int], now: float) -> None:
+        """This node's port blocks of gw; a block that was a live node's waits hold_down_s
+        (that node may not have seen the change yet and still take ports from it)."""
+        if not nodes:
+            return
+        owners = block_owners(nodes, gw.gw_id, gw.n_nat_ips, gw.port_min, gw.port_max,
+                              self.view.seed)
+        me = self.node_id
+        for block, owner in owners.items():
+            key = (gw.gw_id, block)
+            before = self._block_owner.get(key)
+            if owner == me and before is not None and before != me and before in nodes:
+                self._held[key] = now + self.config.hold_down_s
+            elif owner != me:
+                self._held.pop(key, None)
+            self._block_owner[key] = owner
+        usable = {b for b, o in owners.items()
+                  if o == me and self._held.get((gw.gw_id, b), 0) <= now}
+        self.fleet.set_blocks(gw, me, nodes, self.view.seed, usable=usable)
+
+    def _release_held(self, now: float) -> None:
+        if any(t <= now for t in self._held.values()):
+            for key in [k for k, t in self._held.items() if t <= now]:
+                del self._held[key]
+            self._program(now)
+
+    # --- sync ----------------------------------------------------------------------------
+
+    def _sync_task(self) -> None:
+        cfg = self.config
+        while self._peer_plan is None and not self.stop.is_set():   # the first view
+            self.heartbeat["sync"] = time.monotonic()
+            self.stop.wait(0.01)
+        sock = self._open_socket()
+        node = SyncNode(self.node_id + 1, self.epoch, self.view.keyring,
+                        record_size=records.RECORD_SIZE, key_size=records.KEY_SIZE,
+                        send=self._send, deliver=self._deliver, on_hello=self._on_hello)
+        self._sync = node
+        subscribe_records(self.dp, self._on_event)
+        self._lb_of_listener = self._listener_lbs()
+        next_lbs = time.monotonic() + 1.0
+        first = True
+        while not self.stop.is_set():
+            now = time.monotonic()
+            self.heartbeat["sync"] = now
+            with self.lock:
+                plan, self._peer_plan = self._peer_plan, None
+                keyring = self.view.keyring
+            if plan is not None:
+                node.set_peers(plan)
+            if keyring is not None and keyring is not node.keyring:
+                node.keyring = keyring
+            if first:   # a (re)started agent's own flows go to every peer once
+                first = False
+                self._send_dump(node.peers())
+            readable, _, _ = select.select([sock], [], [], cfg.poll_s)
+            if readable:
+                self._receive(sock, node)
+            self.dp.bpf.ring_buffer_consume()
+            if self._events:
+                self._replicate(node, bytes(self._events))
+                self._events.clear()
+            now = time.monotonic()
+            if now >= next_lbs:
+                self._lb_of_listener = self._listener_lbs()
+                next_lbs = now + 1.0
+            if now - self._last_refresh >= cfg.refresh_s:
+                self._last_refresh = now
+                blob = records.dump(self.dp, self.node_id,
+                                    idle_below_ms=int(cfg.refresh_s * 1000) + 1000)
+                self.counts["refreshed"] += len(blob) // records.RECORD_SIZE
+                self._replicate(node, blob)
+            resync = node.take_resync()
+            if resync:
+                self._send_dump(resync)
+            node.tick(now)
+            node.flush(now)
+            self._check_ready(node, now)
+            self._sync_stats = node.stats(now)
+
+    def _open_socket(self) -> socket.socket:
+        if self._sock is None:
+            sock = _netns.socket_in(self.netns, socket.AF_INET, socket.SOCK_DGRAM) \
+                if self.netns else socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+            sock.bind((self._sync_ip, self.view.sync_port))
+            sock.setblocking(False)
+            self._sock = sock
+        return self._sock
+
+    def _send(self, datagram: bytes, addr) -> None:
+        try:
+            self._sock.sendto(datagram, addr)
+        except OSError as exc:       # a full buffer or a vanished route: the protocol resends
+            if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ENETUNREACH,
+                                 errno.EHOSTUNREACH, errno.ECONNREFUSED):
+                raise
+
+    def _receive(self, sock: socket.socket, node: SyncNode) -> None:
+        for _ in range(1024):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionRefusedError:
+                continue
+            node.on_datagram(data, addr, time.monotonic())
+
+    def _on_event(self, etype: int, rec: bytes) -> None:
+        self.counts["events_read"] += 1
+        if etype in REPLICATED:
+            self._events += rec
+
+    def _replicate(self, node: SyncNode, blob: bytes) -> None:
+        with self.lock:
+            targets = self._targets
+        for resource, group in records.group_by_resource(blob, self._lb_of_listener).items():
+            peers = targets.get(resource)
+            if peers:
+                n = len(group) // records.RECORD_SIZE
+                self.counts["events_replicated"] += n
+                self.counts["records_sent"] += n * len(peers)
+                node.queue(peers, bytes(group))
+
+    def _send_dump(self, peer_sync_ids: list[int]) -> None:
+        """Every flow of the shards a peer shares with this node, to that peer."""
+        if not peer_sync_ids:
+            return
+        blob = records.dump(self.dp, self.node_id)
+        with self.lock:
+            targets = self._targets
+        for resource, group in records.group_by_resource(blob, self._lb_of_listener).items():
+            peers = [p for p in targets.get(resource, []) if p in peer_sync_ids]
+            if peers:
+                self.counts["dumps_sent"] += len(group) // records.RECORD_SIZE
+                self._sync.queue(peers, bytes(group))
+
+    def _on_hello(self, peer_sync_id: int) -> None:
+        self._send_dump([peer_sync_id])
+
+    def _deliver(self, _peer: int, blob: bytes) -> None:
+        self._last_delivery = time.monotonic()
+        result = records.install(self.dp, blob)
+        for k in ("installed", "merged", "rejected", "conflict", "full"):
+            self.counts[k] += getattr(result, k)
+
+    def _listener_lbs(self) -> dict[int, int]:
+        return {int(v.listener_id): int(v.lb_id) for _, v in self.dp.table("listeners").items()}
+
+    def _check_ready(self, node: SyncNode, now: float) -> None:
+        if self.ready:
+            return
+        peers = node.stats(now)["peers"]
+        greeted = all(p["hello_confirmed"] and p["epoch"] for p in peers.values()
+                      if p["member"])
+        quiet = now - max(self._last_delivery, self.started) >= self.config.ready_quiet_s
+        if (greeted and quiet) or now - self.started >= self.config.ready_max_s:
+            self.ready = True
+            log.info("node %s is ready (holds its shards' flows)", self.name)
+
+    # --- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        with self.lock:
+            v = self.view
+            members = {n: {"id": m.id, "sync_ip": m.sync_ip, "ready": m.ready}
+                       for n, m in sorted(v.members.items())}
+            shards = {r: list(m) for r, m in sorted(v.shards.items())}
+        c = self.counts
+        return {"name": self.name, "node_id": self.node_id, "epoch": self.epoch,
+                "ready": self.ready, "error": self.error, "members": members,
+                "shards": shards, "sync": self._sync_stats,
+                "records": {k: c[k] for k in ("installed", "merged", "rejected", "conflict",
+                                              "full")},
+                "events": {"read": c["events_read"], "replicated": c["events_replicated"],
+                           "records_sent": c["records_sent"], "dumped": c["dumps_sent"],
+                           "refreshed": c["refreshed"]},
+                "held_blocks": len(self._held)}
+

@@ -1,0 +1,93 @@
+"""The fleet's state in the store (hyperplane/fleet/cluster.py), on both store backends."""
+import pytest
+
+from hyperplane.datapath import cheaders
+from hyperplane.errors import ConfigError
+from hyperplane.fleet import cluster
+from hyperplane.fleet.cluster import Member
+
+
+def test_max_nodes_matches_the_c():
+    assert cluster.MAX_NODES == cheaders.define("consts.h", "HP_MAX_NODES")
+
+
+def test_cluster_is_created_once(store):
+    first = cluster.ensure_cluster(store)
+    again = cluster.ensure_cluster(store)
+    assert first.seed == again.seed and 0 <= first.seed < 2**32
+    assert first.keyring.current_id == again.keyring.current_id == 1
+    assert first.sync_port == cluster.SYNC_PORT
+
+
+def test_key_rotation_keeps_the_old_key_until_retired(store):
+    cluster.ensure_cluster(store)
+    new_id = cluster.rotate_sync_key(store)
+    ring = cluster.ensure_cluster(store).keyring
+    assert new_id == 2 and ring.current_id == 2 and ring.ids() == [1, 2]
+    cluster.retire_sync_keys(store)
+    assert cluster.ensure_cluster(store).keyring.ids() == [2]
+
+
+def test_a_bad_cluster_record_is_one_clear_error(store):
+    store.put(cluster.CLUSTER_KEY, {"seed": "x"})
+    with pytest.raises(ConfigError, match="seed"):
+        cluster.ensure_cluster(store)
+
+
+def test_node_ids_are_stable_and_smallest_free(store):
+    assert [cluster.node_id(store, n) for n in ("a", "b", "c")] == [0, 1, 2]
+    assert cluster.node_id(store, "b") == 1           # comes back as itself
+    store.put(cluster.NODE_IDS_KEY, {"a": 0, "c": 2})  # b removed
+    assert cluster.node_id(store, "d") == 1
+
+
+def test_node_ids_run_out_clearly(store):
+    store.put(cluster.NODE_IDS_KEY, {f"n{i}": i for i in range(cluster.MAX_NODES)})
+    with pytest.raises(ConfigError, match="already has 64 nodes"):
+        cluster.node_id(store, "one-more")
+
+
+def test_members_are_the_leased_records_and_damaged_ones_are_skipped(store):
+    lease = store.lease(5)
+    store.put("/nodes/a", Member("a", 0, "10.253.0.1", "02:00:00:00:00:01", 1).to_dict(),
+              lease=lease)
+    store.put("/nodes/b", {"name": "b"})
+    live = cluster.members(store)
+    assert list(live) == ["a"] and live["a"].sync_ip == "10.253.0.1" and not live["a"].ready
+    lease.revoke()
+    assert cluster.members(store) == {}
+
+
+def _configure(store, lb_size=None):
+    store.put(cluster.NAT_KEY, {"gateways": [{"name": "gw", "shard_size": 2}]})
+    store.put("/nlb", {"load_balancers": [{"name": "web", "shard_size": lb_size}]})
+
+
+def test_every_resource_gets_a_shard_and_short_shards_grow(store):
+    _configure(store)
+    assert cluster.ensure_shards(store) == {}          # no nodes named: nothing to do
+    cluster.node_id(store, "n1")
+    shards = cluster.ensure_shards(store)
+    assert shards == {"nat:gw": ["n1"], "lb:web": ["n1"]}
+    for n in ("n2", "n3", "n4"):
+        cluster.node_id(store, n)
+    shards = cluster.ensure_shards(store)
+    assert len(shards["nat:gw"]) == 2 and "n1" in shards["nat:gw"]   # nobody moved
+    assert len(shards["lb:web"]) == cluster.DEFAULT_SHARD_SIZE and "n1" in shards["lb:web"]
+
+
+def test_ensure_shards_writes_only_changes(store):
+    _configure(store)
+    cluster.node_id(store, "n1")
+    cluster.ensure_shards(store)
+    revision = store.get(cluster.SHARDS_KEY).revision
+    cluster.ensure_shards(store)
+    assert store.get(cluster.SHARDS_KEY).revision == revision
+
+
+def test_a_deleted_resource_releases_its_shard(store):
+    _configure(store)
+    cluster.node_id(store, "n1")
+    cluster.ensure_shards(store)
+    store.put("/nlb", {"load_balancers": []})
+    assert cluster.ensure_shards(store) == {"nat:gw": ["n1"]}
