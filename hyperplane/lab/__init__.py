@@ -32,6 +32,15 @@ Modes (what the node does):
            5-tuple; the client IP is kept (no SNAT: the targets answer through the node,
            where conntrack reverses the DNAT); no health checks; kernel forwarding.
 
+The multi-node lab (`LabConfig(nodes=N)`, N >= 2, mode xdp or kernel): clients and the
+NLB targets behind an inside fabric router, N nodes, an outside fabric router, the
+internet host and a sync bridge; both routers steer each resource over its shard's nodes
+with resilient nexthop groups. Its plan is `fleet_plan.py`, building it `fleet_build.py`,
+and `fabric.py`'s `Fabric(cfg)` is what the lab controller (`controller.py`) calls as
+shards and membership change (set_shard, members, cut, restore). In mode xdp every node
+runs the data path and a fleet agent sharing one store (LabConfig.store, or a file of the
+lab's own), and the controller steers each resource to its shard's live, ready members.
+
 Like a real network, the lab keeps every interface's default offloads (TSO/GSO/GRO,
 checksum offload) and resolves neighbours by ARP; the node has a default route toward the
 internet host. The plan (`plan.py`: `topology(cfg)`, pure, tested without root), acting on the machine
@@ -45,5 +54,7 @@ from hyperplane.lab.plan import (_forward_policy, _haproxy_cfgfile, _haproxy_pid
                                  _pin_root)
 from hyperplane.lab.build import (assisted_packets, down, forward_packets, haproxy_pid,  # noqa: F401
                                   namespace_for, present, start_target_server, status, up)
+from hyperplane.lab.fabric import Fabric  # noqa: F401
+from hyperplane.lab.fleet_plan import FLEET_NAT_IP, FLEET_VIP, fleet_topology  # noqa: F401
 from hyperplane.lab.servers import (SERVER_MAX_SECONDS, STREAM_CHUNK, _main,  # noqa: F401
                                     stream_chunks, stream_sha256, target_server_argv)

@@ -1,6 +1,7 @@
 """Acting on the machine: `up` builds the lab's namespaces, links, addresses, routes and
 nftables from the plan, starts the node (mode xdp), its agent or HAProxy; `down` removes
-everything, even a half-built lab; `status` says what exists."""
+everything, even a half-built lab; `status` says what exists. A lab of 2 or more nodes is
+built and read by fleet_build.py; `down` is the same for both."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,11 @@ from hyperplane import netns
 from hyperplane.errors import ConfigError, EnvironmentProblem, HyperplaneError, NotFound
 from hyperplane.lab.plan import (haproxy_config, LabConfig, namespaces, NFT_ASSIST_COUNTER,
                                 NFT_FAMILY, NFT_FORWARD_COUNTER, nft_ruleset, NFT_TABLE,
-                                nlb_config, NODE_IFNAMES, ROLES, STATE_DIR, store_path,
+                                namespace_pattern, nlb_config, NODE_IFNAMES, ROLES, STATE_DIR,
+                                store_path,
                                 TARGET_HTTP_PORTS, TARGET_ROLES, TARGET_UDP_PORT, targets,
                                 topology, _haproxy_cfgfile, _haproxy_pidfile)
+from hyperplane.lab.fabric import state_path as fabric_state_path
 from hyperplane.lab.servers import SERVER_MAX_SECONDS, target_server_argv
 
 # --- acting on the machine ---------------------------------------------------------------
@@ -50,65 +53,75 @@ def _read_state(prefix: str) -> LabConfig | None:
 
 
 def present(prefix: str = "hp") -> list[str]:
-    """The lab's namespaces that exist right now."""
-    have = set(netns.list_namespaces())
-    return [n for n in namespaces(LabConfig(prefix=prefix)).values() if n in have]
+    """The lab's namespaces that exist right now (of a one-node or a multi-node lab)."""
+    pattern = namespace_pattern(prefix)
+    return [n for n in netns.list_namespaces() if pattern.match(n)]
 
 
 def up(cfg: LabConfig) -> dict:
     """Build the lab; in mode xdp start the node (and, with cfg.nlb, write the NLB store and
-    start the agent); in mode haproxy start HAProxy. On any failure everything built so far
-    is removed again. Returns status(cfg)."""
+    start the agent); in mode haproxy start HAProxy; with cfg.nodes >= 2 build the
+    multi-node lab (fleet_build.build). On any failure everything built so far is removed
+    again. Returns status(cfg)."""
     cfg.validate()
     _require_root()
     if present(cfg.prefix):
         raise ConfigError(f"lab {cfg.prefix!r} is already up; run hpctl lab down first")
-    topo = topology(cfg)
-    ns = topo["namespaces"]
     try:
         _write_state(cfg)
-        for role in ROLES:
-            netns.create(ns[role])
-            for key, value in topo["sysctls"][role].items():
-                netns.sysctl(ns[role], key, value)
-            netns.set_up(ns[role], "lo")
-        mac = {(i["role"], i["ifname"]): i["mac"] for i in topo["interfaces"]}
-        for a, ia, b, ib in (l["a"].split("/") + l["b"].split("/") for l in topo["links"]):
-            netns.veth(ns[a], ia, ns[b], ib, mac_a=mac[(a, ia)], mac_b=mac[(b, ib)])
-        for ifc in topo["interfaces"]:
-            for cidr in ifc["addresses"]:
-                netns.add_address(ifc["netns"], ifc["ifname"], cidr)
-        for where in topo["gro_on"]:
-            role, ifname = where.split("/")
-            netns.set_gro(ns[role], ifname, True)
-        for role, routes in topo["routes"].items():
-            for r in routes:
-                netns.add_route(ns[role], r["dst"], r.get("gateway"))
-        netns.nft_load(ns["node"], nft_ruleset(cfg))
-        if cfg.mode == "xdp":
-            _start_node(cfg, topo)
-        if topo["nlb"]["enabled"] and cfg.mode == "xdp":
-            _start_agent(cfg, topo)
-        if topo["nlb"]["enabled"] and cfg.mode == "haproxy":
-            _start_haproxy(cfg)
+        if cfg.nodes > 1:
+            from hyperplane.lab import fleet_build
+            fleet_build.build(cfg)
+        else:
+            _up_one_node(cfg)
     except BaseException:
         down(cfg)
         raise
     return status(cfg)
 
 
+def _up_one_node(cfg: LabConfig) -> None:
+    topo = topology(cfg)
+    ns = topo["namespaces"]
+    for role in ROLES:
+        netns.create(ns[role])
+        for key, value in topo["sysctls"][role].items():
+            netns.sysctl(ns[role], key, value)
+        netns.set_up(ns[role], "lo")
+    mac = {(i["role"], i["ifname"]): i["mac"] for i in topo["interfaces"]}
+    for a, ia, b, ib in (l["a"].split("/") + l["b"].split("/") for l in topo["links"]):
+        netns.veth(ns[a], ia, ns[b], ib, mac_a=mac[(a, ia)], mac_b=mac[(b, ib)])
+    for ifc in topo["interfaces"]:
+        for cidr in ifc["addresses"]:
+            netns.add_address(ifc["netns"], ifc["ifname"], cidr)
+    for where in topo["gro_on"]:
+        role, ifname = where.split("/")
+        netns.set_gro(ns[role], ifname, True)
+    for role, routes in topo["routes"].items():
+        for r in routes:
+            netns.add_route(ns[role], r["dst"], r.get("gateway"))
+    netns.nft_load(ns["node"], nft_ruleset(cfg))
+    if cfg.mode == "xdp":
+        _start_node(cfg, topo)
+    if topo["nlb"]["enabled"] and cfg.mode == "xdp":
+        _start_agent(cfg, topo)
+    if topo["nlb"]["enabled"] and cfg.mode == "haproxy":
+        _start_haproxy(cfg)
+
+
 def _start_agent(cfg: LabConfig, topo: dict) -> None:
     """Write the lab's NLB to the store and start the agent that applies it."""
     try:
         from hyperplane.node.agent import spawn_agent
-        from hyperplane.fleet.store import Store
+        from hyperplane.fleet.store import NLB_KEY, open_store
     except ImportError as exc:
         raise HyperplaneError(f"the lab's NLB needs hyperplane.fleet.store and hyperplane.node.agent, "
                               f"which are not available ({exc}); use --no-nlb") from None
     data = nlb_config(cfg).to_dict()
     path = topo["nlb"]["store"]
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Store(path).update(lambda _old: data)
+    with open_store(path) as store:
+        store.put(NLB_KEY, data)
     spawn_agent(topo["node"]["name"], path)
 
 
@@ -183,8 +196,9 @@ def _start_node(cfg: LabConfig, topo: dict) -> None:
 
 
 def down(cfg: LabConfig | None = None, *, prefix: str | None = None) -> dict:
-    """Remove the lab: stop the node (if it may have been started), kill what runs in the
-    lab namespaces, delete them. Idempotent; tolerates a half-built lab."""
+    """Remove the lab: stop the node(s) (if they may have been started), kill what runs in
+    the lab namespaces, delete every namespace of the prefix (one node or many, whatever
+    the state file says). Idempotent; tolerates a half-built lab."""
     prefix = prefix or (cfg.prefix if cfg else "hp")
     state = _read_state(prefix)
     cfg = state or cfg or LabConfig(prefix=prefix)
@@ -192,18 +206,21 @@ def down(cfg: LabConfig | None = None, *, prefix: str | None = None) -> dict:
     _require_root()
     topo = topology(cfg)
     warnings: list[str] = []
-    if state is None or state.mode == "xdp":
+    if cfg.nodes > 1:
+        from hyperplane.lab import fleet_build
+        warnings += fleet_build.stop_nodes(cfg)
+    elif state is None or state.mode == "xdp":
         warnings += _stop_agent(cfg, topo)
         warnings += _stop_node(topo)
     removed = []
-    for role in ROLES:
-        name = topo["namespaces"][role]
+    for name in present(prefix):
         try:
             if netns.remove(name):
                 removed.append(name)
         except OSError as exc:
             warnings.append(f"could not remove namespace {name}: {exc}")
-    for path in (_state_path(prefix), _haproxy_cfgfile(prefix), _haproxy_pidfile(prefix)):
+    for path in (_state_path(prefix), _haproxy_cfgfile(prefix), _haproxy_pidfile(prefix),
+                 fabric_state_path(prefix)):
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -235,11 +252,14 @@ def status(cfg: LabConfig | None = None, *, prefix: str | None = None) -> dict:
     prefix = prefix or (cfg.prefix if cfg else "hp")
     state = _read_state(prefix)
     cfg = state or cfg or LabConfig(prefix=prefix)
-    topo = topology(cfg)
     have = present(prefix)
+    if cfg.nodes > 1:
+        from hyperplane.lab import fleet_build
+        return fleet_build.status(cfg, have, state_known=state is not None)
+    topo = topology(cfg)
     out = {
         "prefix": prefix,
-        "up": len(have) == len(ROLES),
+        "up": sorted(have) == sorted(topo["namespaces"].values()),
         "mode": cfg.mode if state else None,
         "attach": topo["attach"] if state else None,
         "namespaces": topo["namespaces"],
@@ -329,12 +349,14 @@ def assisted_packets(cfg: LabConfig) -> int:
 
 
 def namespace_for(cfg: LabConfig, role: str) -> str:
-    """The namespace of a role (client, node/node1, inet, t1..t3); NotFound if the lab
-    lacks it."""
-    role = {"node1": "node"}.get(role, role)
-    if role not in ROLES:
-        raise ConfigError(f"role {role!r} is not one of {', '.join(ROLES)}")
-    name = namespaces(cfg)[role]
+    """The namespace of a role: client, node/node1, inet, t1..t3; a multi-node lab (as its
+    state file says) also rin, rout, sync and node1..nodeN. NotFound if the lab lacks it."""
+    cfg = _read_state(cfg.prefix) or cfg
+    roles = namespaces(cfg)
+    role = ({"node1": "node"} if cfg.nodes == 1 else {"node": "node1"}).get(role, role)
+    if role not in roles:
+        raise ConfigError(f"role {role!r} is not one of {', '.join(roles)}")
+    name = roles[role]
     if not netns.exists(name):
         raise NotFound(f"lab {cfg.prefix!r} is not up (no namespace {name}); run hpctl lab up")
     return name

@@ -1,6 +1,8 @@
 """The lab's plan, pure data: its roles, addresses, modes and everything `up` builds
 (`topology`), the node's nftables ruleset, the lab NLB and the HAProxy baseline's config.
-Tested without root (tests/unit/test_lab_plan.py)."""
+This is the one-node lab; `LabConfig(nodes=N)` with N >= 2 is the multi-node lab, whose
+plan is fleet_plan.py (`topology` hands it over). Tested without root
+(tests/unit/test_lab_plan.py)."""
 from __future__ import annotations
 
 import ipaddress
@@ -68,6 +70,10 @@ MACS = {
 TARGET_MACS = {"t1": "02:68:70:14:01:0a", "t2": "02:68:70:14:02:0a", "t3": "02:68:70:14:03:0a"}
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+MAX_NODES = 32       # multi-node lab: node i's links are 10.254.i.0/24 and 198.19.i.0/24
+# The multi-node lab's modes: the hyperplane fleet (each node's data path and fleet agent,
+# the lab controller steering the routers) or plain kernel forwarding (no NAT).
+FLEET_MODES = ("xdp", "kernel")
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,12 @@ class LabConfig:
     # {"tcp_closing": 10}) and map sizes (hyperplane.loader.Sizes fields); None = defaults.
     timeouts: dict | None = None
     sizes: dict | None = None
+    # 1: the one-node lab (client - node1 - inet). N >= 2: the multi-node lab (fleet_plan.py):
+    # clients and targets behind an inside router, N nodes, an outside router, the internet.
+    nodes: int = 1
+    # The multi-node lab's cluster store (hyperplane.fleet.store.open_store URL: a path,
+    # file:PATH or etcd://HOST:PORT); None: a file of the lab's own (store_path(prefix)).
+    store: str | None = None
 
     def validate(self) -> "LabConfig":
         if not _PREFIX_RE.match(self.prefix):
@@ -95,13 +107,30 @@ class LabConfig:
                               f"{', '.join(ATTACH_MODES)}")
         if not isinstance(self.nlb, bool):
             raise ConfigError(f"lab nlb must be true or false, not {self.nlb!r}")
+        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) \
+                or not 1 <= self.nodes <= MAX_NODES:
+            raise ConfigError(f"lab nodes must be a whole number from 1 to {MAX_NODES}, "
+                              f"not {self.nodes!r}")
+        if self.nodes > 1 and self.mode not in FLEET_MODES:
+            raise ConfigError(f"lab mode {self.mode} with {self.nodes} nodes: the multi-node "
+                              f"lab runs mode {' or '.join(FLEET_MODES)} (use one of them, or "
+                              "--nodes 1)")
+        if self.store is not None and (not isinstance(self.store, str) or not self.store):
+            raise ConfigError(f"lab store must be a store URL (a path, file:PATH or "
+                              f"etcd://HOST:PORT), not {self.store!r}")
+        if self.store is not None and self.nodes == 1:
+            raise ConfigError("--store is for the multi-node lab (--nodes 2 or more); the "
+                              "one-node lab keeps its NLB in its own store file")
         return self
 
 
 # --- the plan (pure) ---------------------------------------------------------------------
 
 def namespaces(cfg: LabConfig) -> dict[str, str]:
-    """Role -> namespace name."""
+    """Role -> namespace name (of the one-node lab; fleet_plan.namespaces for N >= 2)."""
+    if cfg.nodes > 1:
+        from hyperplane.lab.fleet_plan import namespaces as fleet_namespaces
+        return fleet_namespaces(cfg)
     return {"client": f"{cfg.prefix}-client", "node": f"{cfg.prefix}-node1",
             "inet": f"{cfg.prefix}-inet", **{t: f"{cfg.prefix}-{t}" for t in TARGET_ROLES}}
 
@@ -168,7 +197,12 @@ def _forward_policy(cfg: LabConfig) -> str:
 
 
 def gateways(cfg: LabConfig) -> list[dict]:
-    return [{"name": "nat-gw-1", "gw_id": 0, "nat_ips": [NAT_IP], "inside_cidrs": [CLIENT_NET]}]
+    """The lab's NAT gateway; the multi-node lab's has the fleet's own NAT IP."""
+    nat_ip = NAT_IP
+    if cfg.nodes > 1:
+        from hyperplane.lab.fleet_plan import FLEET_NAT_IP
+        nat_ip = FLEET_NAT_IP
+    return [{"name": "nat-gw-1", "gw_id": 0, "nat_ips": [nat_ip], "inside_cidrs": [CLIENT_NET]}]
 
 
 def targets(cfg: LabConfig) -> list[dict]:
@@ -183,13 +217,22 @@ def nlb_config(cfg: LabConfig):
     """The lab's NLB as a hyperplane.nlb.config.NlbConfig: load balancer "lab-nlb" (lb_id 0),
     listener TCP VIP:80 -> target group "web" (the three targets, port 8080) and listener
     UDP VIP:53 -> "dns" (the same three, port 5353; health-checked on TCP 8080, as an AWS
-    UDP target group is checked on a TCP port). Sub-second health checks (allow_fast)."""
+    UDP target group is checked on a TCP port). Sub-second health checks (allow_fast).
+    The multi-node lab's listeners are on the fleet's VIP, and its load balancer asks for
+    a shard of fleet_plan.SHARD_SIZE nodes (when LoadBalancer has a shard_size)."""
+    import dataclasses
     from hyperplane.nlb.health import HealthCheckConfig
     from hyperplane.nlb.config import Listener, LoadBalancer, NlbConfig, Target, TargetGroup
+    vip, lb = VIP, LoadBalancer(LB_NAME, LB_ID)
+    if cfg.nodes > 1:
+        from hyperplane.lab.fleet_plan import FLEET_VIP, SHARD_SIZE
+        vip = FLEET_VIP
+        if "shard_size" in {f.name for f in dataclasses.fields(LoadBalancer)}:
+            lb = LoadBalancer(LB_NAME, LB_ID, shard_size=SHARD_SIZE)
     return NlbConfig(
-        load_balancers=[LoadBalancer(LB_NAME, LB_ID)],
-        listeners=[Listener(LB_NAME, VIP, HTTP_PORT, "TCP", WEB_GROUP),
-                   Listener(LB_NAME, VIP, UDP_PORT, "UDP", DNS_GROUP)],
+        load_balancers=[lb],
+        listeners=[Listener(LB_NAME, vip, HTTP_PORT, "TCP", WEB_GROUP),
+                   Listener(LB_NAME, vip, UDP_PORT, "UDP", DNS_GROUP)],
         target_groups=[
             TargetGroup(WEB_GROUP, [Target(ip, TARGET_HTTP_PORT) for ip in TARGET_IPS],
                         health_check=HealthCheckConfig(**HEALTH_CHECK),
@@ -211,6 +254,11 @@ def store_path(prefix: str) -> str:
         except ImportError:  # pragma: no cover
             pass
     return os.path.join(STATE_DIR, f"{prefix}-store.json")
+
+
+def store_url(cfg: LabConfig) -> str:
+    """The lab's store: --store's URL (multi-node lab), else its own file (store_path)."""
+    return cfg.store or store_path(cfg.prefix)
 
 
 def haproxy_config(cfg: LabConfig) -> str:
@@ -250,9 +298,18 @@ def _haproxy_cfgfile(prefix: str) -> str:
     return os.path.join(STATE_DIR, f"{prefix}-haproxy.cfg")
 
 
+def namespace_pattern(prefix: str) -> re.Pattern:
+    """Matches every namespace a lab of this prefix can have, one node or many: `down`
+    removes them all, whatever the state file says (or when a failed `up` left none)."""
+    return re.compile(rf"^{re.escape(prefix)}-(client|inet|rin|rout|sync|node[0-9]+|t[0-9]+)$")
+
+
 def topology(cfg: LabConfig) -> dict:
-    """Everything `up` builds, as plain data."""
+    """Everything `up` builds, as plain data (fleet_plan.fleet_topology for N >= 2 nodes)."""
     cfg.validate()
+    if cfg.nodes > 1:
+        from hyperplane.lab.fleet_plan import fleet_topology
+        return fleet_topology(cfg)
     ns = namespaces(cfg)
     ifaces = [
         {"role": "client", "netns": ns["client"], "ifname": "cl0", "mac": MACS["cl0"],

@@ -1,0 +1,410 @@
+"""The multi-node lab in mode xdp: a fleet of 4 hyperplane nodes (each with the data path on
+in0, out0 and sync0 and a fleet agent), one store (the tests' private etcd), the lab
+controller steering each resource to its shard's ready members. Traffic for the NAT
+gateway (client -> internet host) and the NLB (internet host -> VIP) crosses the fleet:
+every connection completes, each node's verdict counters prove the data path carried it
+(and the nodes' kernels forwarded nothing: their forward chains drop), and the forward and
+reply packets of many flows land on different nodes (the two routers hash independently),
+which only works if the nodes share flow state.
+
+Which node a packet of a flow was steered to is recorded on the routers, which forward
+like any kernel: a small nftables table per router (the test's instrumentation, not the
+lab's) adds the flow's client-side port to one dynamic set per node and direction, by the
+router's interface toward that node. NAT flows are keyed by their NAT port (the internet
+server answers each connection with the address and port it saw).
+
+Every loop is bounded in count and time; all traffic stays inside the lab's namespaces.
+On teardown the agents' and the controller's logs are copied to LOG_DIR/<prefix>.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from hyperplane import lab, netns
+from hyperplane.lab import controller, fleet_build, fleet_plan
+
+from lab_harness import lab_prefix, require_root
+from lab_traffic import http_get_many
+
+pytestmark = pytest.mark.lab
+
+NODES = 4
+NAT, NLB = fleet_plan.NAT_GATEWAY, lab.LB_NAME
+CLIENT = lab.CLIENT_IPS[0]
+INET = lab.INET_IPS[0]
+NAT_SERVER_PORT = 7100
+FLOWS = 200
+PATHS_TABLE = "hpt_fleet_paths"
+LOG_DIR = "/tmp/hp-fleet-lab-logs"
+LAB_CLI = [sys.executable, "-c",
+           "import sys; from hpctl.lab import command; "
+           "command.main(sys.argv[1:], prog_name='hpctl lab')"]
+
+
+# --- traffic -------------------------------------------------------------------------------
+
+class PeerServer:
+    """A TCP server in a namespace (one thread): reads one line, answers with the peer's
+    "ip:port" and closes. Bounded: each connection gets 3 s."""
+
+    def __init__(self, ns: str, addr: tuple[str, int]):
+        self.lsock = netns.socket_in(ns)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(addr)
+        self.lsock.listen(1024)
+        self.lsock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def close(self):
+        self._stop.set()
+        self._t.join(5)
+        self.lsock.close()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                conn, peer = self.lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(3)
+                try:
+                    got = b""
+                    while not got.endswith(b"\n") and len(got) < 100:
+                        chunk = conn.recv(100)
+                        if not chunk:
+                            break
+                        got += chunk
+                    conn.sendall(f"{peer[0]}:{peer[1]}\n".encode())
+                except OSError:
+                    pass
+
+
+def nat_connections(ns: str, ports: range, budget_s: float = 60.0) -> dict[int, str]:
+    """One connection from each client port to the internet server, one after the other:
+    client port -> the "ip:port" the server saw (missing: it failed). Stops at the budget."""
+    out = {}
+    deadline = time.monotonic() + budget_s
+    for s, port in zip(netns.sockets_in(ns, len(ports)), ports):
+        with s:
+            if time.monotonic() > deadline:
+                continue
+            s.settimeout(3)
+            try:
+                s.bind((CLIENT, port))
+                s.connect((INET, NAT_SERVER_PORT))
+                s.sendall(b"hello\n")
+                got = b""
+                while not got.endswith(b"\n") and len(got) < 100:
+                    chunk = s.recv(100)
+                    if not chunk:
+                        break
+                    got += chunk
+                if got.endswith(b"\n"):
+                    out[port] = got.decode().strip()
+            except OSError:
+                pass
+    return out
+
+
+# --- the lab ---------------------------------------------------------------------------------
+
+class Fleet:
+    def __init__(self, cfg: lab.LabConfig):
+        self.cfg = cfg
+        self.ns = fleet_plan.namespaces(cfg)
+        self.nodes = list(range(1, cfg.nodes + 1))
+        self.names = {i: fleet_plan.node_name(cfg, i) for i in self.nodes}
+        self.servers: dict[str, subprocess.Popen] = {}
+
+    def status(self) -> dict:
+        r = subprocess.run(LAB_CLI + ["status", "--prefix", self.cfg.prefix, "--json"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def store_shards(self) -> dict[str, list[int]]:
+        """Fabric resource -> the lab indexes of its shard, from the store."""
+        from hyperplane.fleet.store import open_store
+        with open_store(lab.store_url(self.cfg)) as store:
+            v = controller.view(store.list(""), self.cfg)
+        return {r: s["indexes"] for r, s in v["shards"].items()}
+
+    def counters(self) -> dict[int, dict[str, int]]:
+        from hyperplane.node.lifecycle import read_counters
+        return {i: read_counters(self.names[i]) for i in self.nodes}
+
+    def forwarded(self) -> dict[int, int]:
+        return {i: fleet_build.forward_packets(self.cfg, i) for i in self.nodes}
+
+    def agent_status(self, i: int) -> dict:
+        from hyperplane.node.agent import status_path
+        try:
+            with open(status_path(self.names[i])) as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def web_states(self, i: int) -> dict[str, str]:
+        tgs = self.agent_status(i).get("target_groups", {}).get(lab.WEB_GROUP, {})
+        return {ident: info.get("state") for ident, info in tgs.items()}
+
+    def save_logs(self) -> str:
+        from hyperplane.node.lifecycle import state_path
+        dest = os.path.join(LOG_DIR, self.cfg.prefix)
+        os.makedirs(dest, exist_ok=True)
+        for i, name in self.names.items():
+            for suffix in (".agent.log", ".agent.json"):
+                src = state_path(name, suffix)
+                if os.path.exists(src):
+                    shutil.copy(src, os.path.join(dest, f"{name}{suffix}"))
+        for src in (controller.log_path(self.cfg.prefix), controller.status_path(self.cfg.prefix)):
+            if os.path.exists(src):
+                shutil.copy(src, dest)
+        return dest
+
+
+def delta(a: dict[int, dict[str, int]], b: dict[int, dict[str, int]]) -> dict[int, dict[str, int]]:
+    return {i: {k: v - a[i].get(k, 0) for k, v in b[i].items() if v != a[i].get(k, 0)}
+            for i in b}
+
+
+class RouterPaths:
+    """On both routers, per node: the client-side ports of the flows whose packets the
+    router sent toward that node, per direction (see the module's doc). `rules` are
+    (router, direction, match, key) with the node's interface added per node."""
+
+    def __init__(self, fleet: Fleet, rules: list[tuple[str, str, str, str]]):
+        self.fleet = fleet
+        self.rules = rules
+        self.routers = sorted({r for r, *_ in rules})
+
+    def _ruleset(self, router: str) -> str:
+        sets, lines = [], []
+        for r, direction, match, key in self.rules:
+            if r != router:
+                continue
+            for i in self.fleet.nodes:
+                name = f"{direction}_{i}"
+                sets.append(f"  set {name} {{ type inet_service; flags dynamic; size 65536; }}")
+                lines.append(f'    oifname "{fleet_plan.router_ifname(i)}" {match} '
+                             f"add @{name} {{ {key} }}")
+        return "\n".join([f"table ip {PATHS_TABLE} {{", *sets, "  chain forward {",
+                          "    type filter hook forward priority filter - 1; policy accept;",
+                          *lines, "  }", "}", ""])
+
+    def __enter__(self):
+        for router in self.routers:
+            netns.nft_load(self.fleet.ns[router], self._ruleset(router))
+        return self
+
+    def __exit__(self, *exc):
+        for router in self.routers:
+            netns.run_in(self.fleet.ns[router], ["nft", "delete", "table", "ip", PATHS_TABLE],
+                         check=False, capture_output=True)
+
+    def nodes_of(self, direction: str) -> dict[int, list[int]]:
+        """Port -> the nodes the router sent that direction's packets of it to."""
+        router = next(r for r, d, *_ in self.rules if d == direction)
+        out: dict[int, list[int]] = {}
+        for i in self.fleet.nodes:
+            data = netns.nft_json(self.fleet.ns[router], "list", "set", "ip", PATHS_TABLE,
+                                  f"{direction}_{i}")
+            for item in data.get("nftables", []):
+                if "set" in item:
+                    for port in item["set"].get("elem", []):
+                        out.setdefault(port, []).append(i)
+        return out
+
+
+@pytest.fixture(scope="module")
+def fleet(request, etcd_server):
+    require_root()
+    cfg = lab.LabConfig(prefix=lab_prefix("f"), mode="xdp", nodes=NODES, store=etcd_server.url)
+    lab.down(cfg)                       # leftovers of a killed run with the same pid
+    the_fleet = Fleet(cfg)
+
+    def teardown():
+        try:
+            print(f"\nfleet logs saved in {the_fleet.save_logs()}")
+        finally:
+            for proc in the_fleet.servers.values():
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(10)
+            lab.down(cfg)
+
+    request.addfinalizer(teardown)
+    t0 = time.monotonic()
+    lab.up(cfg)
+    print(f"\n{NODES}-node fleet lab up (every node live and ready, routers steered) in "
+          f"{time.monotonic() - t0:.1f} s")
+    for name in lab.TARGET_ROLES:
+        the_fleet.servers[name] = lab.start_target_server(cfg, name)
+    # every node of the NLB's shard health-checks the targets: wait until each says healthy
+    healthy = {f"{ip}:{lab.TARGET_HTTP_PORT}": "healthy" for ip in lab.TARGET_IPS}
+    deadline = time.monotonic() + 30
+    shard = the_fleet.store_shards()[NLB]
+    while not all(the_fleet.web_states(i) == healthy for i in shard):
+        assert time.monotonic() < deadline, \
+            {i: the_fleet.web_states(i) for i in the_fleet.nodes}
+        time.sleep(0.2)
+    server = PeerServer(the_fleet.ns["inet"], (INET, NAT_SERVER_PORT))
+    request.addfinalizer(server.close)
+    return the_fleet
+
+
+# --- the tests -------------------------------------------------------------------------------
+
+def test_every_node_is_live_and_ready_and_the_routers_steer_to_the_shards(fleet):
+    st = fleet.status()
+    assert st["up"] and st["mode"] == "xdp" and st["node_count"] == NODES
+    assert st["fleet"]["error"] is None and st["fleet"]["store"] == fleet.cfg.store
+    assert st["fleet"]["controller"]["pid"], st["fleet"]["controller"]
+    for n in st["nodes"]:
+        assert n["hyperplane_node"] == fleet.names[n["index"]]
+        assert n["state"] == "up" and n["live"] and n["ready"], n
+        assert n["agent_running"] and n["agent_pid"], n
+        # the data path on all three, in the mode attach auto picks on a veth (tc)
+        assert n["attached"] == {"in0": "tc", "out0": "tc", "sync0": "tc"}, n
+        assert f"{lab.FLEET_NAT_IP}/32" in n["addresses"]["out0"], n
+    shards = fleet.store_shards()
+    assert sorted(shards) == sorted([NAT, NLB])
+    for resource, members in shards.items():
+        assert len(members) == fleet_plan.SHARD_SIZE, shards
+        assert st["steered"][resource] == members, (resource, st["steered"])
+        assert st["shards"][resource] == members
+        for router in fleet_plan.ROUTERS:
+            g = st["routers"][router]["groups"][resource]
+            assert g["present"] and g["type"] == "resilient" and g["members"] == members
+    print(f"\nshards from the store: {shards}")
+
+
+def test_nat_connections_cross_the_fleet_data_path(fleet):
+    ports = range(42000, 42000 + FLOWS)
+    shard = fleet.store_shards()[NAT]
+    fwd0, c0 = fleet.forwarded(), fleet.counters()
+    rules = [("rin", "toward", f"ip saddr {CLIENT} tcp sport {ports.start}-{ports.stop - 1}",
+              "tcp sport"),
+             ("rout", "back", f"ip saddr {INET} ip daddr {lab.FLEET_NAT_IP} "
+                              f"tcp sport {NAT_SERVER_PORT}", "tcp dport")]
+    with RouterPaths(fleet, rules) as paths:
+        seen = nat_connections(fleet.ns["client"], ports)
+        toward, back = paths.nodes_of("toward"), paths.nodes_of("back")
+    c1, fwd1 = fleet.counters(), fleet.forwarded()
+    d = delta(c0, c1)
+    print(f"\nNAT: {len(seen)} of {FLOWS} connections; verdicts per node: {d}")
+    assert len(seen) == FLOWS, f"only {len(seen)} of {FLOWS} NAT connections completed"
+    nat = {port: seen[port].rpartition(":") for port in ports}
+    assert {ip for ip, _, _ in nat.values()} == {lab.FLEET_NAT_IP}
+    assert len({p for _, _, p in nat.values()}) == FLOWS, "two flows got one NAT port"
+    # the data path carried it: every packet each way is a NAT verdict on some node
+    assert fwd1 == fwd0, f"the nodes' kernels forwarded packets: {fwd0} -> {fwd1}"
+    out = sum(d[i].get("TX_NAT_OUT", 0) for i in fleet.nodes)
+    back_in = sum(d[i].get("TX_NAT_IN", 0) for i in fleet.nodes)
+    assert out >= FLOWS * 4 and back_in >= FLOWS * 3, d      # SYN ACK data FIN / SYN-ACK data FIN
+    for i in fleet.nodes:
+        if i in shard:
+            assert d[i].get("TX_NAT_OUT", 0) > 0 and d[i].get("TX_NAT_IN", 0) > 0, (i, d)
+        else:
+            assert not any(k.startswith("TX_NAT") for k in d[i]), (i, d)
+    # where the routers landed each flow's packets: one shard node per direction
+    differ = 0
+    for port in ports:
+        nat_port = int(nat[port][2])
+        t, b = toward.get(port, []), back.get(nat_port, [])
+        assert len(t) == 1 and len(b) == 1 and t[0] in shard and b[0] in shard, (port, t, b)
+        differ += t != b
+    print(f"NAT: {differ} of {FLOWS} flows: replies landed on another node than the "
+          f"forward packets")
+    assert differ >= 0.4 * FLOWS
+
+
+def test_nlb_connections_cross_the_fleet_data_path(fleet):
+    shard = fleet.store_shards()[NLB]
+    fwd0, c0 = fleet.forwarded(), fleet.counters()
+    rules = [("rout", "toward", f"ip saddr {INET} ip daddr {lab.FLEET_VIP} tcp dport 80",
+              "tcp sport"),
+             ("rin", "back", f"ip saddr {lab.TARGET_NET} ip daddr {INET} "
+                             f"tcp sport {lab.TARGET_HTTP_PORT}", "tcp dport")]
+    with RouterPaths(fleet, rules) as paths:
+        results = http_get_many(fleet.ns["inet"], (lab.FLEET_VIP, 80), FLOWS, sources=[INET],
+                                concurrency=16, timeout=90)
+        toward, back = paths.nodes_of("toward"), paths.nodes_of("back")
+    c1, fwd1 = fleet.counters(), fleet.forwarded()
+    d = delta(c0, c1)
+    ok = [r for r in results if r.ok]
+    per_target = {t: sum(r.target == t for r in ok) for t in lab.TARGET_ROLES}
+    print(f"\nNLB: {len(ok)} of {FLOWS} requests answered, per target {per_target}; "
+          f"verdicts per node: {d}")
+    assert len(ok) == FLOWS, [r for r in results if not r.ok][:5]
+    assert all(r.peer_ip == INET for r in ok), "a target did not see the client's address"
+    assert all(n > 0 for n in per_target.values()), per_target
+    assert fwd1 == fwd0, f"the nodes' kernels forwarded packets: {fwd0} -> {fwd1}"
+    nlb_in = sum(d[i].get("TX_NLB_IN", 0) for i in fleet.nodes)
+    nlb_out = sum(d[i].get("TX_NLB_OUT", 0) for i in fleet.nodes)
+    assert nlb_in >= FLOWS * 4 and nlb_out >= FLOWS * 3, d
+    for i in fleet.nodes:
+        if i in shard:
+            assert d[i].get("TX_NLB_IN", 0) > 0 and d[i].get("TX_NLB_OUT", 0) > 0, (i, d)
+        else:
+            assert not any(k.startswith("TX_NLB") for k in d[i]), (i, d)
+    ports = [r.peer_port for r in ok]
+    unique = [p for p in ports if ports.count(p) == 1]     # a reused client port is skipped
+    differ = 0
+    for port in unique:
+        t, b = toward.get(port, []), back.get(port, [])
+        assert len(t) == 1 and len(b) == 1 and t[0] in shard and b[0] in shard, (port, t, b)
+        differ += t != b
+    print(f"NLB: {differ} of {len(unique)} flows: replies landed on another node than the "
+          f"forward packets")
+    assert len(unique) >= 0.9 * FLOWS and differ >= 0.4 * len(unique)
+
+
+def test_kill_node_then_restore_node(fleet):
+    """hpctl lab kill-node: the node is cut and its agent killed; its member record goes
+    with its lease; new NAT connections all succeed on the survivors. restore-node brings
+    it back, ready and steered to again."""
+    shard = fleet.store_shards()[NAT]
+    victim = shard[0]
+    r = subprocess.run(LAB_CLI + ["kill-node", str(victim), "--prefix", fleet.cfg.prefix,
+                                  "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["agent_killed"]
+    t0 = time.monotonic()
+    while True:
+        st = fleet.status()
+        node = st["nodes"][victim - 1]
+        if not node["live"]:
+            break
+        assert time.monotonic() - t0 < 30, node
+        time.sleep(0.2)
+    print(f"\nnode {victim} killed: its member record went after {time.monotonic() - t0:.1f} s")
+    assert node["state"] == "cut" and not node["agent_running"]
+    assert victim not in st["steered"][NAT]
+    seen = nat_connections(fleet.ns["client"], range(43000, 43100))
+    assert len(seen) == 100, f"{len(seen)} of 100 NAT connections after the kill"
+    r = subprocess.run(LAB_CLI + ["restore-node", str(victim), "--prefix", fleet.cfg.prefix],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    st = fleet.status()
+    node = st["nodes"][victim - 1]
+    assert node["state"] == "up" and node["live"] and node["ready"] and node["agent_running"]
+    shards = fleet.store_shards()
+    assert all(st["steered"][res] == members for res, members in shards.items()), \
+        (st["steered"], shards)
+    seen = nat_connections(fleet.ns["client"], range(43100, 43200))
+    assert len(seen) == 100, f"{len(seen)} of 100 NAT connections after the restore"
