@@ -16,11 +16,16 @@ VIP = "198.18.0.200"             # a load balancer listener's address
 TARGETS = ["10.20.1.10", "10.20.2.10", "10.20.3.10"]
 MAC = {"in0": "02:00:00:00:01:01", "in0p": "02:00:00:00:01:02",
        "out0": "02:00:00:00:02:01", "out0p": "02:00:00:00:02:02",
-       "tg0": "02:00:00:00:03:01", "tg0p": "02:00:00:00:03:02"}
+       "tg0": "02:00:00:00:03:01", "tg0p": "02:00:00:00:03:02",
+       "sync0": "02:00:00:00:04:01", "sync0p": "02:00:00:00:04:02"}
 CLIENT_MAC, INET_MAC, TARGET_MAC = "02:00:00:00:00:10", "02:00:00:00:00:02", "02:00:00:00:00:20"
-IFNAMES = ("in0", "out0", "tg0")  # inside, outside, targets
+IFNAMES = ("in0", "out0", "tg0", "sync0")  # inside, outside, targets, the fleet's sync network
 # The node's own address on each interface (the source of the ICMP errors it sends).
-NODE_IP = {"in0": "10.10.0.1", "out0": "198.18.0.1", "tg0": "10.20.0.1"}
+NODE_IP = {"in0": "10.10.0.1", "out0": "198.18.0.1", "tg0": "10.20.0.1", "sync0": "10.99.0.1"}
+# Fleet: the sync interface (a peer's second-chance packets arrive there, this node's
+# leave through it) and MACs for the peers on it (sync0p stands for the network).
+SYNC_IF = "sync0"
+PEER_MACS = ("02:00:00:00:04:11", "02:00:00:00:04:12", "02:00:00:00:04:13")
 # Hosts on a connected network with no neighbour entry (their MAC is not known yet): an
 # outside destination, an inside client, a target.
 INET_NO_NEIGH, CLIENT_NO_NEIGH, TARGET_NO_NEIGH = "198.18.0.7", "10.10.0.12", "10.20.4.10"
@@ -32,7 +37,8 @@ RTAX_MTU = 2  # linux/rtnetlink.h: the MTU metric (its bit in RTAX_LOCK locks it
 
 
 def build(ns: str, *, default_route: bool = False) -> dict[str, int]:
-    """Create the namespace; return the ifindex of each node interface. With
+    """Create the namespace; return the ifindex of each node interface (sync0 too: the
+    fleet tests' sync network, leading nowhere like the others). With
     default_route, 198.19.0.0/16 and the rest are reachable behind ROUTER;
     SMALL_MTU_NET always is, with a route MTU of SMALL_MTU."""
     netns.create(ns)
@@ -42,7 +48,7 @@ def build(ns: str, *, default_route: bool = False) -> dict[str, int]:
         netns.set_up(ns, ifname)
     for ifname, cidr in (("in0", f"{NODE_IP['in0']}/24"), ("out0", f"{NODE_IP['out0']}/24"),
                          ("out0", f"{NAT_IP}/32"), ("out0", f"{VIP}/32"),
-                         ("tg0", f"{NODE_IP['tg0']}/16")):
+                         ("tg0", f"{NODE_IP['tg0']}/16"), ("sync0", f"{NODE_IP['sync0']}/24")):
         netns.add_address(ns, ifname, cidr)
     for ifname, ips, mac in (("in0", (CLIENT, CLIENT2), CLIENT_MAC),
                              ("out0", (INET, INET2, ROUTER), INET_MAC),

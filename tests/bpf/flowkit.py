@@ -184,3 +184,33 @@ def assert_error_sums(data: bytes) -> None:
     assert inet_sum(ip[ihl:tot]) == 0, "ICMP checksum"
     quote = ip[ihl + 8:tot]
     assert inet_sum(quote[:(quote[0] & 0xf) * 4]) == 0, "quoted IPv4 checksum"
+
+
+# ---- flow events ----------------------------------------------------------------------
+
+def drain_events(dp) -> list:
+    """The flow events (hyperplane.observe.events.FlowEvent) waiting in dp's ring buffer,
+    read through a consumer of its own that is gone afterwards: a ring buffer has one
+    consumer position, and the first consumer a data path's bcc object registered (a test
+    that called events.subscribe) would take every event of a later one."""
+    import ctypes
+    from bcc.libbcc import _RINGBUF_CB_TYPE, lib
+    from hyperplane.fleet.records import FlowRecord
+    from hyperplane.observe.events import FlowEvent, RawFlowEvent
+    from hyperplane.datapath.verdicts import FlowEventType
+    out = []
+
+    def on_event(_ctx, data, _size):
+        ev = ctypes.cast(data, ctypes.POINTER(RawFlowEvent)).contents
+        out.append(FlowEvent(FlowEventType(ev.type), FlowRecord.unpack(bytes(ev.rec)),
+                             ev.packets, ev.bytes, ev.ts_ns))
+        return 0
+
+    cb = _RINGBUF_CB_TYPE(on_event)
+    manager = lib.bpf_new_ringbuf(dp.table("flow_events").map_fd, cb, None)
+    assert manager, "could not open the flow events ring buffer"
+    try:
+        lib.bpf_consume_ringbuf(manager)
+    finally:
+        lib.bpf_free_ringbuf(manager)
+    return out
