@@ -406,6 +406,7 @@ def main() -> None:
     ns = f"hpsync-bench-{os.getpid()}"
     results = []
     load = os.getloadavg()[0]
+    started = time.time()
     netns.create(ns)
     try:
         netns.set_up(ns, "lo")
@@ -422,8 +423,16 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f}; namespace {ns} removed: "
           f"{ns not in netns.list_namespaces()}")
     if args.json:
+        commit = subprocess.run(["git", "-C", os.path.dirname(HERE), "rev-parse", "--short",
+                                 "HEAD"], capture_output=True, text=True).stdout.strip()
+        meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "command": " ".join(["sudo", ".venv/bin/python", "bench/sync_bench.py",
+                                     *sys.argv[1:]]),
+                "git_commit": commit, "cpus": os.cpu_count(), "kernel": platform.release(),
+                "python": platform.python_version(), "loadavg_before": load,
+                "loadavg_after": os.getloadavg()[0]}
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
+            json.dump({"meta": meta, "args": vars(args), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
