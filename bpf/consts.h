@@ -26,7 +26,7 @@
 #define HP_MAX_FRAGS 4096          /* UDP datagrams in flight as fragments */
 #endif
 #ifndef HP_RINGBUF_PAGES
-#define HP_RINGBUF_PAGES 256       /* flow event ring buffer, in pages */
+#define HP_RINGBUF_PAGES 1024      /* flow event ring buffer, in pages (4 MiB: ~45,000 events) */
 #endif
 #ifndef HP_MAX_LISTENERS
 #define HP_MAX_LISTENERS 64        /* NLB listeners per node */

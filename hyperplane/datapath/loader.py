@@ -24,6 +24,7 @@ PROGRAMS = {hook: tuple(f"{hook}_{name}".encode() for name in
 PROG_SLOTS = {0: 2, 1: 0, 2: 1, 3: 3, 4: 4, 5: 5, 6: 6}  # index in PROGRAMS[hook] -> slot in progs (PROG_*)
 # Fleet: installs flow records from peers; never attached, run with BPF_PROG_TEST_RUN.
 INSTALL_PROGRAM = {hook: f"{hook}_hp_install".encode() for hook in HOOKS}
+INSTALLER_PIN = "prog_install"     # the pinned installer (XDP type: it only runs by test_run)
 # Attach modes: a hook, or "auto" (native XDP where the driver has it, tc elsewhere).
 MODES = ("auto", "xdp", "tc")
 # XDP attach flags, to detach whatever mode an older version attached in.
@@ -211,7 +212,17 @@ class Datapath:
         for i, fn in enumerate(fns):
             progs[ctypes.c_int(PROG_SLOTS[i])] = ctypes.c_int(fn.fd)
         self.fns[hook] = fns[0]
+        if self.pin_dir and hook == "xdp":
+            self._pin_installer(build, bcc)
         return fns[0]
+
+    def _pin_installer(self, build, bcc) -> None:
+        """Pin the record installer (bpf/install.h) next to the maps, so a fleet agent that
+        did not load the data path runs it by BPF_PROG_TEST_RUN without compiling (a
+        restarted agent is up in a second). Replaces the pin of an older program."""
+        from hyperplane.datapath.pinned import pin_program
+        self.install_fn = build.load_func(INSTALL_PROGRAM["xdp"], bcc.BPF.XDP)
+        pin_program(self.install_fn.fd, os.path.join(self.pin_dir, INSTALLER_PIN))
 
     PINNED = pinned_map_names()  # every HP_MAP of bpf/maps.h
 

@@ -78,6 +78,7 @@ def _libbpf():
         lib = load()
         vp, u32p, i = ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_int
         for fn, args in {"bpf_obj_get": [ctypes.c_char_p],
+                         "bpf_obj_pin": [i, ctypes.c_char_p],
                          "bpf_obj_get_info_by_fd": [i, vp, u32p],
                          "bpf_btf_get_fd_by_id": [ctypes.c_uint32],
                          "bpf_map_lookup_elem": [i, vp, vp],
@@ -349,14 +350,74 @@ class PinnedMap(MutableMapping):
         return int(sum(self[key]))
 
 
+def pin_program(fd: int, path: str) -> None:
+    """Pin a program at path, replacing what was pinned there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    _check(_libbpf().bpf_obj_pin(fd, path.encode()), f"bpf_obj_pin({path})")
+
+
+class PinnedRing:
+    """A pinned BPF ring buffer, read with libbpf's ring_buffer (through bcc's libbcc,
+    which has it): callback(data pointer, size) per record on consume(), which never
+    blocks (the data path submits without wakeups)."""
+
+    def __init__(self, path: str, callback):
+        from bcc import libbcc
+        self._lib = libbcc.lib
+        self.fd = _check(_libbpf().bpf_obj_get(path.encode()), f"bpf_obj_get({path})")
+
+        def on_record(_ctx, data, size):
+            callback(data, size)
+            return 0
+        self._cb = libbcc._RINGBUF_CB_TYPE(on_record)   # kept: libbpf calls it later
+        self._rb = self._lib.bpf_new_ringbuf(self.fd, self._cb, None)
+        if not self._rb:
+            os.close(self.fd)
+            raise OSError(f"cannot read the ring buffer {path}")
+
+    def consume(self) -> int:
+        return self._lib.bpf_consume_ringbuf(self._rb)
+
+    def close(self) -> None:
+        if self._rb:
+            self._lib.bpf_free_ringbuf(self._rb)
+            self._rb = None
+            os.close(self.fd)
+
+
 class PinnedNode:
-    """The pinned maps of one node (opened on first use), with Datapath's table(name)."""
+    """The pinned maps of one node (opened on first use), with Datapath's table(name);
+    for a fleet agent also the pinned record installer (install_fd) and event ring
+    (open_ring)."""
+
+    hook = "xdp"      # the installer's program type (records.install runs it by test_run)
 
     def __init__(self, pin_dir: str, sizes=None):
         if not os.path.isdir(pin_dir):
             raise NotFound(f"no pinned maps at {pin_dir}")
         self.pin_dir, self.sizes = pin_dir, sizes
         self._maps: dict[str, PinnedMap] = {}
+        self._install_fd: int | None = None
+        self._rings: list[PinnedRing] = []
+
+    def install_fd(self) -> int:
+        if self._install_fd is None:
+            from hyperplane.datapath.loader import INSTALLER_PIN
+            path = os.path.join(self.pin_dir, INSTALLER_PIN)
+            fd = _libbpf().bpf_obj_get(path.encode())
+            if fd < 0:
+                raise NotFound(f"no pinned record installer at {path}: start the node's data "
+                               f"path again with this version (hpctl nat up)")
+            self._install_fd = fd
+        return self._install_fd
+
+    def open_ring(self, name: str, callback) -> PinnedRing:
+        ring = PinnedRing(os.path.join(self.pin_dir, name), callback)
+        self._rings.append(ring)
+        return ring
 
     def table(self, name: str) -> PinnedMap:
         if name not in self._maps:
@@ -367,6 +428,12 @@ class PinnedNode:
         for m in self._maps.values():
             m.close()
         self._maps.clear()
+        for ring in self._rings:
+            ring.close()
+        self._rings.clear()
+        if self._install_fd is not None:
+            os.close(self._install_fd)
+            self._install_fd = None
 
     def __enter__(self):
         return self

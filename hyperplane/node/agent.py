@@ -113,14 +113,9 @@ class Agent:
         self.gateway_blocks = {g["name"]: GatewayBlocks(g["gw_id"], len(g["nat_ips"]),
                                                         g["port_min"], g["port_max"])
                                for g in state["gateways"]}
-        if self.config.sync_dev:
-            # A fleet member installs peers' records (a program: bpf/install.h) and reads
-            # the pinned event ring through bcc: it compiles the data path, loading no
-            # packet program (the running ones stay attached) and reusing every pinned map.
-            from hyperplane.datapath.loader import Datapath, Sizes
-            self.dp = Datapath(Sizes(**state["sizes"]), state["pin_dir"], load_program=False)
-        else:
-            self.dp = open_node(self.config.node)
+        # pinned maps, and for a fleet member the pinned installer and event ring: the
+        # agent compiles nothing, so a restarted agent is back within a second
+        self.dp = open_node(self.config.node)
         self.plane = NlbDataplane(self.dp)
         self.vips = _read_vips(self.config.node)
         if self.config.sync_dev:

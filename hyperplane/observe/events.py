@@ -44,10 +44,15 @@ def subscribe(dp, callback) -> None:
     dp.table("flow_events").open_ring_buffer(on_event)
 
 
-def subscribe_records(dp, callback) -> None:
-    """The fast path for replication: callback(event type, record bytes) per event."""
-    def on_event(_ctx, data, _size):
+def subscribe_records(dp, callback):
+    """The fast path for replication: callback(event type, record bytes) per event.
+    Returns the function that reads what is there (call it on a timer). dp is a Datapath
+    (bcc) or a PinnedNode (the pinned ring, read without compiling anything)."""
+    def on_raw(data, _size):
         raw = ctypes.string_at(data, REC_OFFSET + RECORD_SIZE)
         callback(int.from_bytes(raw[:4], "little"), raw[REC_OFFSET:])
 
-    dp.table("flow_events").open_ring_buffer(on_event)
+    if hasattr(dp, "open_ring"):
+        return dp.open_ring("flow_events", on_raw).consume
+    dp.table("flow_events").open_ring_buffer(lambda _ctx, data, size: on_raw(data, size))
+    return dp.bpf.ring_buffer_consume
