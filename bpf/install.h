@@ -91,8 +91,19 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 			stat_inc(S_REC_CONFLICT);
 			return;
 		}
-		/* a flow created well after the one held here: the tuple was reused */
-		if (created <= v->created_ns + HP_NSEC) {
+		/* A flow keeps its translation and a closed flow never opens again: a record
+		 * that differs so names another flow on the reused tuple (the newer one wins,
+		 * however soon after; an older one is refused). Else a flow created well
+		 * after the one held here is one too. */
+		int other = v->new_src_ip != r->new_src_ip || v->new_dst_ip != r->new_dst_ip ||
+			    v->new_src_port != r->new_src_port ||
+			    v->new_dst_port != r->new_dst_port ||
+			    (v->tcp_state == TCP_S_CLOSED && r->tcp_state != TCP_S_CLOSED);
+		if (other && created <= v->created_ns) {
+			stat_inc(S_REC_CONFLICT);
+			return;
+		}
+		if (!other && created <= v->created_ns + HP_NSEC) {
 			install_merge(r, &key, v, last_seen, now);
 			stat_inc(S_REC_MERGED);
 			return;

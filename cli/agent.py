@@ -17,8 +17,12 @@ command = click.Group("agent", help="The node agent.")
               help="The cluster store: a file (PATH or file:PATH) or etcd://HOST:PORT.")
 @click.option("--tick", type=click.FloatRange(min=0.01), default=0.2, show_default=True,
               help="Seconds between ticks.")
-def run(node, store_url, tick):
+@click.option("--sync-dev", default=None, metavar="IFNAME",
+              help="The node's interface on the fleet's sync network: join the fleet "
+                   "(replication, second chance, shards, port blocks).")
+def run(node, store_url, tick, sync_dev):
     """Run until SIGTERM / Ctrl-C."""
     from hyperplane.node import agent
     raise SystemExit(agent.main(["--node", resolve_node(node), "--store", store_url,
-                                 "--tick", str(tick)]))
+                                 "--tick", str(tick),
+                                 *(["--sync-dev", sync_dev] if sync_dev else [])]))

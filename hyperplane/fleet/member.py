@@ -28,17 +28,23 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from hyperplane import netns as _netns
-from hyperplane.datapath.verdicts import FlowEventType
+from hyperplane.datapath.verdicts import FlowEventType, FlowKind
 from hyperplane.errors import HyperplaneError
 from hyperplane.fleet import cluster, records
 from hyperplane.fleet.cluster import Member
 from hyperplane.fleet.dataplane import FleetDataplane, GatewayBlocks, lb_slot
-from hyperplane.fleet.owner import block_owners
+from hyperplane.fleet.owner import block_owners, block_size, shard_owner
 from hyperplane.fleet.store import LeaseExpired, Store, StoreError, WatchCompacted
 from hyperplane.fleet.sync import SyncNode
 from hyperplane.observe.events import subscribe_records
 
 log = logging.getLogger("hyperplane.fleet.member")
+
+
+def _coarse_ns() -> int:
+    """The data path's clock (bpf_ktime_get_coarse_ns)."""
+    from hyperplane.datapath.flows import now_ns
+    return now_ns()
 
 # Events that change what a replica must hold. CREATED is an unconfirmed flow (a flood's
 # SYNs stay on one node); EXPIRED happens on every holder by itself.
@@ -100,12 +106,21 @@ class FleetMember:
         self._last_refresh = time.monotonic()
         self.counts = {"events_read": 0, "events_replicated": 0, "records_sent": 0,
                        "installed": 0, "merged": 0, "rejected": 0, "conflict": 0, "full": 0,
-                       "dumps_sent": 0, "refreshed": 0}
+                       "dumps_sent": 0, "refreshed": 0, "handed_over": 0,
+                       "stale_removed": 0}
         self._sync_stats: dict = {}
         # port blocks: (gw_id, block) -> (owner, since) for the hold-down
         self._block_owner: dict[tuple[int, tuple[int, int]], int] = {}
         self._held: dict[tuple[int, tuple[int, int]], float] = {}
         self._sync_ifindex = 0
+        self._programmed: tuple = ()
+        self._partners: set[int] | None = None    # sync ids of the shard partners (a plan)
+        self._shard_owners: dict[tuple[str, int], list[int]] = {}   # resource -> owner ids
+        self._block_owners: dict[int, tuple] = {}   # gw id -> (GatewayBlocks, owners)
+        self._handover_due = False
+        self._synced_keys: set[bytes] = set()
+        self._started_ns = _coarse_ns()
+        self._greeted_at: float | None = None
         self._mac = ""
         self._sync_ip = ""
 
@@ -214,6 +229,9 @@ class FleetMember:
                     announced_ready = self.ready
                     self._announce()
                 self._release_held(now)
+                if (tuple(sorted(self.gateways())), tuple(sorted(self.lb_ids().items()))) \
+                        != self._programmed:
+                    self._program(now)       # the agent applied another configuration
                 try:
                     event = watch.next(timeout=min(0.1, cfg.lease_s / 6))
                 except WatchCompacted:
@@ -249,35 +267,45 @@ class FleetMember:
         """The data path's fleet maps and the sync peers from the view."""
         v = self.view
         me = self.node_id
-        live = {m.id for m in v.members.values()} | {me}
+        # Owners and port blocks are computed over the *ready* nodes (and this one): a node
+        # that is joining holds no flows yet and gets no packets, from the routers or by
+        # second chance, until it says ready. Replication goes to every live node of the
+        # shard, ready or not: that is how a joining node gets its copy.
+        ready = {m.id for m in v.members.values() if m.ready} | {me}
         self._set_seed(v.seed)
-        self.fleet.set_peers({m.id: m.mac for m in v.members.values()} | {me: self._mac}, live)
+        self.fleet.set_peers({m.id: m.mac for m in v.members.values()} | {me: self._mac}, ready)
         targets: dict[tuple[str, int], list[int]] = {}
         partners: set[int] = set()
 
-        def live_ids(resource: str) -> list[int]:
-            nodes = v.shards.get(resource, [])
-            return sorted(v.ids[n] for n in nodes if n in v.ids and
-                          (v.ids[n] in live and (n in v.members or n == self.name)))
+        def shard_ids(resource: str) -> tuple[list[int], list[int]]:
+            """(the ready nodes, the live nodes) of the resource's shard, as ids."""
+            nodes = [n for n in v.shards.get(resource, []) if n in v.ids and
+                     (n in v.members or n == self.name)]
+            live = sorted(v.ids[n] for n in nodes)
+            return [i for i in live if i in ready], live
+
+        def program(key: tuple[str, int], slot: int, resource: str, gw=None) -> None:
+            owners, live = shard_ids(resource)
+            self.fleet.set_shard(slot, owners)
+            self._shard_owners[key] = owners
+            if gw is not None:
+                self._set_blocks(gw, owners, now)
+            if me in live:
+                targets[key] = [n + 1 for n in live if n != me]
+                partners.update(n for n in live if n != me)
 
         for gw_name, gw in self.gateways().items():
-            nodes = live_ids(cluster.nat_resource(gw_name))
-            self.fleet.set_shard(gw.gw_id, nodes)
-            self._set_blocks(gw, nodes, now)
-            if me in nodes:
-                targets[("nat", gw.gw_id)] = [n + 1 for n in nodes if n != me]
-                partners.update(n for n in nodes if n != me)
+            program(("nat", gw.gw_id), gw.gw_id, cluster.nat_resource(gw_name), gw)
         for lb_name, lb_id in self.lb_ids().items():
-            nodes = live_ids(cluster.lb_resource(lb_name))
-            self.fleet.set_shard(lb_slot(self.dp, lb_id), nodes)
-            if me in nodes:
-                targets[("lb", lb_id)] = [n + 1 for n in nodes if n != me]
-                partners.update(n for n in nodes if n != me)
+            program(("lb", lb_id), lb_slot(self.dp, lb_id), cluster.lb_resource(lb_name))
+        self._programmed = (tuple(sorted(self.gateways())), tuple(sorted(self.lb_ids().items())))
         peers = {m.id + 1: (m.sync_ip, v.sync_port) for m in v.members.values()
                  if m.id in partners}
         with self.lock:
             self._targets = targets
             self._peer_plan = peers
+            self._partners = set(peers)
+            self._handover_due = True
 
     def _set_blocks(self, gw: GatewayBlocks, nodes: list[int], now: float) -> None:
         """This node's port blocks of gw; a block that was a live node's waits hold_down_s
@@ -295,6 +323,7 @@ class FleetMember:
             elif owner != me:
                 self._held.pop(key, None)
             self._block_owner[key] = owner
+        self._block_owners[gw.gw_id] = (gw, owners)
         usable = {b for b, o in owners.items()
                   if o == me and self._held.get((gw.gw_id, b), 0) <= now}
         self.fleet.set_blocks(gw, me, nodes, self.view.seed, usable=usable)
@@ -331,9 +360,9 @@ class FleetMember:
                 node.set_peers(plan)
             if keyring is not None and keyring is not node.keyring:
                 node.keyring = keyring
-            if first:   # a (re)started agent's own flows go to every peer once
-                first = False
-                self._send_dump(node.peers())
+            if first:   # a (re)started agent's recently active flows go to every peer
+                first = False   # once (what its previous process may not have sent)
+                self._send_dump(node.peers(), idle_below_ms=int(cfg.refresh_s * 1000) + 1000)
             readable, _, _ = select.select([sock], [], [], cfg.poll_s)
             if readable:
                 self._receive(sock, node)
@@ -352,6 +381,10 @@ class FleetMember:
                                     idle_below_ms=int(cfg.refresh_s * 1000) + 1000)
                 self.counts["refreshed"] += len(blob) // records.RECORD_SIZE
                 self._replicate(node, blob)
+            with self.lock:
+                due, self._handover_due = self._handover_due, False
+            if due:
+                self._hand_over(node)
             resync = node.take_resync()
             if resync:
                 self._send_dump(resync)
@@ -408,11 +441,12 @@ class FleetMember:
                 self.counts["records_sent"] += n * len(peers)
                 node.queue(peers, bytes(group))
 
-    def _send_dump(self, peer_sync_ids: list[int]) -> None:
-        """Every flow of the shards a peer shares with this node, to that peer."""
+    def _send_dump(self, peer_sync_ids: list[int], idle_below_ms: int | None = None) -> None:
+        """Every flow of the shards a peer shares with this node (or those that saw a
+        packet in the last idle_below_ms), to that peer."""
         if not peer_sync_ids:
             return
-        blob = records.dump(self.dp, self.node_id)
+        blob = records.dump(self.dp, self.node_id, idle_below_ms=idle_below_ms)
         with self.lock:
             targets = self._targets
         for resource, group in records.group_by_resource(blob, self._lb_of_listener).items():
@@ -420,6 +454,49 @@ class FleetMember:
             if peers:
                 self.counts["dumps_sent"] += len(group) // records.RECORD_SIZE
                 self._sync.queue(peers, bytes(group))
+
+    def _hand_over(self, node: SyncNode) -> None:
+        """After a membership change: every unconfirmed flow here whose owner is now
+        another node goes to that node. Unconfirmed flows are not replicated, and the
+        answer to one (a SYN-ACK) reaches the flow's owner by second chance: without
+        this, a handshake caught by the change would be dropped there until it times out
+        (a node joining under traffic)."""
+        blob = records.dump(self.dp, self.node_id, tables=("pending",))
+        if not blob:
+            return
+        nat_ip_idx = {bytes(k): int(v.ip_idx) for k, v in self.dp.table("nat_ips").items()}
+        me = self.node_id
+        out: dict[int, bytearray] = {}
+        for rec in records.split(blob):
+            owner = self._owner_of(rec, nat_ip_idx)
+            if owner is not None and owner != me:
+                out.setdefault(owner + 1, bytearray()).extend(rec)
+        for peer, group in out.items():
+            self.counts["handed_over"] += len(group) // records.RECORD_SIZE
+            node.queue([peer], bytes(group))
+
+    def _owner_of(self, rec: bytes, nat_ip_idx: dict[bytes, int]) -> int | None:
+        """The node that owns a flow's record now: the NAT port's block owner, or the
+        client's rendezvous owner over the load balancer's shard."""
+        o = records.OFFSETS
+        kind = rec[o["kind"]]
+        if kind == FlowKind.NAT_OUT:
+            ip = rec[o["new_src_ip"]:o["new_src_ip"] + 4]
+            port = int.from_bytes(rec[o["new_src_port"]:o["new_src_port"] + 2], "big")
+            gw_id = int.from_bytes(rec[o["resource"]:o["resource"] + 2], "little")
+            gw, owners = self._block_owners.get(gw_id, (None, {}))
+            if gw is None or ip not in nat_ip_idx or not gw.port_min <= port <= gw.port_max:
+                return None
+            return owners.get((nat_ip_idx[ip],
+                               (port - gw.port_min) // block_size(gw.port_min, gw.port_max)))
+        lb = self._lb_of_listener.get(int.from_bytes(rec[o["resource"]:o["resource"] + 2],
+                                                     "little"))
+        nodes = self._shard_owners.get(("lb", lb), [])
+        if not nodes:
+            return None
+        return shard_owner(nodes, socket.inet_ntoa(rec[o["key.src_ip"]:o["key.src_ip"] + 4]),
+                           int.from_bytes(rec[o["key.src_port"]:o["key.src_port"] + 2], "big"),
+                           rec[o["key.proto"]], self.view.seed)
 
     def _on_hello(self, peer_sync_id: int) -> None:
         self._send_dump([peer_sync_id])
@@ -429,6 +506,9 @@ class FleetMember:
         (one installer run per 64 records instead of one call per datagram)."""
         self._last_delivery = time.monotonic()
         self._inbox += blob
+        if not self.ready:            # the copies a joining node pulls (see _reconcile)
+            rs, ks = records.RECORD_SIZE, records.KEY_SIZE
+            self._synced_keys.update(bytes(blob[i:i + ks]) for i in range(0, len(blob), rs))
 
     def _install_inbox(self) -> None:
         if not self._inbox:
@@ -439,17 +519,61 @@ class FleetMember:
         for k in ("installed", "merged", "rejected", "conflict", "full"):
             self.counts[k] += getattr(result, k)
 
+    def _reconcile(self) -> None:
+        """The peers' copies are in. A flow this node holds that none of them sent and
+        that saw no packet since this agent started ended elsewhere while this node was
+        away (dead, cut off): it goes, or a new connection on its reused tuple would be
+        sent with the old translation."""
+        from hyperplane.datapath.flows import delete_flow_entries, now_ns
+        now = now_ns()
+        away_ms = (now - self._started_ns) // 1_000_000
+        idle_off = records.OFFSETS["idle_ms"]
+        removed = 0
+        for name in ("flows", "pending"):
+            entries = {bytes(k): (k, v) for k, v in self.dp.table(name).items()}
+            doomed = []
+            for kb, (k, v) in entries.items():
+                rec = records.record_of(kb, bytes(v), now, self.node_id)
+                if rec is None or rec[:records.KEY_SIZE] in self._synced_keys:
+                    continue
+                if int.from_bytes(rec[idle_off:idle_off + 4], "little") < away_ms:
+                    continue
+                doomed.append((k, v))
+                if bytes(v.twin) in entries:
+                    doomed.append(entries[bytes(v.twin)])
+            removed += len(delete_flow_entries(self.dp, name, doomed))
+        self._synced_keys.clear()
+        self.counts["stale_removed"] += removed // 2
+        if removed:
+            log.info("removed %d stale flows (ended elsewhere while this node was away)",
+                     removed // 2)
+
     def _listener_lbs(self) -> dict[int, int]:
         return {int(v.listener_id): int(v.lb_id) for _, v in self.dp.table("listeners").items()}
 
     def _check_ready(self, node: SyncNode, now: float) -> None:
         if self.ready:
             return
+        # Every live node this one shares a shard with (the plan the membership task made,
+        # once the sync task has it) has answered our HELLO, so each has sent its copy of
+        # our shards' flows; ready once those copies stopped arriving. Until then a node
+        # would give out NAT ports of flows it has not heard of.
         peers = node.stats(now)["peers"]
-        greeted = all(p["hello_confirmed"] and p["epoch"] for p in peers.values()
-                      if p["member"])
-        quiet = now - max(self._last_delivery, self.started) >= self.config.ready_quiet_s
-        if (greeted and quiet) or now - self.started >= self.config.ready_max_s:
+        answered = {pid for pid, p in peers.items()
+                    if p["member"] and p["hello_confirmed"] and p["epoch"]}
+        with self.lock:
+            expected, planned = self._partners, self._peer_plan is None
+        greeted = planned and expected is not None and expected <= answered
+        if not greeted:
+            self._greeted_at = None
+        elif self._greeted_at is None:
+            self._greeted_at = now
+        q = self.config.ready_quiet_s
+        quiet = greeted and now - self._greeted_at >= q and now - self._last_delivery >= q
+        held = bool(self._held)     # port blocks not usable yet: new flows would fail
+        if (quiet and not held) or now - self.started >= self.config.ready_max_s:
+            if expected and quiet and not held:   # every copy is in (not the time limit)
+                self._reconcile()
             self.ready = True
             log.info("node %s is ready (holds its shards' flows)", self.name)
 
@@ -469,6 +593,7 @@ class FleetMember:
                                               "full")},
                 "events": {"read": c["events_read"], "replicated": c["events_replicated"],
                            "records_sent": c["records_sent"], "dumped": c["dumps_sent"],
-                           "refreshed": c["refreshed"]},
+                           "refreshed": c["refreshed"], "handed_over": c["handed_over"],
+                           "stale_removed": c["stale_removed"]},
                 "held_blocks": len(self._held)}
 

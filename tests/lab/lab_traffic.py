@@ -309,6 +309,7 @@ class StreamDownload:
         self.timeout = timeout
         self.sha = hashlib.sha256()
         self.received = 0
+        self.max_gap = 0.0        # the longest silence between two reads (a traffic gap)
         self.target: str | None = None
         self.error: str | None = None
         self.header = threading.Event()
@@ -341,11 +342,14 @@ class StreamDownload:
             self.header.set()
             self.sha.update(rest)
             self.received += len(rest)
+            last = time.monotonic()
             while self.received < self.nbytes:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{self.received} of {self.nbytes} bytes after "
                                        f"{self.timeout}s")
                 data = self.sock.recv(1 << 20)
+                now = time.monotonic()
+                self.max_gap, last = max(self.max_gap, now - last), now
                 if not data:
                     break
                 self.sha.update(data)

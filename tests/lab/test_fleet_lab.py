@@ -31,9 +31,10 @@ import pytest
 
 from hyperplane import lab, netns
 from hyperplane.lab import controller, fleet_build, fleet_plan
+from hyperplane.lab.servers import stream_sha256
 
 from lab_harness import lab_prefix, require_root
-from lab_traffic import http_get_many
+from lab_traffic import StreamDownload, http_get_many, raise_nofile, wait_tcp
 
 pytestmark = pytest.mark.lab
 
@@ -42,9 +43,13 @@ NAT, NLB = fleet_plan.NAT_GATEWAY, lab.LB_NAME
 CLIENT = lab.CLIENT_IPS[0]
 INET = lab.INET_IPS[0]
 NAT_SERVER_PORT = 7100
-FLOWS = 200
+FLOWS = 5000                     # issue 7: 5,000 NAT and 5,000 NLB connections
 PATHS_TABLE = "hpt_fleet_paths"
 LOG_DIR = "/tmp/hp-fleet-lab-logs"
+MB = 1 << 20
+DOWNLOAD = 200 * MB                 # failover downloads: at RATE they last ~5 s, a kill lands
+RATE = 40 * MB                      # mid-way
+DEADLINE_S = 90.0
 LAB_CLI = [sys.executable, "-c",
            "import sys; from hpctl.lab import command; "
            "command.main(sys.argv[1:], prog_name='hpctl lab')"]
@@ -230,10 +235,15 @@ class RouterPaths:
         return out
 
 
-@pytest.fixture(scope="module")
-def fleet(request, etcd_server):
+@pytest.fixture(scope="module", params=["file", "etcd"])
+def fleet(request):
+    """The 4-node fleet lab, once on a store file of its own and once on the tests' etcd:
+    every test of the module runs on both."""
     require_root()
-    cfg = lab.LabConfig(prefix=lab_prefix("f"), mode="xdp", nodes=NODES, store=etcd_server.url)
+    raise_nofile()
+    store = request.getfixturevalue("etcd_server").url if request.param == "etcd" else None
+    cfg = lab.LabConfig(prefix=lab_prefix("f" + request.param[0]), mode="xdp", nodes=NODES,
+                        store=store)
     lab.down(cfg)                       # leftovers of a killed run with the same pid
     the_fleet = Fleet(cfg)
 
@@ -272,7 +282,9 @@ def fleet(request, etcd_server):
 def test_every_node_is_live_and_ready_and_the_routers_steer_to_the_shards(fleet):
     st = fleet.status()
     assert st["up"] and st["mode"] == "xdp" and st["node_count"] == NODES
-    assert st["fleet"]["error"] is None and st["fleet"]["store"] == fleet.cfg.store
+    assert st["fleet"]["error"] is None
+    if fleet.cfg.store:
+        assert st["fleet"]["store"] == fleet.cfg.store
     assert st["fleet"]["controller"]["pid"], st["fleet"]["controller"]
     for n in st["nodes"]:
         assert n["hyperplane_node"] == fleet.names[n["index"]]
@@ -294,7 +306,7 @@ def test_every_node_is_live_and_ready_and_the_routers_steer_to_the_shards(fleet)
 
 
 def test_nat_connections_cross_the_fleet_data_path(fleet):
-    ports = range(42000, 42000 + FLOWS)
+    ports = range(40000, 40000 + FLOWS)
     shard = fleet.store_shards()[NAT]
     fwd0, c0 = fleet.forwarded(), fleet.counters()
     rules = [("rin", "toward", f"ip saddr {CLIENT} tcp sport {ports.start}-{ports.stop - 1}",
@@ -302,7 +314,7 @@ def test_nat_connections_cross_the_fleet_data_path(fleet):
              ("rout", "back", f"ip saddr {INET} ip daddr {lab.FLEET_NAT_IP} "
                               f"tcp sport {NAT_SERVER_PORT}", "tcp dport")]
     with RouterPaths(fleet, rules) as paths:
-        seen = nat_connections(fleet.ns["client"], ports)
+        seen = nat_connections(fleet.ns["client"], ports, budget_s=240)
         toward, back = paths.nodes_of("toward"), paths.nodes_of("back")
     c1, fwd1 = fleet.counters(), fleet.forwarded()
     d = delta(c0, c1)
@@ -342,7 +354,7 @@ def test_nlb_connections_cross_the_fleet_data_path(fleet):
                              f"tcp sport {lab.TARGET_HTTP_PORT}", "tcp dport")]
     with RouterPaths(fleet, rules) as paths:
         results = http_get_many(fleet.ns["inet"], (lab.FLEET_VIP, 80), FLOWS, sources=[INET],
-                                concurrency=16, timeout=90)
+                                concurrency=16, timeout=300)
         toward, back = paths.nodes_of("toward"), paths.nodes_of("back")
     c1, fwd1 = fleet.counters(), fleet.forwarded()
     d = delta(c0, c1)
@@ -371,40 +383,234 @@ def test_nlb_connections_cross_the_fleet_data_path(fleet):
         differ += t != b
     print(f"NLB: {differ} of {len(unique)} flows: replies landed on another node than the "
           f"forward packets")
-    assert len(unique) >= 0.9 * FLOWS and differ >= 0.4 * len(unique)
+    # one client address makes 5,000 connections: its ports repeat (a repeat is skipped)
+    assert len(unique) >= 0.5 * FLOWS and differ >= 0.4 * len(unique)
 
 
-def test_kill_node_then_restore_node(fleet):
-    """hpctl lab kill-node: the node is cut and its agent killed; its member record goes
-    with its lease; new NAT connections all succeed on the survivors. restore-node brings
-    it back, ready and steered to again."""
-    shard = fleet.store_shards()[NAT]
-    victim = shard[0]
-    r = subprocess.run(LAB_CLI + ["kill-node", str(victim), "--prefix", fleet.cfg.prefix,
-                                  "--json"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["agent_killed"]
+class Download(StreamDownload):
+    """A 200 MB (by default) stream at RATE, started at once; check() waits for it and
+    asserts it arrived whole, byte-exact and without an error (a reset is one)."""
+
+    def __init__(self, ns: str, dst: tuple[str, int], nbytes: int, seed: int, src: str):
+        super().__init__(ns, dst, nbytes, RATE, seed, src=src, timeout=DEADLINE_S)
+        self.start()
+
+    def wait_bytes(self, n: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.received < n and not self.done.is_set():
+            assert time.monotonic() < deadline, f"only {self.received} bytes after {timeout} s"
+            time.sleep(0.02)
+
+    def check(self) -> None:
+        assert self.wait(DEADLINE_S + 5), "the download did not end"
+        assert self.error is None, f"the download broke: {self.error}"
+        assert self.received == self.nbytes, f"{self.received} of {self.nbytes} bytes"
+        assert self.sha.hexdigest() == stream_sha256(self.seed, self.nbytes), "the bytes differ"
+
+
+# --- failover, restart, join (real downloads) -------------------------------------------------
+# A 200 MB download at RATE lasts ~5 s: a kill lands mid-way. The stream server runs on the
+# internet host (NAT) and on every target (NLB, behind the VIP).
+STREAM_PORT = lab.TARGET_HTTP_PORT
+
+
+@pytest.fixture(scope="module")
+def streams(fleet):
+    """The stream server on the internet host (the targets run it already)."""
+    from hyperplane.lab.servers import target_server_argv
+    proc = netns.popen_in(fleet.ns["inet"], target_server_argv("inet", INET, udp_port=None))
+    try:
+        wait_tcp(fleet.ns["inet"], INET, STREAM_PORT)
+        yield fleet
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def carrier(fleet, verdict: str, sample_s: float = 0.5) -> int:
+    """The node whose `verdict` count grows most: the bulk direction goes through it."""
+    before = fleet.counters()
+    time.sleep(sample_s)
+    grown = {i: c.get(verdict, 0) - before[i].get(verdict, 0) for i, c in fleet.counters().items()}
+    node = max(grown, key=grown.get)
+    assert grown[node] > 0, f"no node forwards {verdict}: {grown}"
+    return node
+
+
+def stats(fleet) -> dict[int, dict[str, int]]:
+    from hyperplane.datapath.pinned import PinnedNode
+    from hyperplane.node.lifecycle import PIN_ROOT
+    from hyperplane.observe.metrics import stat_counts
+    out = {}
+    for i, name in fleet.names.items():
+        with PinnedNode(os.path.join(fleet_plan.fleet_topology(fleet.cfg)["fleet"]["pin_root"]
+                                     or PIN_ROOT, name)) as maps:
+            out[i] = stat_counts(maps)
+    return out
+
+
+def wait_gone(fleet, i: int, timeout: float = 30.0) -> float:
+    """Seconds until node i's member record is gone (its lease ran out)."""
     t0 = time.monotonic()
     while True:
         st = fleet.status()
-        node = st["nodes"][victim - 1]
-        if not node["live"]:
-            break
-        assert time.monotonic() - t0 < 30, node
+        if not st["nodes"][i - 1]["live"]:
+            return time.monotonic() - t0
+        assert time.monotonic() - t0 < timeout, st["nodes"][i - 1]
         time.sleep(0.2)
-    print(f"\nnode {victim} killed: its member record went after {time.monotonic() - t0:.1f} s")
-    assert node["state"] == "cut" and not node["agent_running"]
-    assert victim not in st["steered"][NAT]
-    seen = nat_connections(fleet.ns["client"], range(43000, 43100))
-    assert len(seen) == 100, f"{len(seen)} of 100 NAT connections after the kill"
+
+
+def open_idle(ns: str, dst: tuple[str, int], n: int, src: str) -> list[socket.socket]:
+    socks = []
+    for s in netns.sockets_in(ns, n):
+        s.bind((src, 0))
+        s.settimeout(10)
+        s.connect(dst)
+        socks.append(s)
+    return socks
+
+
+def where(fleet, port: int) -> dict:
+    """Diagnostics: node -> the flow entries with this port, as each node holds them."""
+    from hyperplane.datapath.flows import list_flows
+    from hyperplane.node.lifecycle import open_node
+    out = {}
+    for i, name in fleet.names.items():
+        try:
+            with open_node(name) as dp:
+                out[i] = [str(f) for f in list_flows(dp, port=port)]
+        except Exception as exc:  # noqa: BLE001 - a killed node's maps may be gone
+            out[i] = repr(exc)
+    return out
+
+
+def broken(socks: list[socket.socket]) -> list[socket.socket]:
+    """The connections that do not answer a request for 1,000 bytes (HTTP keep-alive)."""
+    for s in socks:
+        s.sendall(b"GET /stream?bytes=1000&rate=0&seed=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    bad = []
+    for s in socks:
+        buf = b""
+        try:
+            while len(buf.partition(b"\r\n\r\n")[2]) < 1000:
+                data = s.recv(65536)
+                if not data:
+                    break
+                buf += data
+        except OSError:
+            pass
+        if len(buf.partition(b"\r\n\r\n")[2]) < 1000:
+            bad.append(s)
+    return bad
+
+
+def use(socks: list[socket.socket]) -> int:
+    """How many of the connections answer a request for 1,000 bytes in full."""
+    return len(socks) - len(broken(socks))
+
+
+def test_asymmetric_paths_used_second_chance_and_replication(fleet):
+    """After the 5,000 + 5,000 connections: both ways of handling a packet of a flow this
+    node did not create were used."""
+    s = stats(fleet)
+    assert sum(c["REC_INSTALLED"] for c in s.values()) >= FLOWS, s
+    assert sum(fleet.counters()[i].get("TX_SECOND_CHANCE", 0) for i in fleet.nodes) > 0
+    assert sum(c["PEER_PACKET"] for c in s.values()) > 0, s
+
+
+def test_agent_restart_and_program_reload_mid_transfer(streams):
+    fleet = streams
+    from hyperplane.node.agent import spawn_agent, stop_agent
+    dl = Download(fleet.ns["client"], (INET, STREAM_PORT), DOWNLOAD, seed=13, src=CLIENT)
+    dl.wait_bytes(10 * MB)
+    node = carrier(fleet, "TX_NAT_IN")
+    topo = fleet_plan.fleet_topology(fleet.cfg)
+    stop_agent(fleet.names[node])
+    spawn_agent(fleet.names[node], topo["fleet"]["store"], sync_dev="sync0")
+    fleet_build.start_datapath(fleet.cfg, topo, node)     # the program loaded and attached anew
+    dl.check()
+    print(f"\nnode {node}: agent restarted and program reloaded mid-download, longest gap "
+          f"{dl.max_gap:.3f} s")
+
+
+def test_kill_the_node_carrying_downloads_and_idle_connections(streams):
+    """A 200 MB NAT download and a 200 MB NLB download run, 500 + 500 idle connections are
+    open; the node carrying the NAT download is killed. Both downloads finish byte-exact
+    without a reset, and every idle connection still works once the node's lease is gone."""
+    fleet = streams
+    nat_idle = open_idle(fleet.ns["client"], (INET, STREAM_PORT), 500, CLIENT)
+    nlb_idle = open_idle(fleet.ns["inet"], (lab.FLEET_VIP, 80), 500, INET)
+    try:
+        assert use(nat_idle) == 500 and use(nlb_idle) == 500
+        nat = Download(fleet.ns["client"], (INET, STREAM_PORT), DOWNLOAD, seed=11, src=CLIENT)
+        nlb = Download(fleet.ns["inet"], (lab.FLEET_VIP, 80), DOWNLOAD, seed=12, src=INET)
+        nat.wait_bytes(20 * MB)
+        nlb.wait_bytes(20 * MB)
+        victim = carrier(fleet, "TX_NAT_IN")
+        nlb_carrier = carrier(fleet, "TX_NLB_OUT")
+        fleet_build.kill_node(fleet.cfg, victim)
+        nat.check()
+        nlb.check()
+        gone = wait_gone(fleet, victim)
+        for what, socks in (("NAT", nat_idle), ("NLB", nlb_idle)):
+            bad = broken(socks)
+            assert not bad, (f"{len(bad)} {what} connections broke when node {victim} died: "
+                             + str({s.getsockname()[1]: where(fleet, s.getsockname()[1])
+                                    for s in bad[:3]}))
+        st = fleet.status()
+        assert all(victim not in members for members in st["steered"].values()), st["steered"]
+        print(f"\nnode {victim} killed (NLB download on node {nlb_carrier}): NAT gap "
+              f"{nat.max_gap:.3f} s, NLB gap {nlb.max_gap:.3f} s; its lease ran out after "
+              f"{gone:.1f} s; 1,000 idle connections all usable")
+        fleet.victim = victim
+    finally:
+        for s in nat_idle + nlb_idle:
+            s.close()
+
+
+def test_the_killed_node_rejoins_under_traffic(streams):
+    """restore-node while a download runs: it pulls its shards' flows, becomes ready, is
+    steered to again, the download is unharmed and new connections through it work."""
+    fleet = streams
+    victim = getattr(fleet, "victim", None)
+    assert victim is not None, "the kill test did not run first"
+    dl = Download(fleet.ns["client"], (INET, STREAM_PORT), DOWNLOAD, seed=14, src=CLIENT)
+    dl.wait_bytes(10 * MB)
     r = subprocess.run(LAB_CLI + ["restore-node", str(victim), "--prefix", fleet.cfg.prefix],
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
+    dl.check()
     st = fleet.status()
     node = st["nodes"][victim - 1]
-    assert node["state"] == "up" and node["live"] and node["ready"] and node["agent_running"]
+    assert node["live"] and node["ready"] and node["agent_running"], node
     shards = fleet.store_shards()
-    assert all(st["steered"][res] == members for res, members in shards.items()), \
-        (st["steered"], shards)
-    seen = nat_connections(fleet.ns["client"], range(43100, 43200))
-    assert len(seen) == 100, f"{len(seen)} of 100 NAT connections after the restore"
+    assert all(st["steered"][res] == members for res, members in shards.items())
+    fleet.victim = None
+    c0 = fleet.counters()
+    before = c0[victim]
+    # client ports below the ephemeral range: a port an earlier test's connection used
+    # may still name a connection the server holds (a NAT cannot reuse that tuple)
+    ports = range(20000, 20300)
+    seen = nat_connections(fleet.ns["client"], ports)
+    if len(seen) != 300:
+        failed = [p for p in ports if p not in seen]
+        drops = {i: {k: v for k, v in d.items() if not k.startswith(("TX_", "PASS_"))}
+                 for i, d in delta(c0, fleet.counters()).items()}
+        pytest.fail(f"{len(seen)} of 300 NAT connections after node {victim} rejoined; "
+                    f"failed client ports {failed[:5]}; drops per node {drops}; where "
+                    f"{ {p: where(fleet, p) for p in failed[:2]} }")
+    grew = {k: v - before.get(k, 0) for k, v in fleet.counters()[victim].items()
+            if v != before.get(k, 0)}
+    if victim in shards[NAT]:
+        assert grew.get("TX_NAT_OUT", 0) + grew.get("TX_NAT_IN", 0) > 0, grew
+    print(f"\nnode {victim} rejoined during a download (gap {dl.max_gap:.3f} s)")
+
+
+def test_kill_the_node_carrying_an_nlb_download(streams):
+    fleet = streams
+    dl = Download(fleet.ns["inet"], (lab.FLEET_VIP, 80), DOWNLOAD, seed=15, src=INET)
+    dl.wait_bytes(20 * MB)
+    victim = carrier(fleet, "TX_NLB_OUT")
+    fleet_build.kill_node(fleet.cfg, victim)
+    dl.check()
+    print(f"\nnode {victim} carrying an NLB download killed: gap {dl.max_gap:.3f} s")
