@@ -120,7 +120,7 @@ class Sizes:
     max_inside_prefixes: int = 256
     port_probes: int = 32
     max_frags: int = 4096
-    ringbuf_pages: int = 256
+    ringbuf_pages: int = 1024
     max_listeners: int = 64
     maglev_size: int = 65537
     max_targets: int = 1024

@@ -683,6 +683,9 @@ def test_two_nodes_over_real_udp_with_loss_in_a_namespace() -> None:
             node.set_peers(addrs)
         sent = {i: make_updates(i, 5_000, 800, seed=i) for i in (1, 2)}
         cursor = {1: 0, 2: 0}
+        poller = select.poll()
+        for s in socks:
+            poller.register(s, select.POLLIN)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             now = time.monotonic()
@@ -692,7 +695,9 @@ def test_two_nodes_over_real_udp_with_loss_in_a_namespace() -> None:
                     cursor[i] += 200
                 node.flush(now)
                 node.tick(now)
-            ready, _, _ = select.select(socks, [], [], 0.005)
+            # poll, not select: a long test session may hold fds >= FD_SETSIZE (1024)
+            polled = {fd for fd, _ in poller.poll(5)}
+            ready = [s for s in socks if s.fileno() in polled]
             for s in ready:
                 node = nodes[1 if s is socks[0] else 2]
                 for _ in range(256):
