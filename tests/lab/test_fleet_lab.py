@@ -584,7 +584,11 @@ def test_the_killed_node_rejoins_under_traffic(streams):
     node = st["nodes"][victim - 1]
     assert node["live"] and node["ready"] and node["agent_running"], node
     shards = fleet.store_shards()
-    assert all(st["steered"][res] == members for res, members in shards.items())
+    deadline = time.monotonic() + 10      # the controller follows the store
+    while not all(st["steered"][res] == members for res, members in shards.items()):
+        assert time.monotonic() < deadline, (st["steered"], shards)
+        time.sleep(0.2)
+        st, shards = fleet.status(), fleet.store_shards()
     fleet.victim = None
     c0 = fleet.counters()
     before = c0[victim]
