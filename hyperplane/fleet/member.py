@@ -597,7 +597,7 @@ class FleetMember:
         c = self.counts
         return {"name": self.name, "node_id": self.node_id, "epoch": self.epoch,
                 "ready": self.ready, "error": self.error, "members": members,
-                "shards": shards, "sync": self._sync_stats,
+                "shards": shards, "sync": _by_node_id(self._sync_stats),
                 "records": {k: c[k] for k in ("installed", "merged", "rejected", "conflict",
                                               "full")},
                 "events": {"read": c["events_read"], "replicated": c["events_replicated"],
@@ -605,4 +605,12 @@ class FleetMember:
                            "refreshed": c["refreshed"], "handed_over": c["handed_over"],
                            "stale_removed": c["stale_removed"]},
                 "held_blocks": len(self._held)}
+
+
+def _by_node_id(stats: dict) -> dict:
+    """SyncNode's stats with node ids (a sync id is the node id + 1: sync ids start at 1)."""
+    if not stats:
+        return stats
+    return {**stats, "node_id": stats["node_id"] - 1,
+            "peers": {pid - 1: p for pid, p in stats.get("peers", {}).items()}}
 
