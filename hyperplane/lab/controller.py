@@ -33,6 +33,7 @@ import time
 from typing import Any, Mapping
 
 from hyperplane.lab.fleet_plan import STORE_RESOURCES, node_index
+from hyperplane.node.agent import pid_alive
 from hyperplane.lab.plan import LabConfig, STATE_DIR
 
 NODES_PREFIX = "/nodes/"          # hyperplane.fleet.cluster.NODES_PREFIX
@@ -248,23 +249,7 @@ def pid(prefix: str) -> int | None:
             p = int(f.read().strip())
     except (FileNotFoundError, ValueError):
         return None
-    return p if _alive(p) else None
-
-
-def _alive(p: int) -> bool:
-    if p <= 0:
-        return False
-    try:
-        os.kill(p, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours is not alive
-        done, _ = os.waitpid(p, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
+    return p if pid_alive(p) else None
 
 
 def read_status(prefix: str) -> dict | None:
@@ -287,9 +272,9 @@ def stop(prefix: str, timeout_s: float = 10.0) -> bool:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout_s
-    while stopped and _alive(p) and time.monotonic() < deadline:
+    while stopped and pid_alive(p) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if stopped and _alive(p):
+    if stopped and pid_alive(p):
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:

@@ -21,6 +21,7 @@ import time
 from hyperplane import netns
 from hyperplane.errors import ConfigError, HyperplaneError, NotFound
 from hyperplane.lab import controller
+from hyperplane.node.agent import pid_alive
 from hyperplane.lab.fabric import Fabric, NODE_FABRIC_IFNAMES, wire
 from hyperplane.lab.fleet_plan import (fleet_topology, INSIDE_ROUTER_IP, node_index,
                                        node_name, OUTSIDE_ROUTER_IP, ROUTERS,
@@ -171,22 +172,6 @@ def _agent_pid(name: str) -> int | None:
         return None
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours is not alive
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
-
-
 def _log_tail(path: str, lines: int = 8) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -235,7 +220,7 @@ def wait_ready(cfg: LabConfig, timeout_s: float = READY_S) -> float:
         while True:
             for i in range(1, cfg.nodes + 1):
                 name = node_name(cfg, i)
-                if not _alive(_agent_pid(name)):
+                if not pid_alive(_agent_pid(name)):
                     raise HyperplaneError(
                         f"the agent of node {name} is not running; its log "
                         f"({state_path(name, '.agent.log')}) ends:\n"
@@ -340,7 +325,7 @@ def kill_node(cfg: LabConfig, i: int) -> dict:
     fabric.cut(i)
     pid = _agent_pid(name)
     killed = False
-    if _alive(pid):
+    if pid_alive(pid):
         try:
             os.kill(pid, signal.SIGKILL)
             killed = True
@@ -372,7 +357,7 @@ def restore_node(cfg: LabConfig, i: int, timeout_s: float = READY_S) -> dict:
             member = controller.view(listing, cfg)["members"].get(name)
             if member and member["ready"]:
                 break
-            if time.monotonic() - t0 > timeout_s or not _alive(pid):
+            if time.monotonic() - t0 > timeout_s or not pid_alive(pid):
                 raise HyperplaneError(f"node {name} did not become ready again within "
                                       f"{timeout_s:.0f} s (agent pid {pid})")
             time.sleep(0.2)
@@ -482,7 +467,7 @@ def status(cfg: LabConfig, have: list[str], state_known: bool) -> dict:
                 "ready": bool(member and member["ready"]),
                 "member_id": member["id"] if member else None,
                 "agent_pid": pid,
-                "agent_running": _alive(pid),
+                "agent_running": pid_alive(pid),
                 "attached": {i: _hook(links.get(i)) for i in topo["fleet"]["datapath_ifnames"]}
                 if links is not None else {},
             })

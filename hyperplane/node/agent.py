@@ -349,7 +349,7 @@ def read_status(node: str) -> dict:
         raise ConfigError(f"the agent status of node {node!r} is damaged ({exc}); restart the "
                           f"agent (hpctl nat up, or hpctl agent run --node {node})") from None
     status["age_s"] = round(max(0.0, time.time() - status["time"]), 1)
-    status["running"] = _alive(status["pid"])
+    status["running"] = pid_alive(status["pid"])
     return status
 
 
@@ -362,8 +362,9 @@ def _check_status(status: dict) -> None:
                 raise ConfigError("a target without state, active_flows or packets")
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:  # kill(0 or -n) would name a process group
+def pid_alive(pid: int | None) -> bool:
+    """Whether process pid runs (a zombie child of this process does not)."""
+    if not pid or pid <= 0:  # kill(0 or -n) would name a process group
         return False
     try:
         os.kill(pid, 0)
@@ -371,7 +372,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:  # not our child: kill(0) said it is there
+        return True
 
 
 def status_or_none(node: str) -> dict | None:
