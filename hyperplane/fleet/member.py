@@ -388,8 +388,7 @@ class FleetMember:
                 self._last_refresh = now
                 blob = records.dump(self.dp, self.node_id,
                                     idle_below_ms=int(cfg.refresh_s * 1000) + 1000)
-                self.counts["refreshed"] += len(blob) // records.RECORD_SIZE
-                self._replicate(node, blob)
+                self.counts["refreshed"] += self._queue_by_resource(node, blob)
             with self.lock:
                 due, self._handover_due = self._handover_due, False
             if due:
@@ -439,30 +438,32 @@ class FleetMember:
         if etype in REPLICATED and rec[_FLAGS_OFF] & records.REC_F_CONFIRMED:
             self._events += rec
 
-    def _replicate(self, node: SyncNode, blob: bytes) -> None:
+    def _queue_by_resource(self, node: SyncNode, blob: bytes,
+                           only: list[int] | None = None) -> int:
+        """Queue each record to the other nodes of its resource's shard (only those of
+        `only`, sync ids, when given); returns the records queued (once per record)."""
         with self.lock:
             targets = self._targets
+        queued = 0
         for resource, group in records.group_by_resource(blob, self._lb_of_listener).items():
-            peers = targets.get(resource)
+            peers = [p for p in targets.get(resource, []) if only is None or p in only]
             if peers:
                 n = len(group) // records.RECORD_SIZE
-                self.counts["events_replicated"] += n
+                queued += n
                 self.counts["records_sent"] += n * len(peers)
                 node.queue(peers, bytes(group))
+        return queued
+
+    def _replicate(self, node: SyncNode, blob: bytes) -> None:
+        self.counts["events_replicated"] += self._queue_by_resource(node, blob)
 
     def _send_dump(self, peer_sync_ids: list[int], idle_below_ms: int | None = None) -> None:
         """Every flow of the shards a peer shares with this node (or those that saw a
         packet in the last idle_below_ms), to that peer."""
-        if not peer_sync_ids:
-            return
-        blob = records.dump(self.dp, self.node_id, idle_below_ms=idle_below_ms)
-        with self.lock:
-            targets = self._targets
-        for resource, group in records.group_by_resource(blob, self._lb_of_listener).items():
-            peers = [p for p in targets.get(resource, []) if p in peer_sync_ids]
-            if peers:
-                self.counts["dumps_sent"] += len(group) // records.RECORD_SIZE
-                self._sync.queue(peers, bytes(group))
+        if peer_sync_ids:
+            blob = records.dump(self.dp, self.node_id, idle_below_ms=idle_below_ms)
+            self.counts["dumps_sent"] += self._queue_by_resource(self._sync, blob,
+                                                                 only=peer_sync_ids)
 
     def _hand_over(self, node: SyncNode) -> None:
         """After a membership change: every unconfirmed flow here whose owner is now
