@@ -119,6 +119,8 @@ enum hp_event_type {
 	EV_FLOW_EXPIRED = 3,     /* found idle past its timeout */
 	EV_FLOW_CONFIRMED = 4,   /* moved to the flow table (a reply, then the originator) */
 	EV_FLOW_CHANGED = 5,     /* TCP state changed (established, one FIN) */
+	EV_FLOW_REMOVED = 6,     /* deleted without expiring: a closed flow's tuple opened
+				  * anew, or a stale entry in a new flow's way */
 };
 
 /* Counted events that are not packet verdicts. Keep in sync: verdicts.py Stat */

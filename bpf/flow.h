@@ -167,11 +167,21 @@ static __always_inline void emit_event(__u32 type, struct flow_key *k, struct fl
 	}
 	struct hp_config *cfg = get_config();
 	e->type = type;
-	e->pad = 0;
 	e->ts_ns = now;
 	record_of(&e->rec, k, v, now, cfg ? cfg->node_id : 0);
+	e->flags = is_reply_kind(v->kind) ? EVF_REPLY : 0;
 	e->packets = v->packets;
 	e->bytes = v->bytes;
+	e->twin_packets = 0;
+	e->twin_bytes = 0;
+	/* type is a constant where this is inlined: only the deleting events look */
+	if (type == EV_FLOW_EXPIRED || type == EV_FLOW_REMOVED) {
+		struct flow_value *t = flow_in(&v->twin, v->flags);
+		if (t) {
+			e->twin_packets = t->packets;
+			e->twin_bytes = t->bytes;
+		}
+	}
 	/* no wakeup per event: readers consume on a timer (an irq_work per new flow costs
 	 * more than the rest of the event) */
 	flow_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
@@ -260,6 +270,7 @@ static __always_inline int flow_clear_stale(struct hp_config *cfg, struct flow_k
 	if (!flow_expired(cfg, v, k->proto, now) && flow_in(&v->twin, v->flags))
 		return 0;
 	stat_inc(S_STALE_REPLACED);
+	emit_event(EV_FLOW_REMOVED, k, v, now);
 	flow_delete(k, v);
 	return 1;
 }

@@ -458,6 +458,7 @@ static __always_inline struct flow_value *known_flow(struct pkt *p, struct hp_co
 		return 0;
 	}
 	if (v->tcp_state == TCP_S_CLOSED && !is_reply_kind(v->kind) && tcp_opens(p)) {
+		emit_event(EV_FLOW_REMOVED, &p->key, v, p->now);
 		flow_delete(&p->key, v); /* the same 5-tuple opens anew after a close */
 		return 0;
 	}

@@ -195,12 +195,17 @@ struct flow_record {
 /* A flow event (ring buffer): what happened, and the flow as a record. */
 struct flow_event {
 	__u32 type;               /* enum hp_event_type */
-	__u32 pad;
+	__u32 flags;              /* EVF_* */
 	__u64 ts_ns;
 	struct flow_record rec;
 	__u64 packets;            /* of the direction whose packet caused the event */
 	__u64 bytes;
+	/* EV_FLOW_EXPIRED / EV_FLOW_REMOVED (the flow is deleted): the other direction's
+	 * final counts, so flow logs get both directions' totals (0 for other events) */
+	__u64 twin_packets;
+	__u64 twin_bytes;
 };
+#define EVF_REPLY 1           /* packets/bytes are the reply direction's (twin_*: original) */
 
 /* NLB: an address that is a listener VIP (any port). */
 struct vip_value {

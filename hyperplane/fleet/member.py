@@ -36,7 +36,7 @@ from hyperplane.fleet.dataplane import FleetDataplane, GatewayBlocks, lb_slot
 from hyperplane.fleet.owner import block_owners, block_size, shard_owner
 from hyperplane.fleet.store import LeaseExpired, Store, StoreError, WatchCompacted
 from hyperplane.fleet.sync import SyncNode
-from hyperplane.observe.events import subscribe_records
+from hyperplane.observe.events import EventHub
 
 log = logging.getLogger("hyperplane.fleet.member")
 
@@ -80,8 +80,12 @@ class View:
 class FleetMember:
     def __init__(self, name: str, netns: str | None, dp, store: Store, config: FleetConfig,
                  gateways: Callable[[], dict[str, GatewayBlocks]],
-                 lb_ids: Callable[[], dict[str, int]]):
+                 lb_ids: Callable[[], dict[str, int]], events: EventHub | None = None):
         self.name, self.netns, self.dp, self.store, self.config = name, netns, dp, store, config
+        # the node's one reader of the event ring, shared with flow logs and followers
+        # (the agent's); the sync task drives it
+        self.events = events
+        self._consume_events = None
         self.fleet = FleetDataplane(dp)
         self.gateways = gateways          # gateway name -> its blocks' shape (this node's)
         self.lb_ids = lb_ids              # load balancer name -> id (the applied config)
@@ -347,7 +351,10 @@ class FleetMember:
                         record_size=records.RECORD_SIZE, key_size=records.KEY_SIZE,
                         send=self._send, deliver=self._deliver, on_hello=self._on_hello)
         self._sync = node
-        consume_events = subscribe_records(self.dp, self._on_event)
+        if self._consume_events is None:     # once: a restarted task keeps its subscription
+            self.events = self.events or EventHub(self.dp)
+            self._consume_events = self.events.subscribe_records(self._on_event)
+        consume_events = self._consume_events
         self._lb_of_listener = self._listener_lbs()
         next_lbs = time.monotonic() + 1.0
         first = True

@@ -8,6 +8,7 @@ layout is declared here; a unit test holds it to the C struct."""
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass
 
 from hyperplane.datapath.verdicts import FlowEventType
@@ -15,21 +16,40 @@ from hyperplane.fleet.records import RECORD_SIZE, FlowRecord
 
 
 class RawFlowEvent(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+    _fields_ = [("type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("ts_ns", ctypes.c_uint64), ("rec", ctypes.c_uint8 * RECORD_SIZE),
-                ("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+                ("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
+                ("twin_packets", ctypes.c_uint64), ("twin_bytes", ctypes.c_uint64)]
 
 
 REC_OFFSET = RawFlowEvent.rec.offset
+
+
+EVF_REPLY = 1      # bpf/structs.h: packets/bytes are the reply direction's
 
 
 @dataclass
 class FlowEvent:
     type: FlowEventType
     record: FlowRecord
-    packets: int
+    packets: int              # of the direction whose packet caused the event
     bytes: int
     ts_ns: int
+    flags: int = 0            # EVF_REPLY: that direction is the reply
+    twin_packets: int = 0     # EXPIRED / REMOVED: the other direction's final counts
+    twin_bytes: int = 0
+
+    @property
+    def reply(self) -> bool:
+        return bool(self.flags & EVF_REPLY)
+
+
+def decode(raw: bytes) -> FlowEvent:
+    """A FlowEvent from the bytes of one ring record (struct flow_event)."""
+    size = ctypes.sizeof(RawFlowEvent)
+    ev = RawFlowEvent.from_buffer_copy(raw[:size].ljust(size, b"\0"))
+    return FlowEvent(FlowEventType(ev.type), FlowRecord.unpack(bytes(ev.rec)), ev.packets,
+                     ev.bytes, ev.ts_ns, ev.flags, ev.twin_packets, ev.twin_bytes)
 
 
 def subscribe(dp, callback) -> None:
@@ -37,22 +57,80 @@ def subscribe(dp, callback) -> None:
     (call it on a timer: the data path submits without wakeups, so a blocking poll would
     not return for new events)."""
     def on_event(_ctx, data, _size):
-        ev = ctypes.cast(data, ctypes.POINTER(RawFlowEvent)).contents
-        callback(FlowEvent(FlowEventType(ev.type), FlowRecord.unpack(bytes(ev.rec)),
-                           ev.packets, ev.bytes, ev.ts_ns))
+        callback(decode(ctypes.string_at(data, ctypes.sizeof(RawFlowEvent))))
 
     dp.table("flow_events").open_ring_buffer(on_event)
 
 
-def subscribe_records(dp, callback):
-    """The fast path for replication: callback(event type, record bytes) per event.
-    Returns the function that reads what is there (call it on a timer). dp is a Datapath
-    (bcc) or a PinnedNode (the pinned ring, read without compiling anything)."""
-    def on_raw(data, _size):
-        raw = ctypes.string_at(data, REC_OFFSET + RECORD_SIZE)
-        callback(int.from_bytes(raw[:4], "little"), raw[REC_OFFSET:])
+def subscribe_records(dp, callback, whole: bool = False):
+    """The fast path for replication: callback(event type, record bytes) per event (with
+    whole: callback(event bytes)). Returns the function that reads what is there (call it
+    on a timer). dp is a Datapath (bcc) or a PinnedNode (the pinned ring, read without
+    compiling anything)."""
+    if whole:
+        def on_raw(data, size):   # a program older than these headers: shorter events
+            callback(ctypes.string_at(data, size))
+    else:
+        def on_raw(data, _size):
+            raw = ctypes.string_at(data, REC_OFFSET + RECORD_SIZE)
+            callback(int.from_bytes(raw[:4], "little"), raw[REC_OFFSET:])
 
     if hasattr(dp, "open_ring"):
         return dp.open_ring("flow_events", on_raw).consume
     dp.table("flow_events").open_ring_buffer(lambda _ctx, data, size: on_raw(data, size))
     return dp.bpf.ring_buffer_consume
+
+
+class EventHub:
+    """The one reader of a node's event ring (a BPF ring buffer has one consumer
+    position), fanning each event out to its subscribers: the fleet member's replication
+    (subscribe_records: event type and record bytes, its fast path), and whole events as
+    bytes (subscribe_events: flow logs, followers), which those subscribers decode in
+    their own threads.
+
+    One thread drives it: the fleet member's sync task (which polls at 1 ms while busy),
+    or on a node outside a fleet the agent's event task. `rounds` counts finished reads,
+    so another thread can wait until every event submitted before it asked has been
+    delivered (wait_round)."""
+
+    def __init__(self, dp):
+        self._record_subs: list = []
+        self._event_subs: list = []
+        self._consume = subscribe_records(dp, self._on_raw, whole=True)
+        self._cond = threading.Condition()
+        self.rounds = 0
+        self.events = 0
+
+    def subscribe_records(self, callback):
+        """callback(event type, record bytes) per event; returns consume (the driver's)."""
+        self._record_subs.append(callback)
+        return self.consume
+
+    def subscribe_events(self, callback) -> None:
+        """callback(event bytes: struct flow_event) per event, in the driving thread:
+        keep it cheap (queue the bytes)."""
+        self._event_subs.append(callback)
+
+    def _on_raw(self, raw: bytes) -> None:
+        self.events += 1
+        if self._record_subs:
+            etype, rec = int.from_bytes(raw[:4], "little"), raw[REC_OFFSET:REC_OFFSET + RECORD_SIZE]
+            for cb in self._record_subs:
+                cb(etype, rec)
+        for cb in self._event_subs:
+            cb(raw)
+
+    def consume(self) -> int:
+        """Read what the ring holds (the driving thread only). Returns the events read."""
+        n = self._consume()
+        with self._cond:
+            self.rounds += 1
+            self._cond.notify_all()
+        return n
+
+    def wait_round(self, timeout_s: float) -> bool:
+        """Wait until a read that started after this call has finished (every event
+        submitted before the call is delivered); False if none did within timeout_s."""
+        with self._cond:
+            want = self.rounds + 2    # the read under way may have started before the call
+            return self._cond.wait_for(lambda: self.rounds >= want, timeout_s)
