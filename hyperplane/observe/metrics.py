@@ -127,3 +127,23 @@ def load_balancer_metrics(dp, status: dict | None = None) -> dict:
         for m in out.values():
             m["HealthyHostCount"], m["UnHealthyHostCount"] = healthy, unhealthy
     return out
+
+
+def listener_metrics(dp) -> dict[int, dict]:
+    """Per listener row of the data path (one per VIP, port and IP protocol: a TCP_UDP
+    listener has two): its vip, port, proto (IP protocol number), lb_id and the AWS-named
+    metrics (and ours, OWN_METRICS) summed over CPUs, with ActiveFlowCount from counters.
+    Reads the listeners map and one lb_stats entry per listener: never a flow table."""
+    from hyperplane.codec import be16_to_port, be32_to_ip
+    table = dp.table("lb_stats")
+    rows = {v.listener_id: {"vip": be32_to_ip(k.vip), "port": be16_to_port(k.port),
+                            "proto": int(k.proto), "lb_id": int(v.lb_id)}
+            for k, v in dp.table("listeners").items()}
+    active = active_flows(dp, FlowKind.NLB_IN, sorted(rows)) if rows else {}
+    fields = {**NLB_METRICS, **OWN_METRICS}
+    for lid, row in rows.items():
+        per_cpu = table[table.Key(lid)]
+        row.update({aws: int(sum(getattr(cpu, field) for cpu in per_cpu))
+                    for field, aws in fields.items()})
+        row["ActiveFlowCount"] = active[lid]
+    return rows
