@@ -272,9 +272,10 @@ def _delete(table, keys: list) -> list[bool]:
     return done
 
 
-def collect_garbage(dp) -> GcResult:
+def collect_garbage(dp, on_deleted=None) -> GcResult:
     """Delete expired flow entries (both keys of a flow, in every flow table) and the
-    reservations whose flow is gone or expired from all of them.
+    reservations whose flow is gone or expired from all of them. on_deleted((key, value)
+    list): the entries deleted, as read just before (their final counts: flow logs).
 
     The data path already treats an expired flow as absent; this frees the table space and
     the NAT ports for good. Reads and deletes are batched (BPF_MAP_*_BATCH)."""
@@ -291,8 +292,13 @@ def collect_garbage(dp) -> GcResult:
     for key, (name, k, v) in entries.items():
         if not live(key) and not live(bytes(v.twin)):  # a live direction keeps both
             dead[name].append((k, v))
-    result = GcResult(flows_removed=sum(len(delete_flow_entries(dp, name, doomed))
-                                        for name, doomed in dead.items()))
+    result = GcResult()
+    for name, doomed in dead.items():
+        gone = {id(v) for v in delete_flow_entries(dp, name, doomed)}
+        deleted = [(k, v) for k, v in doomed if id(v) in gone]
+        result.flows_removed += len(deleted)
+        if on_deleted is not None and deleted:
+            on_deleted(deleted)
     resv = dp.table("nat_resv")
     stale = [k for k, v in resv.items_lookup_batch()
              # a young reservation's flow may be being created right now (the C's grace)

@@ -19,7 +19,8 @@ class RawFlowEvent(ctypes.Structure):
     _fields_ = [("type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("ts_ns", ctypes.c_uint64), ("rec", ctypes.c_uint8 * RECORD_SIZE),
                 ("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
-                ("twin_packets", ctypes.c_uint64), ("twin_bytes", ctypes.c_uint64)]
+                ("twin_packets", ctypes.c_uint64), ("twin_bytes", ctypes.c_uint64),
+                ("in_ifindex", ctypes.c_uint32), ("twin_in_ifindex", ctypes.c_uint32)]
 
 
 REC_OFFSET = RawFlowEvent.rec.offset
@@ -38,6 +39,8 @@ class FlowEvent:
     flags: int = 0            # EVF_REPLY: that direction is the reply
     twin_packets: int = 0     # EXPIRED / REMOVED: the other direction's final counts
     twin_bytes: int = 0
+    in_ifindex: int = 0       # where the direction of packets/bytes arrives
+    twin_in_ifindex: int = 0
 
     @property
     def reply(self) -> bool:
@@ -49,7 +52,8 @@ def decode(raw: bytes) -> FlowEvent:
     size = ctypes.sizeof(RawFlowEvent)
     ev = RawFlowEvent.from_buffer_copy(raw[:size].ljust(size, b"\0"))
     return FlowEvent(FlowEventType(ev.type), FlowRecord.unpack(bytes(ev.rec)), ev.packets,
-                     ev.bytes, ev.ts_ns, ev.flags, ev.twin_packets, ev.twin_bytes)
+                     ev.bytes, ev.ts_ns, ev.flags, ev.twin_packets, ev.twin_bytes,
+                     ev.in_ifindex, ev.twin_in_ifindex)
 
 
 def subscribe(dp, callback) -> None:
@@ -134,3 +138,12 @@ class EventHub:
         with self._cond:
             want = self.rounds + 2    # the read under way may have started before the call
             return self._cond.wait_for(lambda: self.rounds >= want, timeout_s)
+
+
+def drive(hub: EventHub, stop: threading.Event, poll_s: float = 0.01,
+          idle_poll_s: float = 0.1) -> None:
+    """Read the ring until stop is set (a node outside a fleet, where no sync task does):
+    every poll_s while events come, backing off to idle_poll_s when none do."""
+    wait = poll_s
+    while not stop.wait(wait):
+        wait = poll_s if hub.consume() else min(wait * 2, idle_poll_s)
