@@ -20,9 +20,13 @@ command = click.Group("agent", help="The node agent.")
 @click.option("--sync-dev", default=None, metavar="IFNAME",
               help="The node's interface on the fleet's sync network: join the fleet "
                    "(replication, second chance, shards, port blocks).")
-def run(node, store_url, tick, sync_dev):
+@click.option("--metrics-addr", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics, in the node's "
+                   "network namespace (e.g. 0.0.0.0:9477; default: none).")
+def run(metrics_addr, node, store_url, tick, sync_dev):
     """Run until SIGTERM / Ctrl-C."""
     from hyperplane.node import agent
-    raise SystemExit(agent.main(["--node", resolve_node(node), "--store", store_url,
+    raise SystemExit(agent.main([*(["--metrics-addr", metrics_addr] if metrics_addr else []),
+                                 "--node", resolve_node(node), "--store", store_url,
                                  "--tick", str(tick),
                                  *(["--sync-dev", sync_dev] if sync_dev else [])]))

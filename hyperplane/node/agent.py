@@ -87,6 +87,8 @@ class AgentConfig:
     sync_dev: str | None = None  # the sync network's interface: set, the node is a fleet member
     fleet: FleetConfig = field(default_factory=FleetConfig)
     watchdog_s: float = 10.0     # a fleet task silent this long is reported (and logged)
+    metrics_addr: str | None = None  # HOST:PORT: serve Prometheus metrics there, in the
+                                     # node's network namespace (None: no metrics)
     flow_logs: FlowLogConfig = field(default_factory=FlowLogConfig)
 
 
@@ -111,6 +113,8 @@ class Agent:
         self.resets = 0
         self.member: FleetMember | None = None
         self.stalled: list[str] = []      # fleet tasks the watchdog found silent
+        self.last_status: dict | None = None   # what _write_status wrote last (metrics)
+        self.metrics = None               # hyperplane.observe.prometheus.MetricsServer
         self.events = None   # the event ring's one reader (observe.events.EventHub)
         self.events_stop = threading.Event()   # its thread's, outside a fleet
         self.flow_logs: FlowLogs | None = None
@@ -130,6 +134,8 @@ class Agent:
         self.dp = open_node(self.config.node)
         self.plane = NlbDataplane(self.dp)
         self.vips = _read_vips(self.config.node)
+        if self.config.metrics_addr:
+            self._serve_metrics()
         self._start_events()
         if self.config.sync_dev:
             self.member = FleetMember(
@@ -172,7 +178,23 @@ class Agent:
             self.flow_logs.start()
         self.publisher = EventPublisher(events_socket_path(self.config.node), self.events)
 
+    def _serve_metrics(self) -> None:
+        """Prometheus metrics at config.metrics_addr, the socket in the node's namespace;
+        a scrape reads the node's counters (its own map handles) and this agent's last
+        status."""
+        from hyperplane.observe import prometheus
+        host, port = prometheus.parse_addr(self.config.metrics_addr)
+        node = self.config.node
+        collector = prometheus.NodeCollector(
+            node, open_node(node), gateways=lambda: node_state(node)["gateways"],
+            status=lambda: self.last_status,
+            nlb_config=lambda: NlbConfig.from_dict(self.good) if self.good else None)
+        self.metrics = prometheus.serve(collector, host, port, self.netns)
+        log.info("metrics at %s (network namespace %s)", self.metrics.url, self.netns)
+
     def shutdown(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         if self.flow_logs is not None:
             self.flow_logs.close()      # logs the interval under way (the ring still read)
         self.events_stop.set()
@@ -352,6 +374,7 @@ class Agent:
                   "config_error": self.config_error, "address_error": self.address_error,
                   "flows_reset_unhealthy": self.resets,
                   "target_groups": {}, "stalled_tasks": self.stalled,
+                  "metrics": self.metrics.url if self.metrics is not None else None,
                   "flow_logs": self.flow_logs.status() if self.flow_logs else None,
                   "fleet": self.member.status() if self.member is not None else None}
         if cfg is not None:
@@ -367,6 +390,7 @@ class Agent:
                                      t.identity), 0)}
                     for t in tg.targets}
         write_state_file(status_path(self.config.node), status)
+        self.last_status = status
 
 
 # --- running in the background -------------------------------------------------------------
@@ -424,7 +448,7 @@ def status_or_none(node: str) -> dict | None:
 
 
 def spawn_agent(node: str, store_url: str = DEFAULT_STORE, timeout_s: float = 30.0,
-                sync_dev: str | None = None) -> int:
+                sync_dev: str | None = None, metrics_addr: str | None = None) -> int:
     """Start an agent process for the node; return once it has written its first status.
     sync_dev (the node's interface on the sync network) makes it a fleet member."""
     node_state(node)  # fail early and clearly if the node is not running
@@ -433,7 +457,9 @@ def spawn_agent(node: str, store_url: str = DEFAULT_STORE, timeout_s: float = 30
     except FileNotFoundError:
         pass
     log_file = open(state_path(node, ".agent.log"), "a")
-    proc = subprocess.Popen([sys.executable, "-m", "hyperplane.node.agent", "--node", node,
+    proc = subprocess.Popen([sys.executable, "-m", "hyperplane.node.agent",
+                             *(["--metrics-addr", metrics_addr] if metrics_addr else []),
+                             "--node", node,
                              "--store", store_url, *(["--sync-dev", sync_dev] if sync_dev else [])],
                             stdout=log_file, stderr=log_file,
                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -509,11 +535,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tick", type=float, default=0.2)
     ap.add_argument("--sync-dev", default=None,
                     help="the node's interface on the sync network: join the fleet")
+    ap.add_argument("--metrics-addr", default=None, metavar="HOST:PORT",
+                    help="serve Prometheus metrics there (in the node's network namespace)")
     flow_log_arguments(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        agent = Agent(AgentConfig(args.node, args.store, args.tick, sync_dev=args.sync_dev))  # a bad --store URL
+        agent = Agent(AgentConfig(args.node, args.store, args.tick, metrics_addr=args.metrics_addr,
+                                  sync_dev=args.sync_dev))  # a bad --store URL
         agent.config.flow_logs = flow_log_config(args)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: agent.stop.set())

@@ -1,0 +1,250 @@
+"""Prometheus metrics scraped over HTTP from a running agent (hpctl agent run
+--metrics-addr, serving inside the node's network namespace) agree with the traffic sent
+through the lab with real sockets (issue 8 sections 2 and 5).
+
+Exact where the traffic fixes the number: UDP datagrams and their bytes through the NAT
+(each counted once in each of the four directions), TCP connections attempted and
+established, NLB flows, flows held open. Where TCP's own packets (ACKs, FINs, delayed
+ACKs) make the count the kernel's choice, the scraped deltas must equal what the data
+path's counters say when read directly (the exporter keeps no copy) and be at least what
+the payload and headers need.
+
+Bytes are what the data path counts per packet: the frame (IP total length + the 14-byte
+Ethernet header), so a UDP datagram of P payload bytes counts P + 8 + 20 + 14.
+
+Every wait polls with a deadline; nothing asserts on time."""
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hyperplane import lab, netns
+from hyperplane.node.agent import spawn_agent, status_path, stop_agent
+from hyperplane.node.lifecycle import node_state, open_node, read_state_file
+from hyperplane.observe.metrics import gateway_metrics
+
+from lab_harness import ATTACH, build_nlb_lab, lab_prefix
+from lab_traffic import TcpCollector, UdpEcho, open_concurrent
+
+PORT = 9477                   # inside the lab node's own namespace: nothing else there
+UDP_PORT, TCP_PORT = 7001, 7002
+ETH_IP_UDP = 14 + 20 + 8      # the headers a UDP datagram's counted bytes add
+
+
+@pytest.fixture(scope="module")
+def metrics_lab(request):
+    """The one-node lab with its NLB, whose agent is replaced by one that serves metrics
+    on 0.0.0.0:PORT in the node's namespace."""
+    the_lab = build_nlb_lab(request, lab.LabConfig(prefix=lab_prefix("m"), mode="xdp",
+                                                   attach=ATTACH, nlb=True))
+    node = lab.node_name(the_lab.cfg)
+    stop_agent(node)
+    spawn_agent(node, lab.store_path(the_lab.cfg.prefix), metrics_addr=f"0.0.0.0:{PORT}")
+    the_lab.wait_states({f"{ip}:{lab.TARGET_HTTP_PORT}": "healthy" for ip in lab.TARGET_IPS},
+                        timeout=30)
+    return the_lab
+
+
+def scrape(the_lab) -> dict:
+    """GET /metrics from inside the node's namespace, parsed by prometheus_client's parser:
+    sample name -> {frozenset(labels): value}."""
+    def get():
+        with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=10) as resp:
+            assert resp.status == 200
+            return resp.read().decode()
+    out: dict = {}
+    for family in text_string_to_metric_families(netns.call_in(the_lab.node, get)):
+        for s in family.samples:
+            out.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
+    return out
+
+
+def sample(samples: dict, name: str, **labels) -> float:
+    """The one sample of `name` whose labels include `labels`."""
+    hits = [v for k, v in samples.get(name, {}).items() if set(labels.items()) <= k]
+    assert len(hits) == 1, f"{len(hits)} samples of {name} with {labels}: {samples.get(name)}"
+    return hits[0]
+
+
+def gateway(the_lab) -> str:
+    return node_state(lab.node_name(the_lab.cfg))["gateways"][0]["name"]
+
+
+NAT = {  # short name -> family (sample name)
+    "attempts": "hyperplane_nat_gateway_connection_attempts_total",
+    "established": "hyperplane_nat_gateway_connections_established_total",
+    "active": "hyperplane_nat_gateway_active_connections",
+    **{f"{d}_{unit}": f"hyperplane_nat_gateway_{d}_{unit}_total"
+       for d in ("in_from_source", "out_to_destination", "in_from_destination", "out_to_source")
+       for unit in ("packets", "bytes")},
+}
+# the same counters as hyperplane.observe.metrics names them (AWS names)
+AWS = {"attempts": "ConnectionAttemptCount", "established": "ConnectionEstablishedCount",
+       "active": "ActiveConnectionCount",
+       **{f"{d}_{unit}": f"{unit.capitalize()}{a}" for d, a in (
+           ("in_from_source", "InFromSource"), ("out_to_destination", "OutToDestination"),
+           ("in_from_destination", "InFromDestination"), ("out_to_source", "OutToSource"))
+          for unit in ("packets", "bytes")}}
+
+
+def nat_metrics(the_lab) -> dict[str, float]:
+    s = scrape(the_lab)
+    node, gw = lab.node_name(the_lab.cfg), gateway(the_lab)
+    out = {k: sample(s, name, node=node, gateway=gw) for k, name in NAT.items()}
+    for verdict in ("TX_NAT_OUT", "TX_NAT_IN"):
+        out[verdict] = sample(s, "hyperplane_datapath_packets_total", node=node, verdict=verdict)
+    return out
+
+
+def settled(read, timeout: float = 10.0) -> dict:
+    """read() once two reads 0.3 s apart agree (the last packets of an exchange, e.g. a
+    FIN's ACK, may still be on their way); the last read at the deadline."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {k: after[k] - before[k] for k in after}
+
+
+def wait_for(predicate, what: str, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.2)
+
+
+def test_the_agent_serves_in_the_nodes_namespace_and_says_where(metrics_lab):
+    node = lab.node_name(metrics_lab.cfg)
+    status = read_state_file(status_path(node), "no agent status")
+    assert status["metrics"] == f"http://0.0.0.0:{PORT}/metrics"
+    s = scrape(metrics_lab)
+    assert sample(s, "hyperplane_nat_gateway_ports_per_destination", node=node,
+                  gateway=gateway(metrics_lab)) > 0
+
+
+def test_udp_datagrams_through_the_nat_are_counted_exactly(metrics_lab):
+    """N datagrams of P bytes on one socket, each echoed: one connection attempt, N packets
+    and N * (P + 42) bytes in each of the four directions, N TX_NAT_OUT and N TX_NAT_IN."""
+    n, payload = 100, 200
+    before = settled(lambda: nat_metrics(metrics_lab))
+    with UdpEcho(metrics_lab.inet, lab.INET_IPS[0], UDP_PORT):
+        sock = netns.socket_in(metrics_lab.client, socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((lab.CLIENT_IPS[0], 0))
+        sock.settimeout(3)
+        try:
+            for i in range(n):
+                msg = i.to_bytes(4, "big") + bytes(payload - 4)
+                sock.sendto(msg, (lab.INET_IPS[0], UDP_PORT))
+                assert sock.recv(65535) == msg, f"datagram {i} came back changed"
+        finally:
+            sock.close()
+    d = delta(settled(lambda: nat_metrics(metrics_lab)), before)
+    frame = payload + ETH_IP_UDP
+    assert d["attempts"] == 1 and d["established"] == 0
+    for direction in ("in_from_source", "out_to_destination", "in_from_destination",
+                      "out_to_source"):
+        assert d[f"{direction}_packets"] == n, (direction, d)
+        assert d[f"{direction}_bytes"] == n * frame, (direction, d)
+    assert d["TX_NAT_OUT"] == n and d["TX_NAT_IN"] == n, d
+    # the flow was confirmed by the second datagram (a packet after a reply): it is open
+    assert d["active"] == 1, d
+
+
+def test_tcp_connections_through_the_nat(metrics_lab):
+    """M connections, each sending a request and closing: M attempts, M established, and
+    byte and packet counts equal to the data path's own counters (no copy) and at least
+    what the payload and a handshake need; none stays active once closed."""
+    m, request = 20, 300
+    before = settled(lambda: nat_metrics(metrics_lab))
+    with TcpCollector(metrics_lab.inet, lab.INET_IPS[0], TCP_PORT) as server:
+        for i in range(m):
+            c = netns.socket_in(metrics_lab.client)
+            c.settimeout(5)
+            try:
+                c.connect((lab.INET_IPS[0], TCP_PORT))
+                c.sendall(bytes(request))
+            finally:
+                c.close()
+        assert server.wait_for(m, timeout=15) == m
+    after = settled(lambda: nat_metrics(metrics_lab))
+    d = delta(after, before)
+    assert d["attempts"] == m and d["established"] == m, d
+    # SYN, ACK, data and FIN at least from each client, each 14 + 20 + 20 bytes of headers
+    assert d["in_from_source_packets"] >= 4 * m, d
+    assert d["in_from_source_bytes"] >= m * (request + 4 * 54), d
+    assert d["in_from_source_packets"] == d["out_to_destination_packets"]
+    assert d["in_from_destination_packets"] == d["out_to_source_packets"] >= 2 * m
+    # the exporter reads the maps at scrape time: the same numbers as reading them here
+    with open_node(lab.node_name(metrics_lab.cfg)) as dp:
+        direct = gateway_metrics(dp, node_state(lab.node_name(metrics_lab.cfg))
+                                 ["gateways"][0]["gw_id"])
+    for k, aws in AWS.items():
+        if k != "active":
+            assert after[k] == direct[aws], (k, after[k], direct[aws])
+
+
+def test_open_connections_are_active_and_stop_being_active_when_closed(metrics_lab):
+    k = 12
+    base = settled(lambda: nat_metrics(metrics_lab))["active"]
+    with TcpCollector(metrics_lab.inet, lab.INET_IPS[0], TCP_PORT + 1) as server:
+        socks, connected = open_concurrent(metrics_lab.client, (lab.INET_IPS[0], TCP_PORT + 1),
+                                           k, timeout=15)
+        try:
+            assert connected == k
+            assert server.wait_for(k, timeout=15) == k
+            for s in socks:   # the client's packet after the SYN-ACK confirms each flow
+                s.setblocking(True)
+                s.sendall(b"x")
+            wait_for(lambda: nat_metrics(metrics_lab)["active"] == base + k,
+                     f"{k} more active connections than {base}")
+        finally:
+            for s in socks:
+                s.close()
+    # FIN both ways (the client closed, the server's sockets closed with the block)
+    wait_for(lambda: nat_metrics(metrics_lab)["active"] == base,
+             f"active connections back to {base}")
+
+
+def test_nlb_flows_per_listener_and_target(metrics_lab):
+    """M HTTP requests from the internet host to the VIP: NewFlowCount of the TCP listener
+    grows by exactly M, and the listener's packets equal the sum over its targets'."""
+    from lab_traffic import http_get_many
+    node = lab.node_name(metrics_lab.cfg)
+    m = 30
+
+    def read():
+        s = scrape(metrics_lab)
+        listener = dict(node=node, listener=f"{lab.VIP}:{lab.HTTP_PORT}", protocol="tcp",
+                        load_balancer=lab.LB_NAME, target_group=lab.WEB_GROUP)
+        targets = {dict(k)["target"]: v for k, v in
+                   s["hyperplane_nlb_target_packets_total"].items()
+                   if ("target_group", lab.WEB_GROUP) in k}
+        return {"new": sample(s, "hyperplane_nlb_new_flows_total", **listener),
+                "packets": sample(s, "hyperplane_nlb_processed_packets_total", **listener),
+                "targets": sum(targets.values()),
+                "healthy": sample(s, "hyperplane_nlb_healthy_hosts", node=node,
+                                  load_balancer=lab.LB_NAME, target_group=lab.WEB_GROUP)}
+    before = settled(read)
+    results = http_get_many(metrics_lab.inet, (lab.VIP, lab.HTTP_PORT), m,
+                            sources=[lab.INET_IPS[0]], concurrency=4)
+    assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
+    after = settled(read)
+    assert after["new"] - before["new"] == m
+    assert after["packets"] - before["packets"] == after["targets"] - before["targets"] >= 5 * m
+    assert after["healthy"] == len(lab.TARGET_IPS)
