@@ -174,12 +174,15 @@ static __always_inline void emit_event(__u32 type, struct flow_key *k, struct fl
 	e->bytes = v->bytes;
 	e->twin_packets = 0;
 	e->twin_bytes = 0;
+	e->in_ifindex = v->in_ifindex;
+	e->twin_in_ifindex = 0;
 	/* type is a constant where this is inlined: only the deleting events look */
 	if (type == EV_FLOW_EXPIRED || type == EV_FLOW_REMOVED) {
 		struct flow_value *t = flow_in(&v->twin, v->flags);
 		if (t) {
 			e->twin_packets = t->packets;
 			e->twin_bytes = t->bytes;
+			e->twin_in_ifindex = t->in_ifindex;
 		}
 	}
 	/* no wakeup per event: readers consume on a timer (an irq_work per new flow costs

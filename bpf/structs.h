@@ -204,6 +204,8 @@ struct flow_event {
 	 * final counts, so flow logs get both directions' totals (0 for other events) */
 	__u64 twin_packets;
 	__u64 twin_bytes;
+	__u32 in_ifindex;         /* where the direction of packets/bytes arrives */
+	__u32 twin_in_ifindex;    /* ... and the other one (with twin_*) */
 };
 #define EVF_REPLY 1           /* packets/bytes are the reply direction's (twin_*: original) */
 

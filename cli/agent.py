@@ -5,12 +5,14 @@ import click
 
 from hyperplane.fleet.store import DEFAULT_STORE
 
+from .flowlogs import flow_log_options
 from .options import node_option, resolve_node
 
 command = click.Group("agent", help="The node agent.")
 
 
 @command.command("run")
+@flow_log_options
 @node_option
 @click.option("--store", "store_url", default=DEFAULT_STORE, show_default=True,
               envvar="HPCTL_STORE",
@@ -23,10 +25,10 @@ command = click.Group("agent", help="The node agent.")
 @click.option("--metrics-addr", default=None, metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics, in the node's "
                    "network namespace (e.g. 0.0.0.0:9477; default: none).")
-def run(metrics_addr, node, store_url, tick, sync_dev):
+def run(flow_log_argv, metrics_addr, node, store_url, tick, sync_dev):
     """Run until SIGTERM / Ctrl-C."""
     from hyperplane.node import agent
-    raise SystemExit(agent.main([*(["--metrics-addr", metrics_addr] if metrics_addr else []),
+    raise SystemExit(agent.main([*flow_log_argv, *(["--metrics-addr", metrics_addr] if metrics_addr else []),
                                  "--node", resolve_node(node), "--store", store_url,
                                  "--tick", str(tick),
                                  *(["--sync-dev", sync_dev] if sync_dev else [])]))

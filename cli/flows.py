@@ -16,12 +16,28 @@ from .options import emit_json, json_option, node_option, resolve_node
 @click.option("--kind", type=click.Choice(["nat_out", "nat_in", "nlb_in", "nlb_out"]),
               help="Only one direction / kind of entry.")
 @click.option("--all", "show_all", is_flag=True, help="Include entries already past their timeout.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Print flows as they are created, confirmed, changed and closed (the "
+                   "node agent's event stream) until Ctrl-C.")
+@click.option("--event", "events", multiple=True,
+              type=click.Choice(["created", "confirmed", "changed", "closed", "expired",
+                                 "removed"]),
+              help="With --follow: only these events (repeat).")
+@click.option("--resource", type=int, default=None,
+              help="With --follow: only flows of this gateway id (NAT) or listener (NLB).")
 @json_option
-def command(node, address, port, proto, kind, show_all, as_json):
+def command(node, address, port, proto, kind, show_all, follow, events, resource, as_json):
     """List flows (each flow has two entries: its original and its reply direction)."""
     from hyperplane.datapath.flows import list_flows
     from hyperplane.node.lifecycle import open_node
     node = resolve_node(node)
+    if follow:
+        from .follow import follow_flows
+        follow_flows(node, address=address, port=port, proto=proto, kind=kind,
+                     events=set(events), resource=resource, as_json=as_json)
+        return
+    if events or resource is not None:
+        raise click.UsageError("--event and --resource go with --follow")
     with open_node(node) as maps:  # the pinned maps: no compile
         flows = list_flows(maps, address=address, port=port, proto=proto, kind=kind)
     if not show_all:

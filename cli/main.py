@@ -24,6 +24,7 @@ Examples:
 
 # command name -> the module of this package that defines it as `command`
 COMMANDS = {"lab": "lab", "nat": "nat", "lb": "lb", "agent": "agent", "flows": "flows",
+            "flowlogs": "flowlogs",
             "counters": "counters", "top": "top", "nodes": "nodes", "shards": "shards",
             "fleet": "fleet"}
 

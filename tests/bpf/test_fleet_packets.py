@@ -726,7 +726,7 @@ def test_record_layout_is_the_c_structs(e):
             t = dict(t._fields_)[part]
         assert off == OFFSETS[name], f"{name}: C offset {off}, records.py {OFFSETS[name]}"
     from hyperplane.observe.events import REC_OFFSET, RawFlowEvent
-    assert (REC_OFFSET, ctypes.sizeof(RawFlowEvent)) == (16, 16 + RECORD_SIZE + 32)
+    assert (REC_OFFSET, ctypes.sizeof(RawFlowEvent)) == (16, 16 + RECORD_SIZE + 40)
 
 
 def test_stale_reservation_of_a_flow_now_on_another_port_gives_way(fleet):
