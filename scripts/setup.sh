@@ -22,6 +22,15 @@ cd "$ROOT"
 # (its install may also start the system's etcd on 127.0.0.1:2379, which nothing here uses).
 PACKAGES=(python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 nftables ethtool iperf3 wrk
           python3-venv python3-pip curl haproxy tcpdump iputils-ping hping3 etcd-server)
+# The Vagrant lab (vagrant/, docs/vagrant.md): Debian's vagrant and vagrant-libvirt for the
+# unit test's `vagrant validate`; with HP_VAGRANT_SELFTEST=1 also what vagrant/selftest runs
+# VMs with. Installed without recommends (vagrant-libvirt's pull in an NFS server and
+# libguestfs).
+VAGRANT_PACKAGES=(vagrant vagrant-libvirt)
+if [ "${HP_VAGRANT_SELFTEST:-}" = 1 ]; then
+    VAGRANT_PACKAGES+=(libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu
+                       qemu-system-x86 qemu-utils debootstrap dnsmasq-base parted rsync)
+fi
 BPFFS=/run/hyperplane/bpf
 VENV="$ROOT/.venv"
 STAMP="$VENV/.hyperplane-pyproject.sha256"
@@ -49,12 +58,17 @@ if ! flock -n 9; then
 fi
 
 # ---- 1. Debian packages ---------------------------------------------------------------
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-    status="$(dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null || true)"
-    [ "${status:0:2}" = "ii" ] || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
+# install_missing [APT-GET OPTION...] -- PACKAGE...: apt-get install those not installed
+# (apt-get update first), or nothing.
+install_missing() {
+    local opts=() missing=() pkg status
+    while [ "$1" != "--" ]; do opts+=("$1"); shift; done
+    shift
+    for pkg in "$@"; do
+        status="$(dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null || true)"
+        [ "${status:0:2}" = "ii" ] || missing+=("$pkg")
+    done
+    [ "${#missing[@]}" -gt 0 ] || return 0
     command -v apt-get >/dev/null || die "these Debian packages are missing and there is no apt-get to install them (hyperplane's setup supports Debian 12): ${missing[*]}."
     new_log
     say "apt-get update (missing: ${missing[*]})"
@@ -62,10 +76,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
         || die "apt-get update failed ($(apt_error)log: $LOG): check this machine's network access and /etc/apt/sources.list, then run scripts/setup.sh again."
     say "installing Debian packages: ${missing[*]}"
     run_logged env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
-        install -y "${missing[@]}" \
+        install -y "${opts[@]}" "${missing[@]}" \
         || die "apt-get install of ${missing[*]} failed ($(apt_error)log: $LOG): fix the apt problem shown there, then run scripts/setup.sh again."
     rm -f "$LOG"
-fi
+}
+install_missing -- "${PACKAGES[@]}"
+install_missing --no-install-recommends -- "${VAGRANT_PACKAGES[@]}"
 
 # ---- 2. kernel headers where bcc looks for them ------------------------------------------
 KREL="$(uname -r)"
