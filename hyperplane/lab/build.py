@@ -15,7 +15,7 @@ from hyperplane.errors import ConfigError, EnvironmentProblem, HyperplaneError, 
 from hyperplane.lab.plan import (haproxy_config, LabConfig, namespaces, NFT_ASSIST_COUNTER,
                                 NFT_FAMILY, NFT_FORWARD_COUNTER, nft_ruleset, NFT_TABLE,
                                 namespace_pattern, nlb_config, NODE_IFNAMES, ROLES, STATE_DIR,
-                                store_path,
+                                METRICS_PORT, store_path,
                                 TARGET_HTTP_PORTS, TARGET_ROLES, TARGET_UDP_PORT, targets,
                                 topology, _haproxy_cfgfile, _haproxy_pidfile)
 from hyperplane.lab.fabric import state_path as fabric_state_path
@@ -122,7 +122,7 @@ def _start_agent(cfg: LabConfig, topo: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open_store(path) as store:
         store.put(NLB_KEY, data)
-    spawn_agent(topo["node"]["name"], path)
+    spawn_agent(topo["node"]["name"], path, metrics_addr=f"0.0.0.0:{METRICS_PORT}")
 
 
 def _stop_agent(cfg: LabConfig, topo: dict) -> list[str]:

@@ -26,8 +26,8 @@ from hyperplane.lab.fabric import Fabric, NODE_FABRIC_IFNAMES, wire
 from hyperplane.lab.fleet_plan import (fleet_topology, INSIDE_ROUTER_IP, node_index,
                                        node_name, OUTSIDE_ROUTER_IP, ROUTERS,
                                        STORE_RESOURCES, SYNC_DEV)
-from hyperplane.lab.plan import (LabConfig, NFT_FAMILY, NFT_FORWARD_COUNTER, NFT_TABLE,
-                                 nlb_config, store_path, store_url)
+from hyperplane.lab.plan import (LabConfig, METRICS_PORT, NFT_FAMILY, NFT_FORWARD_COUNTER,
+                                 NFT_TABLE, nlb_config, store_path, store_url)
 
 # The store keys a lab fleet owns besides /nodes/<name> (hyperplane.fleet.cluster, store):
 # reset by `up` (a previous lab's nodes, shards and ids must not leak into this one) and
@@ -156,7 +156,8 @@ def start_fleet(cfg: LabConfig, topo: dict) -> None:
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=cfg.nodes) as pool:
         started = [pool.submit(spawn_agent, node_name(cfg, i), url, timeout_s=AGENT_START_S,
-                               sync_dev=SYNC_DEV) for i in range(1, cfg.nodes + 1)]
+                               sync_dev=SYNC_DEV, metrics_addr=f"0.0.0.0:{METRICS_PORT}")
+                   for i in range(1, cfg.nodes + 1)]
     for future in started:
         future.result()
     controller.spawn(cfg, url)
@@ -349,7 +350,8 @@ def restore_node(cfg: LabConfig, i: int, timeout_s: float = READY_S) -> dict:
     fabric.restore(i, program=False)
     start_datapath(cfg, topo, i)
     stop_agent(name)                  # a cut node's agent may still run
-    pid = spawn_agent(name, topo["fleet"]["store"], timeout_s=AGENT_START_S, sync_dev=SYNC_DEV)
+    pid = spawn_agent(name, topo["fleet"]["store"], timeout_s=AGENT_START_S, sync_dev=SYNC_DEV,
+                      metrics_addr=f"0.0.0.0:{METRICS_PORT}")
     t0 = time.monotonic()
     with _open_store(topo["fleet"]["store"]) as store:
         while True:

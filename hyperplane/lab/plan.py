@@ -52,6 +52,9 @@ DNS_GROUP = "dns"
 HEALTH_CHECK = {"protocol": "tcp", "interval_s": 0.5, "timeout_s": 0.4,
                 "healthy_threshold": 2, "unhealthy_threshold": 2, "allow_fast": True}
 DEREGISTRATION_DELAY_S = 30
+# Each lab node's agent serves Prometheus metrics on 0.0.0.0:METRICS_PORT inside the
+# node's own namespace (reachable only from inside the lab; docs/metrics.md).
+METRICS_PORT = 9477
 # Mode nftlb: the DNAT's 5-tuple hash seed (any fixed value: the spread is repeatable).
 NFTLB_HASH_SEED = 0x68706c62
 

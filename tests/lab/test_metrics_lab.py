@@ -1,6 +1,6 @@
-"""Prometheus metrics scraped over HTTP from a running agent (hpctl agent run
---metrics-addr, serving inside the node's network namespace) agree with the traffic sent
-through the lab with real sockets (issue 8 sections 2 and 5).
+"""Prometheus metrics scraped over HTTP from a running agent (the lab's, started with
+--metrics-addr 0.0.0.0:METRICS_PORT, serving inside the node's network namespace) agree
+with the traffic sent through the lab with real sockets (issue 8 sections 2 and 5).
 
 Exact where the traffic fixes the number: UDP datagrams and their bytes through the NAT
 (each counted once in each of the four directions), TCP connections attempted and
@@ -23,30 +23,24 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hyperplane import lab, netns
-from hyperplane.node.agent import spawn_agent, status_path, stop_agent
+from hyperplane.node.agent import status_path
 from hyperplane.node.lifecycle import node_state, open_node, read_state_file
 from hyperplane.observe.metrics import gateway_metrics
 
 from lab_harness import ATTACH, build_nlb_lab, lab_prefix
 from lab_traffic import TcpCollector, UdpEcho, open_concurrent
 
-PORT = 9477                   # inside the lab node's own namespace: nothing else there
+PORT = lab.METRICS_PORT
 UDP_PORT, TCP_PORT = 7001, 7002
 ETH_IP_UDP = 14 + 20 + 8      # the headers a UDP datagram's counted bytes add
 
 
 @pytest.fixture(scope="module")
 def metrics_lab(request):
-    """The one-node lab with its NLB, whose agent is replaced by one that serves metrics
-    on 0.0.0.0:PORT in the node's namespace."""
-    the_lab = build_nlb_lab(request, lab.LabConfig(prefix=lab_prefix("m"), mode="xdp",
-                                                   attach=ATTACH, nlb=True))
-    node = lab.node_name(the_lab.cfg)
-    stop_agent(node)
-    spawn_agent(node, lab.store_path(the_lab.cfg.prefix), metrics_addr=f"0.0.0.0:{PORT}")
-    the_lab.wait_states({f"{ip}:{lab.TARGET_HTTP_PORT}": "healthy" for ip in lab.TARGET_IPS},
-                        timeout=30)
-    return the_lab
+    """The one-node lab with its NLB; its agent serves metrics on 0.0.0.0:METRICS_PORT in
+    the node's namespace (hyperplane.lab starts it so)."""
+    return build_nlb_lab(request, lab.LabConfig(prefix=lab_prefix("m"), mode="xdp",
+                                                attach=ATTACH, nlb=True))
 
 
 def scrape(the_lab) -> dict:
