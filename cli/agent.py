@@ -22,13 +22,26 @@ command = click.Group("agent", help="The node agent.")
 @click.option("--sync-dev", default=None, metavar="IFNAME",
               help="The node's interface on the fleet's sync network: join the fleet "
                    "(replication, second chance, shards, port blocks).")
+@click.option("--if", "ifnames", multiple=True,
+              help="Load and attach the data path on this interface (repeat) unless the "
+                   "node already runs there; the node then runs the NAT gateways the store "
+                   "assigns it (what hpctl node up does, in the foreground).")
+@click.option("--netns", default=None, help="With --if: the interfaces' network namespace.")
+@click.option("--mode", default=None, help="With --if: how the data path attaches.")
+@click.option("--outside-if", default=None, help="With --if: where NAT IPs and VIPs go.")
 @click.option("--metrics-addr", default=None, metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics, in the node's "
                    "network namespace (e.g. 0.0.0.0:9477; default: none).")
-def run(flow_log_argv, metrics_addr, node, store_url, tick, sync_dev):
+def run(flow_log_argv, metrics_addr, node, store_url, tick, sync_dev, ifnames, netns, mode, outside_if):
     """Run until SIGTERM / Ctrl-C."""
     from hyperplane.node import agent
+    from hyperplane.node.agent import load_args
+    if not ifnames and (netns or mode or outside_if):
+        raise click.UsageError("--netns, --mode and --outside-if go with --if")
+    load = {"ifnames": list(ifnames), "netns": netns, "mode": mode,
+            "outside_if": outside_if} if ifnames else None
     raise SystemExit(agent.main([*flow_log_argv, *(["--metrics-addr", metrics_addr] if metrics_addr else []),
                                  "--node", resolve_node(node), "--store", store_url,
                                  "--tick", str(tick),
-                                 *(["--sync-dev", sync_dev] if sync_dev else [])]))
+                                 *(["--sync-dev", sync_dev] if sync_dev else []),
+                                 *load_args(load)]))

@@ -26,7 +26,7 @@ Examples:
 COMMANDS = {"lab": "lab", "nat": "nat", "lb": "lb", "agent": "agent", "flows": "flows",
             "flowlogs": "flowlogs",
             "counters": "counters", "top": "top", "nodes": "nodes", "shards": "shards",
-            "fleet": "fleet"}
+            "fleet": "fleet", "node": "node"}
 
 
 class BrokenCommand(Exception):

@@ -13,13 +13,17 @@ from hyperplane.nat.gateway import GatewayConfig, NodeConfig
 from .options import emit_json, json_option, node_option, resolve_node
 
 command = click.Group(
-    "nat", help="NAT gateways on a node (XDP on the node's interfaces). Needs root.",
+    "nat", help="NAT gateways: in the cluster store, run by the nodes of their shard "
+                "(create, delete, list), or on one node by hand (up, show, down, gc). "
+                "Needs root.",
     epilog="\b\nExamples:\n"
            "  hpctl nat up --node gw1 --if eth1 --if eth2 --nat-ip 198.18.0.100 \\\n"
            "               --inside 10.10.0.0/24\n"
            "  hpctl nat up --node gw1 --config gw1.json\n"
            "  hpctl nat up --node gw1 --if eth1 --nat-ip 198.18.0.100 --inside 10.10.0.0/24 \\\n"
            "               --shard-size 2 --store etcd://10.0.0.1:2379\n"
+           "  hpctl nat create gw1 --nat-ip 198.18.0.100 --inside 10.10.0.0/24 --shard-size 2\n"
+           "  hpctl nat list --json\n"
            "  hpctl nat show --json\n"
            "  hpctl nat down --node gw1")
 
@@ -76,10 +80,7 @@ def up_cmd(node, ifnames, netns, nat_ips, inside, ports, mode, outside_if, agent
                                "--inside, not both")
     gws = cfg.gateways
     if not gws:
-        try:
-            lo, hi = (int(x) for x in ports.split("-"))
-        except ValueError:
-            raise click.BadParameter("use FIRST-LAST, e.g. 1024-65535", param_hint="--ports")
+        lo, hi = _port_range(ports)
         gws = [GatewayConfig(name=f"{node}-gw", gw_id=0, nat_ips=list(nat_ips),
                              inside_cidrs=list(inside), port_min=lo, port_max=hi)]
     start_nat_node(node, ifnames, gws, netns=netns or cfg.netns, mode=mode or cfg.xdp_mode,
@@ -125,6 +126,89 @@ def _publish(store_url: str, gateways: list[GatewayConfig], shard_size: int | No
     with open_store(store_url) as store:
         store.update(NAT_KEY, merge, default={"gateways": []})
         ensure_shards(store)
+
+
+@command.command("create")
+@click.argument("name")
+@click.option("--nat-ip", "nat_ips", multiple=True, required=True,
+              help="Public NAT IP (repeat, up to 8).")
+@click.option("--inside", "inside", multiple=True, required=True,
+              help="Inside network CIDR (repeat).")
+@click.option("--ports", default="1024-65535", show_default=True, help="NAT port range.")
+@click.option("--shard-size", type=click.IntRange(1, 64), default=None,
+              help="How many of the fleet's nodes carry the gateway (default: 3, or all "
+                   "when fewer).")
+@click.option("--store", "store_url", default=DEFAULT_STORE, show_default=True,
+              envvar="HPCTL_STORE", help="The cluster store (a file or etcd://HOST:PORT).")
+def create_cmd(name, nat_ips, inside, ports, shard_size, store_url):
+    """Put a NAT gateway into the cluster store (/nat) with the next free gateway id; the
+    nodes of its shard that were started with `hpctl node up` run it. Replaces a gateway
+    of the same name (keeping its id)."""
+    from hyperplane.datapath.loader import Sizes
+    from hyperplane.fleet.cluster import free_gateway_id, nat_gateways
+    from hyperplane.fleet.store import open_store
+    lo, hi = _port_range(ports)
+    with open_store(store_url) as store:
+        old = {g.get("name"): g for g in nat_gateways(store)}
+        gw_id = old[name]["gw_id"] if name in old else \
+            free_gateway_id(list(old.values()), Sizes().max_gateways)
+    gw = GatewayConfig(name=name, gw_id=gw_id, nat_ips=list(nat_ips),
+                       inside_cidrs=list(inside), port_min=lo, port_max=hi)
+    _publish(store_url, [gw], shard_size)
+    click.echo(f"gateway {name} (id {gw_id}) is in the store {store_url}", err=True)
+
+
+@command.command("delete")
+@click.argument("name")
+@click.option("--store", "store_url", default=DEFAULT_STORE, show_default=True,
+              envvar="HPCTL_STORE", help="The cluster store (a file or etcd://HOST:PORT).")
+def delete_cmd(name, store_url):
+    """Remove a NAT gateway from the cluster store; nodes run from the store drop it
+    (its NAT IPs are removed; its flows end)."""
+    from hyperplane.fleet.cluster import NAT_KEY, ensure_shards, nat_gateways
+    from hyperplane.fleet.store import open_store
+    with open_store(store_url) as store:
+        if name not in {g.get("name") for g in nat_gateways(store)}:
+            raise NotFound(f"there is no NAT gateway {name!r} in the store {store_url} "
+                           f"(hpctl nat list shows them)")
+
+        def drop(value):
+            return {**value, "gateways": [g for g in value.get("gateways", [])
+                                          if g.get("name") != name]}
+        store.update(NAT_KEY, drop, default={"gateways": []})
+        ensure_shards(store)
+    click.echo(f"gateway {name} deleted from the store {store_url}", err=True)
+
+
+@command.command("list")
+@click.option("--store", "store_url", default=DEFAULT_STORE, show_default=True,
+              envvar="HPCTL_STORE", help="The cluster store (a file or etcd://HOST:PORT).")
+@json_option
+def list_cmd(store_url, as_json):
+    """The NAT gateways in the cluster store and each one's shard."""
+    from hyperplane.fleet.cluster import SHARDS_KEY, nat_gateways, nat_resource, sharder
+    from hyperplane.fleet.store import open_store
+    with open_store(store_url) as store:
+        gateways = nat_gateways(store)
+        entry = store.get(SHARDS_KEY)
+        shards = sharder(entry.value if entry else {}).shards
+    rows = [{**g, "shard": list(shards.get(nat_resource(str(g.get("name"))), []))}
+            for g in gateways]
+    if as_json:
+        emit_json(rows)
+        return
+    for g in rows:
+        click.echo(f"{g['name']} [{g.get('gw_id')}]: NAT IPs {', '.join(g.get('nat_ips', []))}; "
+                   f"inside {', '.join(g.get('inside_cidrs', []))}; "
+                   f"nodes {', '.join(g['shard']) or '-'}")
+
+
+def _port_range(ports: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in ports.split("-"))
+    except ValueError:
+        raise click.BadParameter("use FIRST-LAST, e.g. 1024-65535", param_hint="--ports")
+    return lo, hi
 
 
 @command.command("show")

@@ -210,6 +210,35 @@ def ensure_shards(store: Store) -> dict[str, list[str]]:
     raise StoreConflict(f"could not update {SHARDS_KEY}: other writers kept changing it")
 
 
+def nat_gateways(store: Store) -> list[dict]:
+    """The gateways in /nat, as stored (GatewayConfig dicts, plus "shard_size")."""
+    entry = store.get(NAT_KEY)
+    value = entry.value if entry else {}
+    gateways = value.get("gateways", []) if isinstance(value, Mapping) else None
+    if not isinstance(gateways, list) or not all(isinstance(g, Mapping) for g in gateways):
+        raise ConfigError(f"{NAT_KEY} in the store must be {{\"gateways\": [{{...}}, ...]}}")
+    return [dict(g) for g in gateways]
+
+
+def assigned_gateways(store: Store, node: str) -> list[dict]:
+    """The /nat gateways whose shard names the node: the ones a node that takes its NAT
+    from the store runs (hpctl node up). Shards are given first (ensure_shards), so a
+    gateway just created has its shard."""
+    gateways = nat_gateways(store)
+    shards = ensure_shards(store)
+    return [g for g in gateways if node in shards.get(nat_resource(str(g.get("name"))), [])]
+
+
+def free_gateway_id(gateways: list[dict], max_gateways: int) -> int:
+    """The smallest gateway id no gateway in /nat uses (ids are the same on every node)."""
+    taken = {g.get("gw_id") for g in gateways}
+    for i in range(max_gateways):
+        if i not in taken:
+            return i
+    raise ConfigError(f"the store already has {len(gateways)} NAT gateways, all "
+                      f"{max_gateways} gateway ids are taken; delete one (hpctl nat delete)")
+
+
 def shard_of(store: Store, resource: str) -> list[str]:
     entry = store.get(SHARDS_KEY)
     return list(sharder(entry.value if entry else {}).shards.get(resource, []))

@@ -26,10 +26,13 @@ from hyperplane.datapath.flows import collect_garbage
 from hyperplane.nlb.health import HealthChecker, TargetHealth
 from hyperplane.nlb.dataplane import NlbDataplane, check_fits
 from hyperplane.nlb.config import NlbConfig
-from hyperplane.node.lifecycle import node_state, open_node, read_state_file, state_path, write_state_file
+from hyperplane.node.lifecycle import NODE_STATE_DIR, check_node_name, node_state, open_node, \
+    read_state_file, state_path, write_state_file
 from hyperplane.fleet.store import DEFAULT_STORE, NLB_KEY, open_store
 from hyperplane.fleet.member import FleetConfig, FleetMember
 from hyperplane.fleet.dataplane import GatewayBlocks
+from hyperplane.fleet import cluster
+from hyperplane.node.nat_from_store import NatFromStore, load_node
 from hyperplane.observe import events as _events
 from hyperplane.observe.flowlogs import FlowLogConfig, FlowLogs
 
@@ -85,6 +88,12 @@ class AgentConfig:
     gc_every_s: float = 10.0     # garbage collection of expired flows and reservations
     count_every_s: float = 5.0   # flows per target (drains, status): a scan of the table
     sync_dev: str | None = None  # the sync network's interface: set, the node is a fleet member
+    # hpctl node up: the agent loads and attaches the data path on these interfaces (when
+    # the node does not run already) and runs the NAT gateways the store assigns the node
+    ifnames: list[str] | None = None
+    netns: str | None = None
+    mode: str | None = None      # attach mode (hyperplane.datapath.loader.MODES)
+    outside_if: str | None = None
     fleet: FleetConfig = field(default_factory=FleetConfig)
     watchdog_s: float = 10.0     # a fleet task silent this long is reported (and logged)
     metrics_addr: str | None = None  # HOST:PORT: serve Prometheus metrics there, in the
@@ -113,6 +122,7 @@ class Agent:
         self.resets = 0
         self.member: FleetMember | None = None
         self.stalled: list[str] = []      # fleet tasks the watchdog found silent
+        self.nat = NatFromStore(config.node)
         self.last_status: dict | None = None   # what _write_status wrote last (metrics)
         self.metrics = None               # hyperplane.observe.prometheus.MetricsServer
         self.events = None   # the event ring's one reader (observe.events.EventHub)
@@ -122,7 +132,10 @@ class Agent:
 
     # --- lifecycle ---------------------------------------------------------------------
     def startup(self) -> None:
+        if self.config.ifnames:
+            load_node(self.config)
         state = node_state(self.config.node)
+        self.nat.enabled = bool(state.get("nat_from_store"))
         self.netns = state["netns"]
         self.nat_ips = {ip for gw in state["gateways"] for ip in gw["nat_ips"]}
         self.outside_if = state.get("outside_if")
@@ -133,6 +146,8 @@ class Agent:
         # agent compiles nothing, so a restarted agent is back within a second
         self.dp = open_node(self.config.node)
         self.plane = NlbDataplane(self.dp)
+        if self.nat.enabled:
+            cluster.node_id(self.store, self.config.node)   # named: shards may include it
         self.vips = _read_vips(self.config.node)
         if self.config.metrics_addr:
             self._serve_metrics()
@@ -210,6 +225,8 @@ class Agent:
 
     # --- one tick ------------------------------------------------------------------------
     def tick(self, now: float) -> None:
+        if self.nat.enabled:
+            self._apply_nat()
         self._read_store()
         cfg, health = self._apply(now)
         if cfg is not None:
@@ -235,6 +252,16 @@ class Agent:
                             if self.flow_logs else None)  # their last counts
             self.last_gc = now
         self._write_status(cfg, health)
+
+    def _apply_nat(self) -> None:
+        """A node started by hpctl node up runs the /nat gateways whose shard names it."""
+        state = self.nat.apply(self.store, self.dp)
+        if state is None:
+            return
+        self.nat_ips = {ip for gw in state["gateways"] for ip in gw["nat_ips"]}
+        self.gateway_blocks = {g["name"]: GatewayBlocks(g["gw_id"], len(g["nat_ips"]),
+                                                        g["port_min"], g["port_max"])
+                               for g in state["gateways"]}
 
     def _reject(self, exc: Exception) -> None:
         if self.config_error != str(exc):
@@ -374,6 +401,7 @@ class Agent:
                   "config_error": self.config_error, "address_error": self.address_error,
                   "flows_reset_unhealthy": self.resets,
                   "target_groups": {}, "stalled_tasks": self.stalled,
+                  "nat": self.nat.status(),
                   "metrics": self.metrics.url if self.metrics is not None else None,
                   "flow_logs": self.flow_logs.status() if self.flow_logs else None,
                   "fleet": self.member.status() if self.member is not None else None}
@@ -448,10 +476,16 @@ def status_or_none(node: str) -> dict | None:
 
 
 def spawn_agent(node: str, store_url: str = DEFAULT_STORE, timeout_s: float = 30.0,
-                sync_dev: str | None = None, metrics_addr: str | None = None) -> int:
+                sync_dev: str | None = None, metrics_addr: str | None = None, load: dict | None = None) -> int:
     """Start an agent process for the node; return once it has written its first status.
-    sync_dev (the node's interface on the sync network) makes it a fleet member."""
-    node_state(node)  # fail early and clearly if the node is not running
+    sync_dev (the node's interface on the sync network) makes it a fleet member. load
+    ({"ifnames": [...], "netns", "mode", "outside_if"}: hpctl node up): the agent loads the
+    data path there itself and runs the NAT gateways the store assigns the node."""
+    if load is None:
+        node_state(node)  # fail early and clearly if the node is not running
+    else:
+        check_node_name(node)
+        os.makedirs(NODE_STATE_DIR, exist_ok=True)
     try:
         os.unlink(status_path(node))
     except FileNotFoundError:
@@ -460,7 +494,8 @@ def spawn_agent(node: str, store_url: str = DEFAULT_STORE, timeout_s: float = 30
     proc = subprocess.Popen([sys.executable, "-m", "hyperplane.node.agent",
                              *(["--metrics-addr", metrics_addr] if metrics_addr else []),
                              "--node", node,
-                             "--store", store_url, *(["--sync-dev", sync_dev] if sync_dev else [])],
+                             "--store", store_url, *(["--sync-dev", sync_dev] if sync_dev else []),
+                             *load_args(load)],
                             stdout=log_file, stderr=log_file,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     with open(_pid_path(node), "w") as f:
@@ -469,13 +504,33 @@ def spawn_agent(node: str, store_url: str = DEFAULT_STORE, timeout_s: float = 30
     while not os.path.exists(status_path(node)):
         if proc.poll() is not None:
             raise HyperplaneError(f"the agent for node {node} exited at start-up (status "
-                                  f"{proc.returncode}); see {log_file.name}")
+                                  f"{proc.returncode}): {_last_line(log_file.name)}; see "
+                                  f"{log_file.name}")
         if time.monotonic() > deadline:
             proc.terminate()
             raise HyperplaneError(f"the agent for node {node} did not start within "
                                   f"{timeout_s:.0f} s; see {log_file.name}")
         time.sleep(0.05)
     return proc.pid
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "nothing logged"
+
+
+def load_args(load: dict | None) -> list[str]:
+    if not load:
+        return []
+    args = [a for ifname in load["ifnames"] for a in ("--if", ifname)]
+    for key in ("netns", "mode", "outside_if"):
+        if load.get(key):
+            args += [f"--{key.replace('_', '-')}", load[key]]
+    return args
 
 
 def stop_agent(node: str, timeout_s: float = 10.0) -> bool:
@@ -538,11 +593,19 @@ def main(argv=None) -> int:
     ap.add_argument("--metrics-addr", default=None, metavar="HOST:PORT",
                     help="serve Prometheus metrics there (in the node's network namespace)")
     flow_log_arguments(ap)
+    ap.add_argument("--if", dest="ifnames", action="append", default=None,
+                    help="load and attach the data path on this interface (repeat); the "
+                         "node then runs the NAT gateways the store assigns it")
+    ap.add_argument("--netns", default=None)
+    ap.add_argument("--mode", default=None)
+    ap.add_argument("--outside-if", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         agent = Agent(AgentConfig(args.node, args.store, args.tick, metrics_addr=args.metrics_addr,
-                                  sync_dev=args.sync_dev))  # a bad --store URL
+                                  sync_dev=args.sync_dev, ifnames=args.ifnames,
+                                  netns=args.netns, mode=args.mode,
+                                  outside_if=args.outside_if))  # a bad --store URL
         agent.config.flow_logs = flow_log_config(args)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: agent.stop.set())

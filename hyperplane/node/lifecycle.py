@@ -164,13 +164,16 @@ def _restore(dp, snapshot: dict) -> None:
 def start_nat_node(node: str, ifnames: list[str], gateways: list[GatewayConfig], *,
                    netns: str | None = None, mode: str | None = None, pin_root: str = PIN_ROOT,
                    timeouts: Timeouts | dict | None = None, sizes: Sizes | None = None,
-                   outside_if: str | None = None) -> Datapath:
+                   outside_if: str | None = None, nat_from_store: bool = False) -> Datapath:
     """Compile and load the program, pin its maps under pin_root/node (reusing any already
     there: a restart keeps every flow), write the settings and gateways, attach to ifnames,
     add each NAT IP the namespace does not have yet as a /32 on the outside interface
     (outside_if, else found from the routes: hyperplane.node.addresses), and remove what a
     previous run of the node had and this one has not (NAT IPs, networks, interfaces,
-    addresses). All or nothing: see the module's docstring."""
+    addresses). All or nothing: see the module's docstring.
+
+    nat_from_store: the node's gateways are the ones the cluster store assigns it, applied
+    by its agent (apply_gateways); `gateways` is then what it starts with (usually none)."""
     # 1. check everything; nothing has changed yet
     check_node_name(node)
     if not isinstance(timeouts, Timeouts):
@@ -226,20 +229,50 @@ def start_nat_node(node: str, ifnames: list[str], gateways: list[GatewayConfig],
                 _in(netns, _attach, dp, ifname, mode)  # replaces what was attached
             else:
                 _in(netns, detach, ifname)
-        for a in addr_plan.add:
-            addresses.add(netns, a)
-            undo.callback(_quietly, addresses.remove, netns, a)
-        for a in addr_plan.remove:
-            addresses.remove(netns, a)
-            undo.callback(_quietly, addresses.add, netns, a)
+        _change_addresses(undo, netns, addr_plan)
         write_state_file(_state_file(node), {
             "node": node, "netns": netns, "ifnames": ifnames, "mode": mode,
             "pin_dir": pin_dir, "sizes": asdict(sizes), "timeouts": asdict(timeouts),
             "gateways": [g.to_dict() for g in gateways], "outside_if": outside_if,
-            "addresses": [a.to_dict() for a in addr_plan.owned]})
+            "addresses": [a.to_dict() for a in addr_plan.owned],
+            "nat_from_store": nat_from_store})
         undo.pop_all()  # 3. done: keep it all
     dp.attached.clear()  # stays attached after we exit
     return dp
+
+
+def _change_addresses(undo: contextlib.ExitStack, netns: str | None, plan) -> None:
+    """Add and remove the NAT IP addresses of an address plan, each with its undo step."""
+    for a in plan.add:
+        addresses.add(netns, a)
+        undo.callback(_quietly, addresses.remove, netns, a)
+    for a in plan.remove:
+        addresses.remove(netns, a)
+        undo.callback(_quietly, addresses.add, netns, a)
+
+
+def apply_gateways(node: str, dp, gateways: list[GatewayConfig]) -> dict:
+    """Make the running node (dp: its maps, pinned or compiled) run exactly these gateways:
+    the gateway maps, the NAT IP addresses, the state file. All or nothing, like
+    start_nat_node; flows of gateways that stay are untouched. Returns the new state."""
+    state = node_state(node)
+    check_gateways(gateways, dp.sizes)
+    nat_ips = [ip for gw in gateways for ip in gw.nat_ips]
+    _refuse_vips(dp, nat_ips)
+    netns = state["netns"]
+    addr_plan = addresses.plan_in(
+        netns, nat_ips, addresses.Added.from_dicts(state.get("addresses")),
+        outside_if=state.get("outside_if"), what="NAT IP",
+        hint="; name the outside interface (hpctl node up --outside-if)")
+    with contextlib.ExitStack() as undo:
+        undo.callback(_quietly, _restore, dp, _snapshot(dp))
+        write_gateways(dp, gateways)
+        _change_addresses(undo, netns, addr_plan)
+        state = {**state, "gateways": [g.to_dict() for g in gateways],
+                 "addresses": [a.to_dict() for a in addr_plan.owned]}
+        write_state_file(_state_file(node), state)
+        undo.pop_all()
+    return state
 
 
 def _refuse_vips(dp, nat_ips: list[str]) -> None:

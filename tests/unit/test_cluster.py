@@ -91,3 +91,42 @@ def test_a_deleted_resource_releases_its_shard(store):
     cluster.ensure_shards(store)
     store.put("/nlb", {"load_balancers": []})
     assert cluster.ensure_shards(store) == {"nat:gw": ["n1"]}
+
+
+def _gateway(name: str, gw_id: int, ip: str, shard_size=None) -> dict:
+    g = {"name": name, "gw_id": gw_id, "nat_ips": [ip], "inside_cidrs": ["10.10.0.0/24"],
+         "port_min": 1024, "port_max": 65535}
+    return g if shard_size is None else {**g, "shard_size": shard_size}
+
+
+def test_a_node_is_assigned_the_gateways_whose_shard_names_it(store):
+    for n in ("a", "b", "c"):
+        cluster.node_id(store, n)
+    store.put(cluster.NAT_KEY, {"gateways": [_gateway("one", 0, "198.18.0.100", 1),
+                                             _gateway("all", 1, "198.18.0.101", 3)]})
+    assigned = {n: [g["name"] for g in cluster.assigned_gateways(store, n)]
+                for n in ("a", "b", "c")}
+    assert all("all" in names for names in assigned.values())
+    holders = [n for n, names in assigned.items() if "one" in names]
+    assert holders == cluster.shard_of(store, "nat:one") and len(holders) == 1
+    assert cluster.assigned_gateways(store, "not-named") == []
+
+
+def test_a_node_of_no_shard_runs_no_gateway(store):
+    cluster.node_id(store, "lb-only")
+    assert cluster.assigned_gateways(store, "lb-only") == []   # no /nat at all
+    store.put(cluster.NAT_KEY, {"gateways": []})
+    assert cluster.assigned_gateways(store, "lb-only") == []
+
+
+def test_a_bad_nat_record_is_one_clear_error(store):
+    store.put(cluster.NAT_KEY, {"gateways": "x"})
+    with pytest.raises(ConfigError, match="/nat"):
+        cluster.nat_gateways(store)
+
+
+def test_gateway_ids_are_the_smallest_free_and_run_out_clearly():
+    assert cluster.free_gateway_id([], 4) == 0
+    assert cluster.free_gateway_id([{"gw_id": 0}, {"gw_id": 2}], 4) == 1
+    with pytest.raises(ConfigError, match="all 2 gateway ids are taken"):
+        cluster.free_gateway_id([{"gw_id": 0}, {"gw_id": 1}], 2)

@@ -1,0 +1,84 @@
+"""A node whose data path and NAT gateways come from its agent and the cluster store
+(`hpctl node up`), rather than from `hpctl nat up`'s command line.
+
+load_node: the agent loads and attaches the data path itself (one compile) when the node
+does not already run on the asked interfaces; a restarted agent finds the pins and
+compiles nothing. NatFromStore: each tick, the /nat gateways whose shard names the node
+are made the node's gateways (hyperplane.node.lifecycle.apply_gateways: maps, NAT IP
+addresses, state file; all or nothing). A node whose shard names no gateway runs none:
+a load-balancer-only node needs no placeholder gateway. A bad /nat, or gateways the node
+cannot hold, is reported in the agent's status and log, and the last good set stays."""
+from __future__ import annotations
+
+import logging
+
+from hyperplane.errors import ConfigError, HyperplaneError, NotFound
+from hyperplane.fleet import cluster
+from hyperplane.fleet.store import Store
+from hyperplane.nat.gateway import GatewayConfig
+from hyperplane.node import lifecycle
+
+log = logging.getLogger("hyperplane.node.nat_from_store")
+
+
+def load_node(config) -> None:
+    """Start the node's data path on config.ifnames (an AgentConfig) unless it already runs
+    there in store mode; its current gateways stay until the store's are applied."""
+    try:
+        state = lifecycle.node_state(config.node)
+    except NotFound:
+        state = None
+    if state is not None and state["ifnames"] == list(config.ifnames) \
+            and state["netns"] == config.netns and state.get("nat_from_store"):
+        return
+    gateways = [GatewayConfig.from_dict(g) for g in state["gateways"]] if state else []
+    log.info("loading the data path of node %s on %s", config.node, ", ".join(config.ifnames))
+    lifecycle.start_nat_node(config.node, list(config.ifnames), gateways, netns=config.netns,
+                             mode=config.mode, outside_if=config.outside_if,
+                             nat_from_store=True)
+
+
+def _gateway(entry: dict) -> GatewayConfig:
+    return GatewayConfig.from_dict({k: v for k, v in entry.items() if k != "shard_size"})
+
+
+class NatFromStore:
+    """The node's NAT gateways, kept equal to what the store assigns it."""
+
+    def __init__(self, node: str):
+        self.node = node
+        self.enabled = False
+        self.applied: list[dict] | None = None   # the gateways last applied (store dicts)
+        self.error: str | None = None
+
+    def apply(self, store: Store, dp) -> dict | None:
+        """Apply the store's assignment if it changed; the node's new state, else None."""
+        try:
+            wanted = cluster.assigned_gateways(store, self.node)
+            if wanted == self.applied:
+                return None
+            state = lifecycle.apply_gateways(self.node, dp, [_gateway(g) for g in wanted])
+        except (HyperplaneError, OSError) as exc:
+            if str(exc) != self.error:
+                log.error("NAT gateways from the store not applied (the last good ones "
+                          "stay): %s", exc)
+            self.error = str(exc)
+            return None
+        log.info("node %s runs NAT gateways: %s", self.node,
+                 ", ".join(g["name"] for g in wanted) or "none")
+        self.applied, self.error = wanted, None
+        return state
+
+    def status(self) -> dict:
+        return {"from_store": self.enabled, "error": self.error,
+                "gateways": None if self.applied is None else
+                [g["name"] for g in self.applied]}
+
+
+def check_store_gateways(gateways: list[dict]) -> None:
+    """Every /nat entry is a valid gateway (hpctl nat create checks before writing)."""
+    for g in gateways:
+        try:
+            _gateway(g)
+        except ConfigError as exc:
+            raise ConfigError(f"{cluster.NAT_KEY} in the store: {exc}") from None
