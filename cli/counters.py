@@ -12,7 +12,7 @@ from .options import emit_json, json_option, node_option, resolve_node
 @json_option
 def command(node, nonzero, as_json):
     """Packets per verdict (every packet ends in exactly one), events, gateway metrics."""
-    from hyperplane.node.agent import status_or_none
+    from hyperplane.node.status import status_or_none
     from hyperplane.observe.metrics import (gateway_metrics, load_balancer_metrics, stat_counts,
                                     verdict_counts)
     from hyperplane.node.lifecycle import node_state, open_node

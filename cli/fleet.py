@@ -106,7 +106,7 @@ def _store_section(store_url: str) -> dict:
 def _local_section(node: str) -> dict:
     """What node's agent says about the fleet, or why there is nothing to say."""
     from hyperplane.errors import HyperplaneError
-    from hyperplane.node.agent import read_status
+    from hyperplane.node.status import read_status
     try:
         status = read_status(node)
     except HyperplaneError as exc:

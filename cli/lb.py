@@ -274,7 +274,7 @@ def health(node, as_json):
     """Each target's health, live flows and packets, as the node's agent sees them, with
     the age of that view. Exits 1 when the agent is not running (the view is stale) or
     has rejected the store (it keeps the last good configuration)."""
-    from hyperplane.node.agent import read_status
+    from hyperplane.node.status import read_status
     status = read_status(resolve_node(node))
     stale = not status["running"]
     if as_json:

@@ -1,50 +1,134 @@
-"""hpctl top: a live dashboard of a node (verdict rates, metrics, targets, top flows)."""
+"""hpctl top: the fleet live (per node and per resource packets/s, bits/s, active and new
+flows, drops by reason, replication lag, NAT ports per destination, target health, the last
+minute as sparklines). Keys: n nodes, r resources, d drops, q quits. When stdout is not a
+terminal it prints one snapshot and exits."""
 from __future__ import annotations
 
+import os
+import sys
+import time
+
 import click
-from rich.console import Console
-from rich.live import Live
 
-from .options import emit_json, json_option, node_option, resolve_node
+from .options import emit_json, json_option
+
+# hyperplane.fleet.store.DEFAULT_STORE, written out so that --help imports no store code
+DEFAULT_STORE = "/run/hyperplane/store/nlb.json"
+VIEW_KEYS = {"n": "nodes", "r": "resources", "d": "drops"}
 
 
-@click.command("top", epilog="\b\nExamples:\n  hpctl top\n  hpctl top --interval 0.5\n"
-                             "  hpctl top --once --json")
-@node_option
-@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds per frame.")
-@click.option("--once", is_flag=True, help="Print one frame (rates over one interval) and exit.")
+class Keys:
+    """Single keys from the terminal without waiting for Enter (cbreak mode, so Ctrl-C still
+    interrupts), read with a timeout so the screen keeps refreshing; the terminal's mode is
+    put back on exit whatever happens. Without a terminal on stdin no key ever comes."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdin
+        self.fd = None
+        self.saved = None
+
+    def __enter__(self):
+        import termios
+        import tty
+        try:
+            fd = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return self
+        if os.isatty(fd):
+            self.fd, self.saved = fd, termios.tcgetattr(fd)
+            tty.setcbreak(fd)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            import termios
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+            self.saved = None
+
+    def get(self, timeout: float) -> str | None:
+        """The next key pressed within timeout seconds, or None."""
+        import select
+        if self.fd is None:
+            time.sleep(max(0.0, timeout))
+            return None
+        ready, _, _ = select.select([self.fd], [], [], max(0.0, timeout))
+        if not ready:
+            return None
+        data = os.read(self.fd, 64)
+        return data[:1].decode("latin-1").lower() if data else "q"   # EOF: the tty is gone
+
+
+def run_live(collector, view: str, interval: float) -> None:
+    """Redraw every interval until q (or Ctrl-C); a view key redraws at once."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from hyperplane.observe.dashboard import render
+    console = Console()
+    snap = collector.sample()
+    with Keys() as keys, Live(console=console, screen=True, auto_refresh=False) as live:
+        next_sample = time.monotonic() + interval
+        while True:
+            live.update(render(snap, view, console.width, console.height), refresh=True)
+            key = keys.get(next_sample - time.monotonic())
+            if key == "q":
+                return
+            if key in VIEW_KEYS:
+                view = VIEW_KEYS[key]
+            if time.monotonic() >= next_sample:
+                snap = collector.sample()
+                next_sample = max(next_sample + interval, time.monotonic())
+
+
+@click.command("top", epilog="\b\nExamples:\n"
+                             "  hpctl top                       the fleet's nodes here, live\n"
+                             "  hpctl top --view resources --interval 0.5\n"
+                             "  hpctl top --node node1          one node\n"
+                             "  hpctl top --once                one snapshot as text\n"
+                             "  hpctl top --json                one snapshot as JSON\n"
+                             "\b\nKeys: n nodes, r resources, d drops, q quit.")
+@click.option("--node", "nodes", multiple=True, metavar="NAME",
+              help="Only this node (repeatable; default: every node running here).")
+@click.option("--store", "store_url", default=None, envvar="HPCTL_STORE",
+              help="The cluster store, for members on other hosts and load balancer names "
+                   f"(default: HPCTL_STORE, else {DEFAULT_STORE} if it exists).")
+@click.option("--view", type=click.Choice(sorted(VIEW_KEYS.values())), default="nodes",
+              show_default=True, help="What to show first.")
+@click.option("--interval", type=click.FloatRange(0.1, 60), default=1.0, show_default=True,
+              help="Seconds between two frames (and the rates' interval).")
+@click.option("--once", is_flag=True, help="Print one snapshot (rates over one interval) and "
+                                           "exit; also what happens when stdout is not a "
+                                           "terminal.")
+@click.option("--width", type=click.IntRange(40, 1000), default=None,
+              help="Columns of the printed snapshot (default: the terminal's, else 120).")
 @json_option
-def command(node, interval, once, as_json):
-    """Watch a node live: packets per verdict and per second, gateway and load balancer
-    metrics, target health, the biggest flows. Ctrl-C stops."""
-    import time
-    from dataclasses import asdict
-
-    from hyperplane.observe.dashboard import render, take
-    from hyperplane.node.lifecycle import open_node
-
-    from hyperplane.node.agent import status_or_none
-    node = resolve_node(node)
-    dp = open_node(node)
-
-    def snap(prev):
-        return take(node, dp, prev, status_or_none(node))
-
-    if once or as_json:
-        first = snap(None)
-        time.sleep(interval)
-        s = snap(first)
+def command(nodes, store_url, view, interval, once, width, as_json):
+    """Watch the fleet live: per node and per resource packets/s, bits/s, active and new
+    flows, drops by reason, replication lag, NAT ports in use per destination, target
+    health, with the last minute as sparklines. Reads the pinned maps and agents' status of
+    the nodes on this host (nothing is compiled) and, when given, the store's members."""
+    from hyperplane.errors import NotFound
+    from hyperplane.node.lifecycle import check_node_name, node_state, running_nodes
+    from hyperplane.observe.collect import FleetCollector, take_pair
+    if nodes:
+        for n in nodes:
+            node_state(check_node_name(n))   # NotFound (exit 4) for a node not running here
+    elif not running_nodes():
+        raise NotFound("no node is running here; start one with hpctl lab up or hpctl nat up")
+    if store_url is None and os.path.exists(DEFAULT_STORE):
+        store_url = DEFAULT_STORE
+    collector = FleetCollector(list(nodes) or None, store_url, step_s=interval)
+    if as_json or once or not sys.stdout.isatty():
+        snap = take_pair(collector, interval)
         if as_json:
-            emit_json(asdict(s))
-        else:
-            Console(width=max(Console().width, 120)).print(render(s))
+            emit_json(snap.to_dict())
+            return
+        from hyperplane.observe.dashboard import render_plain
+        if width is None:
+            width = os.get_terminal_size().columns if sys.stdout.isatty() else 120
+        click.echo(render_plain(snap, view, width), nl=False)
         return
-    s = snap(None)
     try:
-        with Live(render(s), refresh_per_second=4, screen=False) as live:
-            while True:
-                time.sleep(interval)
-                s = snap(s)
-                live.update(render(s))
+        run_live(collector, view, interval)
     except KeyboardInterrupt:
         pass

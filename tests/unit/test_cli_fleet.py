@@ -20,7 +20,7 @@ from hyperplane.fleet.cluster import Member
 from hyperplane.fleet.shards import ShuffleSharder, overlap_counts, overlap_probabilities
 from hyperplane.fleet.store import NLB_KEY
 from hyperplane.nat.gateway import GatewayConfig
-from hyperplane.node import agent as agent_mod
+from hyperplane.node import status as status_mod
 from hyperplane.node import lifecycle as node_mod
 
 
@@ -294,7 +294,7 @@ def agents(monkeypatch):
             raise s
         return {"node": node, "pid": 4242, "time": 0, "age_s": 1.5, "running": True,
                 "target_groups": {}, **s}
-    monkeypatch.setattr(agent_mod, "read_status", read_status)
+    monkeypatch.setattr(status_mod, "read_status", read_status)
     return statuses
 
 
