@@ -29,7 +29,9 @@ from hyperplane.nlb.config import NlbConfig
 from hyperplane.observe import prometheus
 from hyperplane.observe.metrics import NAT_METRICS, NLB_METRICS, OWN_METRICS
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "grafana" / "hyperplane.json"
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "grafana" / "hyperplane.json"
+DOCS = ROOT / "docs" / "metrics.md"
 SIZES = Sizes(max_gateways=4, max_listeners=8)
 
 
@@ -427,3 +429,9 @@ def test_every_dashboard_query_names_exported_metrics_and_labels():
              for lab in group.split(",") if lab.strip()}
         carried = set().union(*(have[n] for n in names))
         assert labels <= carried, f"{expr!r}: labels {labels - carried} are not exported"
+
+
+def test_docs_list_exactly_the_exported_metrics():
+    """docs/metrics.md's tables name every metric the exporter exports, and no other."""
+    documented = set(re.findall(r"\| `(hyperplane_[a-z0-9_]+)` \|", DOCS.read_text()))
+    assert documented == set(exported())
