@@ -406,6 +406,7 @@ class Agent:
                   "nat": self.nat.status(),
                   "metrics": self.metrics.url if self.metrics is not None else None,
                   "flow_logs": self.flow_logs.status() if self.flow_logs else None,
+                  "flow_events": dict(self.publisher.counts) if self.publisher else None,
                   "fleet": self.member.status() if self.member is not None else None}
         if cfg is not None:
             flows = self.flow_counts
