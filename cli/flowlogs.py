@@ -78,7 +78,7 @@ def _log_path(node: str, directory: str | None) -> str:
     if directory:
         return flowlogs.log_path(directory, node)
     try:
-        from hyperplane.node.agent import read_status
+        from hyperplane.node.status import read_status
         path = (read_status(node).get("flow_logs") or {}).get("path")
         if path:
             return path

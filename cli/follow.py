@@ -11,7 +11,7 @@ import click
 def connect(node: str) -> socket.socket:
     """The agent's event socket; NotFound (exit 4) when no agent runs for the node."""
     from hyperplane.errors import NotFound
-    from hyperplane.node.agent import events_socket_path
+    from hyperplane.observe.follow import events_socket_path
     path = events_socket_path(node)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -48,11 +48,6 @@ from hyperplane.node.status import (_check_status, pid_alive, read_status,  # no
                                     status_or_none, status_path)
 
 
-def events_socket_path(node: str) -> str:
-    """The unix socket the agent republishes flow events on (hpctl flows --follow)."""
-    return state_path(node, ".events.sock")
-
-
 def _pid_path(node: str) -> str:
     return state_path(node, ".agent.pid")
 
@@ -187,7 +182,7 @@ class Agent:
 
     def _start_events(self) -> None:
         """The event ring's one reader, the flow logs and the followers' socket."""
-        from hyperplane.observe.follow import EventPublisher
+        from hyperplane.observe.follow import EventPublisher, events_socket_path
         self.events = _events.EventHub(self.dp)
         if self.config.flow_logs.enabled:
             self.flow_logs = FlowLogs(self.config.node, self.netns, self.dp,

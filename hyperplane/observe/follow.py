@@ -23,6 +23,12 @@ log = logging.getLogger("hyperplane.observe.follow")
 QUEUE_MAX = 100_000
 
 
+def events_socket_path(node: str) -> str:
+    """The unix socket the node's agent republishes flow events on."""
+    from hyperplane.node.lifecycle import state_path
+    return state_path(node, ".events.sock")
+
+
 def event_dict(ev, wall_offset_ns: int) -> dict:
     """A FlowEvent (hyperplane.observe.events) as the JSON a follower gets."""
     r = ev.record

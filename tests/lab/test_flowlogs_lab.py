@@ -55,7 +55,8 @@ def fl_lab(request, tmp_path_factory):
             agent.wait(5)
         log.close()
     request.addfinalizer(stop)
-    from hyperplane.node.agent import events_socket_path, read_status
+    from hyperplane.node.status import read_status
+    from hyperplane.observe.follow import events_socket_path
     path = flowlogs.log_path(str(tmp / "logs"), node)
     deadline = time.monotonic() + DEADLINE_S
     while True:
@@ -281,7 +282,7 @@ def _flow_log_status(the_lab) -> dict:
 
 
 def _status_path(the_lab) -> str:
-    from hyperplane.node.agent import status_path
+    from hyperplane.node.status import status_path
     return status_path(the_lab.node_name)
 
 
