@@ -147,7 +147,7 @@ def _fleet_cfg(prefix: str):
     from hyperplane.lab.build import _read_state
     cfg = _read_state(prefix)
     if cfg is None or not _lab.present(prefix):
-        _say(f"lab {prefix!r} is not up; run hpctl lab up --nodes N")
+        _say(f"hpctl: lab {prefix!r} is not up; run hpctl lab up --nodes N")
         sys.exit(Exit.NOT_FOUND)
     if cfg.nodes < 2:
         raise click.UsageError(f"lab {prefix!r} has one node; kill-node and restore-node are "
@@ -168,10 +168,10 @@ def status_cmd(prefix, as_json):
         (_print_fleet_status if "node_count" in st else _print_status)(st)
     if not st["up"]:
         if st["namespaces_present"]:
-            _say(f"lab {prefix!r} is only partly up ({', '.join(st['namespaces_present'])}); "
-                 "run hpctl lab down")
+            _say(f"hpctl: lab {prefix!r} is only partly up "
+                 f"({', '.join(st['namespaces_present'])}); run hpctl lab down")
         else:
-            _say(f"lab {prefix!r} is not up; run hpctl lab up")
+            _say(f"hpctl: lab {prefix!r} is not up; run hpctl lab up")
         sys.exit(Exit.NOT_FOUND)
 
 

@@ -75,12 +75,13 @@ def cli():
 
 def main(argv=None):
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=argv, prog_name="hpctl", standalone_mode=False)
     except BrokenCommand as exc:  # a packaging error
         click.echo(f"hpctl: broken installation: {exc}", err=True)
         sys.exit(Exit.ENVIRONMENT)
-    except click.exceptions.Abort:
-        sys.exit(Exit.FAILURE)
+    except click.exceptions.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort)
+        click.echo("hpctl: interrupted", err=True)
+        sys.exit(Exit.INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

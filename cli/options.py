@@ -15,9 +15,16 @@ def emit_json(data) -> None:
     sys.stdout.write("\n")
 
 
+def complete_node(ctx, param, incomplete: str) -> list[str]:
+    """Shell completion of --node: the nodes running here."""
+    from hyperplane.node.lifecycle import running_nodes
+    return [n for n in running_nodes() if n.startswith(incomplete)]
+
+
 def node_option(f):
     """Which node's pinned data path to talk to (default: the only one running here)."""
     return click.option("--node", default=None, envvar="HPCTL_NODE",
+                        shell_complete=complete_node,
                         help="Node name (default: the only node running on this machine; "
                              "the lab's is node1).")(f)
 

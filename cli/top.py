@@ -10,7 +10,7 @@ import time
 
 import click
 
-from .options import emit_json, json_option
+from .options import complete_node, emit_json, json_option
 
 # hyperplane.fleet.store.DEFAULT_STORE, written out so that --help imports no store code
 DEFAULT_STORE = "/run/hyperplane/store/nlb.json"
@@ -87,7 +87,7 @@ def run_live(collector, view: str, interval: float) -> None:
                              "  hpctl top --once                one snapshot as text\n"
                              "  hpctl top --json                one snapshot as JSON\n"
                              "\b\nKeys: n nodes, r resources, d drops, q quit.")
-@click.option("--node", "nodes", multiple=True, metavar="NAME",
+@click.option("--node", "nodes", multiple=True, metavar="NAME", shell_complete=complete_node,
               help="Only this node (repeatable; default: every node running here).")
 @click.option("--store", "store_url", default=None, envvar="HPCTL_STORE",
               help="The cluster store, for members on other hosts and load balancer names "
