@@ -242,3 +242,29 @@ def test_nlb_flows_per_listener_and_target(metrics_lab):
     assert after["new"] - before["new"] == m
     assert after["packets"] - before["packets"] == after["targets"] - before["targets"] >= 5 * m
     assert after["healthy"] == len(lab.TARGET_IPS)
+
+
+@pytest.mark.parametrize("addr,status,sentence", [
+    ("0.0.0.0:{port}", 1, "cannot serve metrics on 0.0.0.0:{port} in network namespace {ns}: "
+                          "Address already in use"),
+    ("localhost:9477", 2, "the metrics address must be HOST:PORT with an IPv4 address and a "
+                          "port 0-65535 (e.g. 0.0.0.0:9477), not 'localhost:9477'")])
+def test_an_agent_that_cannot_serve_metrics_stops_with_one_sentence(metrics_lab, addr, status,
+                                                                     sentence):
+    """A second agent for the node, asking for the port the lab's agent holds (in the same
+    namespace) or for a bad address: exit status and one sentence on stderr, no traceback.
+    It stops at start-up, before its first tick, so it changes nothing on the node."""
+    import subprocess
+    import sys
+    node = lab.node_name(metrics_lab.cfg)
+    proc = subprocess.run([sys.executable, "-m", "hyperplane.node.agent", "--node", node,
+                           "--store", lab.store_path(metrics_lab.cfg.prefix),
+                           "--metrics-addr", addr.format(port=PORT)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == status, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "hyperplane agent:" in line]
+    assert lines == [f"hyperplane agent: {sentence.format(port=PORT, ns=metrics_lab.node)}"], \
+        proc.stderr
+    assert "Traceback" not in proc.stderr
+    # the lab's agent still serves
+    assert "hyperplane_datapath_packets_total" in scrape(metrics_lab)
