@@ -88,7 +88,9 @@ def run_live(collector, view: str, interval: float) -> None:
                              "  hpctl top --json                one snapshot as JSON\n"
                              "\b\nKeys: n nodes, r resources, d drops, q quit.")
 @click.option("--node", "nodes", multiple=True, metavar="NAME", shell_complete=complete_node,
-              help="Only this node (repeatable; default: every node running here).")
+              envvar="HPCTL_NODE",
+              help="Only this node (repeatable; HPCTL_NODE; default: every node running "
+                   "here).")
 @click.option("--store", "store_url", default=None, envvar="HPCTL_STORE",
               help="The cluster store, for members on other hosts and load balancer names "
                    f"(default: HPCTL_STORE, else {DEFAULT_STORE} if it exists).")

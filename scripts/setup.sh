@@ -20,8 +20,9 @@ cd "$ROOT"
 
 # etcd-server: the cluster store for many hosts; the tests start their own private etcd
 # (its install may also start the system's etcd on 127.0.0.1:2379, which nothing here uses).
+# tmux: tests/lab/test_operator_cli.py runs hpctl top in a detached 80x24 session.
 PACKAGES=(python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 nftables ethtool iperf3 wrk
-          python3-venv python3-pip curl haproxy tcpdump iputils-ping hping3 etcd-server)
+          python3-venv python3-pip curl haproxy tcpdump iputils-ping hping3 etcd-server tmux)
 # The Vagrant lab (vagrant/, docs/vagrant.md): Debian's vagrant and vagrant-libvirt for the
 # unit test's `vagrant validate`; with HP_VAGRANT_SELFTEST=1 also what vagrant/selftest runs
 # VMs with. Installed without recommends (vagrant-libvirt's pull in an NFS server and
