@@ -141,7 +141,7 @@ def _stop_agent(cfg: LabConfig, topo: dict) -> list[str]:
                             f"{type(exc).__name__}: {exc}")
     leftovers = [store_path(cfg.prefix), store_path(cfg.prefix) + ".lock"]
     try:
-        from hyperplane.node.agent import status_path
+        from hyperplane.node.status import status_path
         from hyperplane.node.lifecycle import NODE_STATE_DIR
         leftovers += [status_path(topo["node"]["name"]),
                       os.path.join(NODE_STATE_DIR, f"{topo['node']['name']}.agent.log")]
@@ -325,7 +325,7 @@ def _agent_status(node: str) -> dict | None:
     """The agent's last status file (per target group, per target: state, flows, packets),
     or None when there is none (yet)."""
     try:
-        from hyperplane.node.agent import status_path
+        from hyperplane.node.status import status_path
     except ImportError:
         return None
     try:
