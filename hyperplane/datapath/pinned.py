@@ -277,6 +277,18 @@ class PinnedMap(MutableMapping):
                 continue
 
     def _lookup_batch(self):
+        for keys, values, count in self.raw_batches():
+            ksize, vsize = ctypes.sizeof(self.Key), ctypes.sizeof(self.Leaf)
+            for i in range(count):
+                yield (self.Key.from_buffer(keys, i * ksize),
+                       self.Leaf.from_buffer(values, i * vsize))
+
+    def raw_batches(self):
+        """(keys, values, count) per BPF_MAP_LOOKUP_BATCH call: the raw buffers, `count`
+        entries of sizeof(Key) and sizeof(Leaf) bytes each. For reading many entries
+        without a ctypes object per entry (hpctl top's NAT ports per destination: 20,000
+        reservations took 280 ms as (Key, Leaf) objects). OSError where the map has no
+        batch operations."""
         lib = _libbpf()
         ksize, vsize = ctypes.sizeof(self.Key), ctypes.sizeof(self.Leaf)
         token_in = ctypes.create_string_buffer(max(ksize, 8))
@@ -292,9 +304,8 @@ class PinnedMap(MutableMapping):
                 continue
             if ret < 0 and -ret != errno.ENOENT:
                 _check(ret, f"BPF_MAP_LOOKUP_BATCH on {self.name}")
-            for i in range(count.value):
-                yield (self.Key.from_buffer(keys, i * ksize),
-                       self.Leaf.from_buffer(values, i * vsize))
+            if count.value:
+                yield keys, values, count.value
             if ret < 0:  # ENOENT: that was the last of them
                 return
             ctypes.memmove(token_in, token_out, len(token_in))

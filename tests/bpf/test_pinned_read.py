@@ -208,17 +208,24 @@ def test_flows_without_bcc(node, tmp_path):
 
 
 def test_top_once_without_bcc(node, tmp_path):
-    proc, _ = _hpctl_without_bcc(tmp_path, "top", "--node", NAME, "--once", "--json",
-                                 "--interval", "0")
+    store = str(tmp_path / "store.json")   # an empty store: load balancers named by id
+    proc, _ = _hpctl_without_bcc(tmp_path, "top", "--node", NAME, "--json", "--interval", "0.1",
+                                 "--store", store)
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
-    assert got["node"] == NAME and got["verdicts"] == verdict_counts(node.dp)
-    assert got["gateways"]["gw-rd"]["ActiveConnectionCount"] == NAT_CLIENTS
-    assert got["load_balancers"]["0"]["ActiveFlowCount"] == 1
-    assert sorted(f["kind"] for f in got["top_flows"]) == ["NAT_OUT"] * NAT_CLIENTS + ["NLB_IN"]
-    proc, _ = _hpctl_without_bcc(tmp_path, "top", "--node", NAME, "--once", "--interval", "0")
+    (row,) = got["nodes"]
+    assert row["name"] == NAME and row["here"] and row["error"] is None
+    resources = {r["resource"]: r for r in got["resources"]}
+    assert resources["nat:gw-rd"]["active_flows"] == NAT_CLIENTS
+    assert resources["lb:#0"]["active_flows"] == 1
+    assert row["active_flows"] == NAT_CLIENTS + 1
+    # the NAT clients' port reservations, read from nat_resv per destination
+    assert sum(d["ports_used"] for d in got["destinations"]) == NAT_CLIENTS
+    assert {d["gateway"] for d in got["destinations"]} == {"gw-rd"}
+    proc, _ = _hpctl_without_bcc(tmp_path, "top", "--node", NAME, "--once", "--interval", "0.1",
+                                 "--view", "resources", "--store", store)
     assert proc.returncode == 0, proc.stderr
-    assert "gateway gw-rd" in proc.stdout and "TX_NAT_OUT" in proc.stdout
+    assert NAME in proc.stdout and "nat:gw-rd" in proc.stdout and "lb:#0" in proc.stdout
 
 
 def test_pinned_map_reads_and_writes_agree_with_bcc(node, monkeypatch):
