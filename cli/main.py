@@ -16,7 +16,7 @@ Examples:
   hpctl lab status --json           names and addresses of the lab
   hpctl flows --node node1 --proto tcp
   hpctl counters --json
-  hpctl top                         live dashboard of the node
+  hpctl top                         live dashboard of the nodes here (n, r, d, q)
   hpctl nodes; hpctl shards         the fleet's nodes and each resource's shard
   hpctl fleet status                members, sync peers, replication lag
   hpctl lab down
