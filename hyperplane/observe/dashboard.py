@@ -157,6 +157,11 @@ def table(title: str, cols: list[Col], rows: list[list], width: int, max_lines: 
 
 # --- sections -------------------------------------------------------------------------------
 
+def _minute(s: FleetSnapshot) -> int:
+    """Samples in a minute: a sparkline's widest (one cell per sample)."""
+    return max(8, min(240, round(60 / s.history_step_s))) if s.history_step_s > 0 else 60
+
+
 def _yes(v: bool | None) -> str:
     return "-" if v is None else "yes" if v else "no"
 
@@ -167,7 +172,7 @@ def nodes_section(s: FleetSnapshot, width: int, lines: int) -> list[Text]:
             Col("active", 6, priority=1), Col("new/s", 6, priority=2),
             Col("drop/s", 6, priority=1), Col("lag ms", 6, priority=2),
             Col("agent", right=False, priority=6, cap=11),
-            Col("last minute", 8, priority=3, kind="spark", cap=60)]
+            Col("last minute", 8, priority=3, kind="spark", cap=_minute(s))]
     rows, styles = [], []
     for n in s.nodes:
         if not n.here:
@@ -220,7 +225,7 @@ def resources_section(s: FleetSnapshot, width: int, lines: int) -> list[Text]:
             Col("bit/s", 6, priority=1), Col("active", 6, priority=1),
             Col("new/s", 6, priority=2), Col("drop/s", 6, priority=1),
             Col("port err", 8, priority=3),
-            Col("last minute", 8, priority=2, kind="spark", cap=60)]
+            Col("last minute", 8, priority=2, kind="spark", cap=_minute(s))]
     by_res: dict[str, list] = {}
     for r in s.resources:
         by_res.setdefault(r.resource, []).append(r)
@@ -283,7 +288,7 @@ def _header(s: FleetSnapshot, view: str, width: int) -> list[Text]:
     room = width - len(label) - len(tail)
     spark = Text(fit(label, width), style="dim")
     if room >= 4:
-        spark.append(sparkline(s.pps_history, min(room, 120)), style="green")
+        spark.append(sparkline(s.pps_history, min(room, _minute(s))), style="green")
         spark.append(tail, style="dim")
     return [Text(line, style="bold"), spark]
 
