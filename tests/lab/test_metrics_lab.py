@@ -18,11 +18,13 @@ from __future__ import annotations
 import socket
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hyperplane import lab, netns
+from hyperplane.lab.fleet_plan import node_name as fleet_node_name
 from hyperplane.node.agent import status_path
 from hyperplane.node.lifecycle import node_state, open_node, read_state_file
 from hyperplane.observe.metrics import gateway_metrics
@@ -268,3 +270,82 @@ def test_an_agent_that_cannot_serve_metrics_stops_with_one_sentence(metrics_lab,
     assert "Traceback" not in proc.stderr
     # the lab's agent still serves
     assert "hyperplane_datapath_packets_total" in scrape(metrics_lab)
+
+
+# --- a fleet of two nodes -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def metrics_fleet(request):
+    """The 2-node fleet lab (mode xdp, a store file of its own); every node's agent serves
+    metrics on 0.0.0.0:METRICS_PORT in its namespace."""
+    from lab_harness import require_root
+    require_root()
+    cfg = lab.LabConfig(prefix=lab_prefix("g"), mode="xdp", nodes=2)
+    lab.down(cfg)                       # leftovers of a killed run with the same pid
+    request.addfinalizer(lambda: lab.down(cfg))
+    lab.up(cfg)
+    return cfg
+
+
+def fleet_scrape(cfg, i: int) -> dict:
+    return scrape(SimpleNamespace(node=lab.namespaces(cfg)[f"node{i}"]))
+
+
+def fleet_numbers(cfg) -> dict:
+    """Per node: NAT attempts and established, records installed, sync datagrams rejected,
+    exporter errors, events lost."""
+    out = {}
+    for i in (1, 2):
+        s = fleet_scrape(cfg, i)
+        total = lambda name, **kw: sum(v for k, v in s.get(name, {}).items()  # noqa: E731
+                                       if set(kw.items()) <= k)
+        out[i] = {"attempts": total(NAT["attempts"]), "established": total(NAT["established"]),
+                  "installed": total("hyperplane_fleet_records_total", result="installed"),
+                  "rejected": total("hyperplane_fleet_sync_rejected_datagrams_total"),
+                  "errors": total("hyperplane_exporter_errors_total"),
+                  "lost": total("hyperplane_datapath_events_total", event="EVENT_LOST")}
+    return out
+
+
+def test_fleet_nodes_report_membership_and_replicate_what_they_count(metrics_fleet):
+    """Both nodes ready, each seeing 2 members and its peer up; M NAT connections spread
+    over the nodes by the routers: the nodes' connection attempts add up to exactly M
+    (each flow is made once, by its owner), established too, and the records each node
+    installed add up to M (every flow replicated to the other node once); no sync
+    datagram rejected, no scrape error."""
+    cfg = metrics_fleet
+    for i in (1, 2):
+        s = fleet_scrape(cfg, i)
+        name = fleet_node_name(cfg, i)
+        assert sample(s, "hyperplane_fleet_ready", node=name) == 1
+        assert sample(s, "hyperplane_fleet_members", node=name) == 2
+        # one peer (the other node, by its node id), heard from
+        assert list(s["hyperplane_fleet_peer_up"].values()) == [1], s["hyperplane_fleet_peer_up"]
+    m = 100
+    ns = lab.namespaces(cfg)
+    before = settled(lambda: fleet_numbers(cfg))
+    with TcpCollector(ns["inet"], lab.INET_IPS[0], TCP_PORT) as server:
+        for _ in range(m):
+            c = netns.socket_in(ns["client"])
+            c.settimeout(5)
+            try:
+                c.connect((lab.INET_IPS[0], TCP_PORT))
+                c.sendall(bytes(100))
+            finally:
+                c.close()
+        assert server.wait_for(m, timeout=20) == m
+
+    def replicated():
+        now = fleet_numbers(cfg)
+        d = {i: delta(now[i], before[i]) for i in now}
+        return d if sum(d[i]["installed"] for i in d) >= m else None
+    try:
+        d = wait_for(replicated, f"{m} records installed over the two nodes", timeout=30)
+    except AssertionError:
+        d = {i: delta(v, before[i]) for i, v in fleet_numbers(cfg).items()}
+        raise AssertionError(f"records installed: {d}") from None
+    d = {i: delta(v, before[i]) for i, v in settled(lambda: fleet_numbers(cfg)).items()}
+    assert sum(d[i]["attempts"] for i in d) == m, d
+    assert sum(d[i]["established"] for i in d) == m, d
+    assert sum(d[i]["installed"] for i in d) == m, d
+    assert all(d[i]["rejected"] == 0 and d[i]["errors"] == 0 for i in d), d
