@@ -11,8 +11,9 @@ def json_option(f):
 
 
 def emit_json(data) -> None:
-    _json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str)
-    sys.stdout.write("\n")
+    # one write: json.dump to the stream writes every token separately (hpctl flows --json
+    # of 20,000 entries spent 2 s of its 7 s in 1.6 million writes)
+    sys.stdout.write(_json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def complete_node(ctx, param, incomplete: str) -> list[str]:
