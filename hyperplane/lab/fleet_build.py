@@ -5,10 +5,11 @@ routers' steering and starts each node; `status` reads it all back. build.py's `
 half-built one like any other).
 
 Mode xdp (the fleet): each node runs the data path on in0, out0 and sync0
-(hyperplane.node.lifecycle.start_nat_node with the fleet's gateway, NAT IP 198.18.100.1)
+(hyperplane.node.lifecycle.start_nat_node run from the store, as `hpctl node up` does)
 and a fleet agent (hyperplane.node.agent.spawn_agent with sync_dev="sync0"), all sharing
-the lab's store, into which `up` first writes the NAT gateway (/nat) and the NLB (/nlb);
-the agents join the fleet and shard the resources; the lab controller (controller.py)
+the lab's store, into which `up` first writes the NAT gateway (/nat, NAT IP 198.18.100.1)
+and the NLB (/nlb); the agents join the fleet and shard the resources, and each runs the
+gateway if its shard names the node; the lab controller (controller.py)
 steers each resource to its shard's ready members; `up` returns once every node is live
 and ready and the routers steer every resource to its shard. Mode kernel: the nodes only
 forward, the routers keep the plan's first shards."""
@@ -93,20 +94,26 @@ def start_node(cfg: LabConfig, topo: dict, i: int) -> None:
 
 
 def start_datapath(cfg: LabConfig, topo: dict, i: int) -> None:
-    """Node i's data path on in0, out0 and sync0, with the fleet's NAT gateway (its NAT IP
-    added to out0). Again on a node that runs: attaches anew (after a restore), keeps its
-    maps and flows."""
+    """Node i's data path on in0, out0 and sync0, run from the store: its agent applies the
+    /nat gateways whose shard names the node (adding their NAT IPs to out0), as
+    `hpctl node up` does. Again on a node that runs: attaches anew (after a restore or a
+    reload), keeps its maps, flows and the gateways its agent applied."""
+    from hyperplane.errors import NotFound
     from hyperplane.nat.gateway import GatewayConfig
     from hyperplane.node import lifecycle
     extra = {}
     if cfg.sizes:
         from hyperplane.datapath.loader import Sizes
         extra["sizes"] = Sizes(**cfg.sizes)
-    lifecycle.start_nat_node(node_name(cfg, i), list(topo["fleet"]["datapath_ifnames"]),
-                             [GatewayConfig(**g) for g in topo["gateways"]],
+    name = node_name(cfg, i)
+    try:
+        running = [GatewayConfig.from_dict(g) for g in lifecycle.node_state(name)["gateways"]]
+    except NotFound:
+        running = []
+    lifecycle.start_nat_node(name, list(topo["fleet"]["datapath_ifnames"]), running,
                              netns=topo["namespaces"][f"node{i}"], mode=cfg.attach,
                              pin_root=topo["fleet"]["pin_root"], timeouts=cfg.timeouts,
-                             outside_if="out0", **extra)
+                             outside_if="out0", nat_from_store=True, **extra)
 
 
 def fleet_records(cfg: LabConfig, topo: dict) -> dict[str, dict]:
