@@ -32,6 +32,11 @@ if [ "${HP_VAGRANT_SELFTEST:-}" = 1 ]; then
     VAGRANT_PACKAGES+=(libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu
                        qemu-system-x86 qemu-utils debootstrap dnsmasq-base parted rsync)
 fi
+# prometheus: tests/lab/test_metrics_lab.py runs Debian's Prometheus inside a lab namespace
+# on the agent's metrics to evaluate every query of grafana/hyperplane.json. Without
+# recommends (they pull in node-exporter); its install may also start the system's
+# Prometheus on :9090, which nothing here uses.
+METRICS_PACKAGES=(prometheus)
 BPFFS=/run/hyperplane/bpf
 VENV="$ROOT/.venv"
 STAMP="$VENV/.hyperplane-pyproject.sha256"
@@ -83,6 +88,7 @@ install_missing() {
 }
 install_missing -- "${PACKAGES[@]}"
 install_missing --no-install-recommends -- "${VAGRANT_PACKAGES[@]}"
+install_missing --no-install-recommends -- "${METRICS_PACKAGES[@]}"
 
 # ---- 2. kernel headers where bcc looks for them ------------------------------------------
 KREL="$(uname -r)"

@@ -15,9 +15,14 @@ Ethernet header), so a UDP datagram of P payload bytes counts P + 8 + 20 + 14.
 Every wait polls with a deadline; nothing asserts on time."""
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -307,7 +312,7 @@ def fleet_numbers(cfg) -> dict:
     return out
 
 
-def test_fleet_nodes_report_membership_and_replicate_what_they_count(metrics_fleet):
+def test_fleet_nodes_report_membership_and_replicate_what_they_count(metrics_fleet, tmp_path):
     """Both nodes ready, each seeing 2 members and its peer up; M NAT connections spread
     over the nodes by the routers: the nodes' connection attempts add up to exactly M
     (each flow is made once, by its owner), established too, and the records each node
@@ -349,3 +354,89 @@ def test_fleet_nodes_report_membership_and_replicate_what_they_count(metrics_fle
     assert sum(d[i]["established"] for i in d) == m, d
     assert sum(d[i]["installed"] for i in d) == m, d
     assert all(d[i]["rejected"] == 0 and d[i]["errors"] == 0 for i in d), d
+    # the dashboard's fleet panels answer in a Prometheus scraping node 1
+    with prometheus_in(ns["node1"], tmp_path) as query:
+        for expr in dashboard_queries():
+            if "hyperplane_fleet_" in expr:
+                assert query(expr), f"no series for {expr!r}"
+
+
+# --- the Grafana dashboard's queries, evaluated by a real Prometheus ------------------------
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "grafana" / "hyperplane.json"
+
+
+def dashboard_queries() -> list[str]:
+    """Every query of the dashboard with Grafana's variables replaced as Grafana would:
+    $node by the "All" regex, $__rate_interval by a range of several scrapes."""
+    exprs = []
+
+    def walk(panels):
+        for p in panels:
+            exprs.extend(t["expr"] for t in p.get("targets", []))
+            walk(p.get("panels", []))
+    walk(json.loads(DASHBOARD.read_text())["panels"])
+    return [e.replace("$node", ".*").replace("$__rate_interval", "10s") for e in exprs]
+
+
+@contextlib.contextmanager
+def prometheus_in(ns: str, tmp_path):
+    """Debian's Prometheus in the namespace ns scraping the agent there every second, its
+    API on 127.0.0.1:9090 of ns; yields query(expr) -> the result list. Stopped after."""
+    import shutil
+    import subprocess
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed (Debian's prometheus package; "
+                    "scripts/setup.sh installs it)", pytrace=False)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(json.dumps({  # YAML is a superset of JSON
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "hyperplane", "static_configs": [
+            {"targets": [f"127.0.0.1:{PORT}"]}]}]}))
+    log = open(tmp_path / "prometheus.log", "w")
+    proc = netns.popen_in(ns, [binary, f"--config.file={config}",
+                               f"--storage.tsdb.path={tmp_path / 'data'}",
+                               "--web.listen-address=127.0.0.1:9090"],
+                          stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+
+    def query(expr: str) -> list:
+        def get():
+            url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+            try:
+                with urllib.request.urlopen(url, timeout=10) as resp:
+                    return json.load(resp)
+            except urllib.error.HTTPError as exc:     # a bad query: 400 with the reason
+                return json.load(exc)
+        answer = netns.call_in(ns, get)
+        assert answer["status"] == "success", f"{expr!r}: {answer.get('error')}"
+        return answer["data"]["result"]
+
+    def scraped() -> bool:
+        try:
+            return bool(query("count_over_time(up[1m]) >= 5 and up == 1"))
+        except (OSError, AssertionError):
+            return False
+    try:
+        wait_for(lambda: proc.poll() is None and scraped(),
+                 "Prometheus up and 5 successful scrapes of the agent", timeout=60)
+        yield query
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def test_every_dashboard_query_answers_in_prometheus(metrics_lab, tmp_path):
+    """Prometheus scrapes the lab's agent; every query of grafana/hyperplane.json parses,
+    and each one of the data path, NAT and NLB panels returns series. The traffic of the tests above has made the counters
+    move. (The fleet test above checks the fleet's panels the same way.)"""
+    with prometheus_in(metrics_lab.node, tmp_path) as query:
+        for expr in dashboard_queries():
+            result = query(expr)
+            if "hyperplane_fleet_" not in expr:
+                assert result, f"no series for {expr!r}"
