@@ -20,21 +20,33 @@ VIEW_KEYS = {"n": "nodes", "r": "resources", "d": "drops"}
 class Keys:
     """Single keys from the terminal without waiting for Enter (cbreak mode, so Ctrl-C still
     interrupts), read with a timeout so the screen keeps refreshing; the terminal's mode is
-    put back on exit whatever happens. Without a terminal on stdin no key ever comes."""
+    put back on exit whatever happens. The terminal is stdin, else /dev/tty (as less reads
+    it when stdin is a pipe); without one no key ever comes."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdin
         self.fd = None
         self.saved = None
+        self.opened = None     # /dev/tty, when we opened it
+
+    def _terminal_fd(self) -> int | None:
+        try:
+            fd = self.stream.fileno()
+            if os.isatty(fd):
+                return fd
+        except (AttributeError, OSError, ValueError):
+            pass
+        try:
+            self.opened = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+        except OSError:
+            return None
+        return self.opened
 
     def __enter__(self):
         import termios
         import tty
-        try:
-            fd = self.stream.fileno()
-        except (AttributeError, OSError, ValueError):
-            return self
-        if os.isatty(fd):
+        fd = self._terminal_fd()
+        if fd is not None:
             self.fd, self.saved = fd, termios.tcgetattr(fd)
             tty.setcbreak(fd)
         return self
@@ -44,6 +56,9 @@ class Keys:
             import termios
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
             self.saved = None
+        if self.opened is not None:
+            os.close(self.opened)
+            self.opened = None
 
     def get(self, timeout: float) -> str | None:
         """The next key pressed within timeout seconds, or None."""
