@@ -74,7 +74,8 @@ class Keys:
 
 
 def run_live(collector, view: str, interval: float) -> None:
-    """Redraw every interval until q (or Ctrl-C); a view key redraws at once."""
+    """Redraw every interval until q (Ctrl-C raises through, the screen and the terminal's
+    mode restored on the way); a view key redraws at once."""
     from rich.console import Console
     from rich.live import Live
 
@@ -145,7 +146,4 @@ def command(nodes, store_url, view, interval, once, width, as_json):
             width = os.get_terminal_size().columns if sys.stdout.isatty() else 120
         click.echo(render_plain(snap, view, width), nl=False)
         return
-    try:
-        run_live(collector, view, interval)
-    except KeyboardInterrupt:
-        pass
+    run_live(collector, view, interval)   # Ctrl-C: the screen and tty restored, exit 130
