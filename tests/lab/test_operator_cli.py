@@ -3,6 +3,8 @@
 - `hpctl top` in a detached tmux session of 80x24 while bounded traffic crosses the node:
   two capture-pane reads show live, changing numbers; the view keys switch views; q quits
   the process and the terminal's mode is what it was;
+- Ctrl-C exits 130 with the terminal restored; with stdin not the terminal the keys come
+  from /dev/tty;
 - `hpctl top` with stdout not a terminal prints one plain snapshot and exits;
 - every read command's --json parses (tests/unit/test_cli_contract.py's READ_COMMANDS), and
   none of them constructs bcc's BPF (nothing is compiled: the pinned maps are read).
@@ -135,7 +137,7 @@ def test_top_in_tmux_shows_live_numbers_switches_views_and_quits(op_lab, env, tm
     environ = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith("HPCTL_"))
     with Tmux(f"hpt-top-{os.getpid()}") as tmux, Traffic(op_lab) as traffic:
         tmux.run("new-session", "-d", "-s", "top", "-x", "80", "-y", "24",
-                 f"env {environ} sh -c '{script}'")
+                 f"env {environ} bash -c '{script}'")
         first = tmux.wait_for(lambda s: (node_row(s, node) or ["", "", "", "0"])[3] != "0",
                               "a node row with packets/s above 0")
         assert first[0].startswith("hpctl top: 1 node") and len(first) == 24
@@ -160,6 +162,32 @@ def test_top_in_tmux_shows_live_numbers_switches_views_and_quits(op_lab, env, tm
         assert status.read_text().strip() == "0"
         assert before.read_text() == after.read_text(), "the terminal's mode was not restored"
         assert traffic.sent > 0
+
+
+def test_top_in_tmux_ctrl_c_exits_130_and_restores_the_terminal(op_lab, env, tmp_path):
+    node = lab.node_name(op_lab.cfg)
+    before, after, status = (tmp_path / n for n in ("stty.before", "stty.after", "status"))
+    script = (f"stty -g > {before}; {HPCTL} top --interval 0.5 < /dev/null; "
+              f"echo $? > {status}; stty -g > {after}; sleep 120")
+    environ = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith("HPCTL_"))
+    with Tmux(f"hpt-top-{os.getpid()}") as tmux:
+        tmux.run("new-session", "-d", "-s", "top", "-x", "80", "-y", "24",
+                 f"env {environ} bash -c '{script}'")
+        tmux.wait_for(lambda s: node_row(s, node) is not None, "the node's row")
+        # stdin is /dev/null: the keys come from /dev/tty
+        tmux.run("send-keys", "-t", "top", "d")
+        tmux.wait_for(lambda s: any(line.startswith("drops by reason") for line in s),
+                      "the drops view (keys read from /dev/tty)")
+        # bash, not sh: dash exits on the SIGINT its foreground child got even when the
+        # child handled it and exited 130; bash goes on and records the status
+        tmux.run("send-keys", "-t", "top", "C-c")
+        deadline = time.monotonic() + 30
+        while not after.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status.exists(), "hpctl top did not exit on Ctrl-C"
+        assert status.read_text().strip() == "130"
+        assert before.read_text() == after.read_text(), "the terminal's mode was not restored"
+        assert "hpctl: interrupted" in "\n".join(tmux.capture())
 
 
 def test_top_prints_one_plain_snapshot_when_stdout_is_not_a_terminal(op_lab, env):
