@@ -61,6 +61,10 @@
 #ifndef HP_ICMP_RATE
 #define HP_ICMP_RATE 1000          /* ICMP errors this node sends per second per CPU */
 #endif
+#ifndef HP_REJECT_LOG_RATE
+#define HP_REJECT_LOG_RATE 1000    /* rejected packets per second per CPU sent as events */
+#endif
+#define HP_REJECT_LOG_BURST 100
 
 /* Verdicts: every packet ends in exactly one (invariant 2). Keep in sync: verdicts.py.
  * Ordered by what happens to the packet: TX_* leave the node (redirected, or bounced back
@@ -121,6 +125,9 @@ enum hp_event_type {
 	EV_FLOW_CHANGED = 5,     /* TCP state changed (established, one FIN) */
 	EV_FLOW_REMOVED = 6,     /* deleted without expiring: a closed flow's tuple opened
 				  * anew, or a stale entry in a new flow's way */
+	EV_FLOW_REJECTED = 7,    /* a packet of no flow dropped for a REJECT_VERDICTS reason
+				  * (flow logs' REJECT): its own tuple, not a flow's record;
+				  * at most HP_REJECT_LOG_RATE a second per CPU */
 };
 
 /* Counted events that are not packet verdicts. Keep in sync: verdicts.py Stat */
@@ -144,7 +151,8 @@ enum hp_stat {
 	S_REC_REJECTED = 16,     /* fleet: ... refused: malformed, or a resource not served here */
 	S_REC_CONFLICT = 17,     /* fleet: ... whose tuple or NAT port another flow holds here */
 	S_REC_FULL = 18,         /* fleet: ... not installed: a table was full */
-	S_MAX = 19,
+	S_REJECT_UNLOGGED = 19,  /* a rejected packet over HP_REJECT_LOG_RATE: no event */
+	S_MAX = 20,
 };
 
 /* What a flow entry is for. Keep in sync: verdicts.py FlowKind */

@@ -510,6 +510,54 @@ static __always_inline int parse_packet(HP_CTX *ctx, struct pkt *p, struct hp_co
 	return parse_l4(p, &c);
 }
 
+/* Drops that flow logs record as REJECT: a parsed packet that no flow took, refused for
+ * its tuple (unsolicited, no listener / target / port / route / owner, spoofed, invalid).
+ * Keep in sync: hyperplane/observe/flowlogs.py REJECT_VERDICTS. */
+#define REJECT_VERDICTS ((1ULL << V_DROP_NO_FLOW) | (1ULL << V_DROP_PORT_ALLOC) |	\
+			 (1ULL << V_DROP_TABLE_FULL) | (1ULL << V_DROP_NO_ROUTE) |	\
+			 (1ULL << V_DROP_NO_TARGET) | (1ULL << V_DROP_NO_LISTENER) |	\
+			 (1ULL << V_DROP_TCP_NOT_SYN) | (1ULL << V_DROP_WRONG_IFACE) |	\
+			 (1ULL << V_DROP_TCP_INVALID) | (1ULL << V_DROP_TUPLE_TAKEN) |	\
+			 (1ULL << V_DROP_NO_OWNER))
+
+/* A rejected packet as an event for the flow logs, at most HP_REJECT_LOG_RATE a second
+ * per CPU (a flood must not fill the ring the fleet's replication reads; the rest are
+ * counted in S_REJECT_UNLOGGED). */
+static __always_inline void log_reject(struct pkt *p, __u32 verdict)
+{
+	__u32 zero = 0;
+	struct icmp_bucket *b = reject_budget.lookup(&zero);
+	if (!b)
+		return;
+	__u64 per = HP_NSEC / HP_REJECT_LOG_RATE;
+	__u64 elapsed = p->now - b->last_ns;
+	if (elapsed >= per) {
+		__u64 add = elapsed / per;
+		b->tokens = b->tokens + add > HP_REJECT_LOG_BURST ? HP_REJECT_LOG_BURST :
+								      b->tokens + add;
+		b->last_ns = p->now;
+	}
+	if (!b->tokens) {
+		stat_inc(S_REJECT_UNLOGGED);
+		return;
+	}
+	b->tokens--;
+	struct flow_event *e = flow_events.ringbuf_reserve(sizeof(struct flow_event));
+	if (!e) {
+		stat_inc(S_EVENT_LOST);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->type = EV_FLOW_REJECTED;
+	e->flags = verdict << EVF_VERDICT_SHIFT;
+	e->ts_ns = p->now;
+	e->rec.key = p->key;
+	e->packets = p->segs;
+	e->bytes = p->len;
+	e->in_ifindex = p->ifindex;
+	flow_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
 /* Every packet ends here with one counted verdict (invariant 2) and the hook's action. */
 static __always_inline int finish(HP_CTX *ctx, struct pkt *p, int verdict)
 {
@@ -519,6 +567,8 @@ static __always_inline int finish(HP_CTX *ctx, struct pkt *p, int verdict)
 	__u64 *cnt = verdicts.lookup(&idx);
 	if (cnt)
 		*cnt += 1;
+	if ((1ULL << idx) & REJECT_VERDICTS)
+		log_reject(p, idx);
 	if (p->from_peer && idx <= V_LAST_TX)
 		stat_inc(S_PEER_PACKET);
 	if (idx <= V_LAST_TX)

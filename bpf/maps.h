@@ -71,6 +71,8 @@ HP_MAP("array", u32, u16, port_owner, HP_MAX_GATEWAYS * HP_MAX_NAT_IPS * HP_PORT
 HP_MAP("percpu_array", u32, u64, stats, S_MAX, 0);
 /* ICMP error rate limit, per CPU (index 0). */
 HP_MAP("percpu_array", u32, struct icmp_bucket, icmp_budget, 1, 0);
+/* The same kind of token bucket for rejected packets sent as events (flow logs). */
+HP_MAP("percpu_array", u32, struct icmp_bucket, reject_budget, 1, 0);
 
 /* Per-CPU scratch space for values too big for the 512-byte BPF stack (not pinned: it
  * holds nothing between packets). */

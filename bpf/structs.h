@@ -208,6 +208,7 @@ struct flow_event {
 	__u32 twin_in_ifindex;    /* ... and the other one (with twin_*) */
 };
 #define EVF_REPLY 1           /* packets/bytes are the reply direction's (twin_*: original) */
+#define EVF_VERDICT_SHIFT 8   /* EV_FLOW_REJECTED: flags >> 8 is the packet's verdict */
 
 /* NLB: an address that is a listener VIP (any port). */
 struct vip_value {

@@ -21,7 +21,7 @@ from .options import emit_json, json_option, node_option, resolve_node
                    "node agent's event stream) until Ctrl-C.")
 @click.option("--event", "events", multiple=True,
               type=click.Choice(["created", "confirmed", "changed", "closed", "expired",
-                                 "removed"]),
+                                 "removed", "rejected"]),
               help="With --follow: only these events (repeat).")
 @click.option("--resource", type=int, default=None,
               help="With --follow: only flows of this gateway id (NAT) or listener (NLB).")

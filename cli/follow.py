@@ -47,6 +47,9 @@ def matches(ev: dict, *, address=None, port=None, proto=None, kind=None, events=
 def line_of(ev: dict) -> str:
     import time
     stamp = time.strftime("%H:%M:%S", time.localtime(ev["time"])) + f"{ev['time'] % 1:.3f}"[1:]
+    if ev.get("verdict"):        # a rejected packet: its tuple and why
+        return (f"{stamp} {ev['event']:<9} {ev['proto']:<4} {ev['src']}:{ev['sport']} > "
+                f"{ev['dst']}:{ev['dport']} {ev['verdict']}")
     return (f"{stamp} {ev['event']:<9} {ev['kind']:<7} {ev['proto']:<4} "
             f"{ev['src']}:{ev['sport']} > {ev['dst']}:{ev['dport']} via "
             f"{ev['new_src']}:{ev['new_sport']} > {ev['new_dst']}:{ev['new_dport']} "

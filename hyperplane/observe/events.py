@@ -8,11 +8,16 @@ layout is declared here; a unit test holds it to the C struct."""
 from __future__ import annotations
 
 import ctypes
+import logging
+import socket
+import struct
 import threading
 from dataclasses import dataclass
 
 from hyperplane.datapath.verdicts import FlowEventType
-from hyperplane.fleet.records import RECORD_SIZE, FlowRecord
+from hyperplane.fleet.records import FIELDS, RECORD, RECORD_SIZE, FlowRecord
+
+log = logging.getLogger("hyperplane.observe.events")
 
 
 class RawFlowEvent(ctypes.Structure):
@@ -27,6 +32,7 @@ REC_OFFSET = RawFlowEvent.rec.offset
 
 
 EVF_REPLY = 1      # bpf/structs.h: packets/bytes are the reply direction's
+EVF_VERDICT_SHIFT = 8   # FLOW_REJECTED: flags >> 8 is the dropped packet's verdict
 
 
 @dataclass
@@ -46,12 +52,35 @@ class FlowEvent:
     def reply(self) -> bool:
         return bool(self.flags & EVF_REPLY)
 
+    @property
+    def verdict(self) -> int | None:
+        """FLOW_REJECTED: the dropped packet's verdict (hyperplane.datapath.verdicts)."""
+        return self.flags >> EVF_VERDICT_SHIFT if self.type == _REJECTED else None
+
+
+_REJECTED = getattr(FlowEventType, "FLOW_REJECTED", None)
+
+
+def _record(data: bytes) -> FlowRecord:
+    """The event's record; a FLOW_REJECTED event's holds only the packet's tuple (kind and
+    state 0, which the enums do not name)."""
+    try:
+        return FlowRecord.unpack(data)
+    except ValueError:
+        f = dict(zip(FIELDS, RECORD.unpack(data[:RECORD_SIZE])))
+        ip, port = socket.inet_ntoa, (lambda b: struct.unpack(">H", b)[0])
+        return FlowRecord(ip(f["key.src_ip"]), ip(f["key.dst_ip"]), port(f["key.src_port"]),
+                          port(f["key.dst_port"]), f["key.proto"], ip(f["new_src_ip"]),
+                          ip(f["new_dst_ip"]), port(f["new_src_port"]),
+                          port(f["new_dst_port"]), f["kind"], f["tcp_state"], f["fin_seen"],
+                          f["flags"], f["resource"], f["origin"], f["idle_ms"], f["age_ms"])
+
 
 def decode(raw: bytes) -> FlowEvent:
     """A FlowEvent from the bytes of one ring record (struct flow_event)."""
     size = ctypes.sizeof(RawFlowEvent)
     ev = RawFlowEvent.from_buffer_copy(raw[:size].ljust(size, b"\0"))
-    return FlowEvent(FlowEventType(ev.type), FlowRecord.unpack(bytes(ev.rec)), ev.packets,
+    return FlowEvent(FlowEventType(ev.type), _record(bytes(ev.rec)), ev.packets,
                      ev.bytes, ev.ts_ns, ev.flags, ev.twin_packets, ev.twin_bytes,
                      ev.in_ifindex, ev.twin_in_ifindex)
 
@@ -104,6 +133,7 @@ class EventHub:
         self._cond = threading.Condition()
         self.rounds = 0
         self.events = 0
+        self.subscriber_errors = 0
 
     def subscribe_records(self, callback):
         """callback(event type, record bytes) per event; returns consume (the driver's)."""
@@ -122,7 +152,11 @@ class EventHub:
             for cb in self._record_subs:
                 cb(etype, rec)
         for cb in self._event_subs:
-            cb(raw)
+            try:
+                cb(raw)
+            except Exception:  # noqa: BLE001 - one subscriber's bug stops no other
+                self.subscriber_errors += 1
+                log.exception("an event subscriber failed")
 
     def consume(self) -> int:
         """Read what the ring holds (the driving thread only). Returns the events read."""

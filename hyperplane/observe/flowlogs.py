@@ -26,6 +26,7 @@ The reading side (hpctl flowlogs) is parse_line / follow_lines here."""
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import json
 import logging
@@ -43,6 +44,12 @@ from hyperplane.errors import ConfigError
 log = logging.getLogger("hyperplane.observe.flowlogs")
 
 MIN_INTERVAL_S, MAX_INTERVAL_S = 1, 600
+# The drop verdicts the data path reports as FLOW_REJECTED events, so REJECT records:
+# bpf/hyperplane.bpf.c REJECT_VERDICTS (a unit test holds the two together).
+REJECT_VERDICTS = ("DROP_NO_FLOW", "DROP_PORT_ALLOC", "DROP_TABLE_FULL", "DROP_NO_ROUTE",
+                   "DROP_NO_TARGET", "DROP_NO_LISTENER", "DROP_TCP_NOT_SYN",
+                   "DROP_WRONG_IFACE", "DROP_TCP_INVALID", "DROP_TUPLE_TAKEN",
+                   "DROP_NO_OWNER")
 DEFAULT_DIR = "/run/hyperplane/flowlogs"
 FORMATS = ("v2", "json")
 LOG_NAME = "flow.log"
@@ -156,7 +163,7 @@ def key_fields(key: bytes) -> tuple[str, str, int, int, int]:
     return socket.inet_ntoa(src), socket.inet_ntoa(dst), sport, dport, proto
 
 
-@dataclass
+@dataclass(slots=True)     # one per flow entry: kept small
 class _Entry:
     """What the last read (or a deletion) said of one flow entry."""
     created_ns: int
@@ -166,7 +173,7 @@ class _Entry:
     last_seen_ns: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _Acc:
     packets: int = 0
     bytes: int = 0
@@ -190,17 +197,20 @@ class FlowLogAggregator:
         # [(entry, flushes waited)]; one more interval, then SKIPDATA
         self._vanished: dict[bytes, list] = {}
         self._acc: dict[tuple[bytes, int], _Acc] = {}
+        self._rejects: dict[tuple[bytes, int], _Acc] = {}   # rejected packets' tuples
         self.interval_start_ns = self.clock()
         self.counts = {"intervals": 0, "records": 0, "skipdata": 0, "deletions": 0,
-                       "bad_events": 0}
+                       "bad_events": 0, "rejected_packets": 0}
 
     # --- inputs (any thread) ---
     def on_event(self, raw: bytes) -> None:
-        """An event (struct flow_event bytes) from the node's EventHub: only deletions
-        matter here (a flow's counts are read from the tables)."""
+        """An event (struct flow_event bytes) from the node's EventHub: deletions (a
+        flow's counts are read from the tables) and rejected packets matter here."""
         etype = int.from_bytes(raw[:4], "little")
         if etype in _DELETING:
             self._queue.append(("event", raw))
+        elif etype == _REJECTED:
+            self._queue.append(("rejected", raw))
 
     def on_deleted(self, entries) -> None:
         """(key, value) flow entries the agent deleted (garbage collection): their last
@@ -272,8 +282,21 @@ class FlowLogAggregator:
             if what == "deleted":
                 for kb, final in item:
                     self._final(kb, final, exact=True)
+            elif what == "rejected":
+                self._rejected(item)
             else:
                 self._final_event(item)
+
+    def _rejected(self, raw: bytes) -> None:
+        from hyperplane.observe.events import REC_OFFSET, RawFlowEvent
+        ev = RawFlowEvent.from_buffer_copy(raw[:ctypes.sizeof(RawFlowEvent)].ljust(
+            ctypes.sizeof(RawFlowEvent), b"\0"))
+        kb = raw[REC_OFFSET:REC_OFFSET + _KEY.size]
+        acc = self._rejects.setdefault((kb, ev.in_ifindex), _Acc(first_ns=ev.ts_ns))
+        acc.packets += ev.packets
+        acc.bytes += ev.bytes
+        acc.last_ns = max(acc.last_ns, ev.ts_ns)
+        self.counts["rejected_packets"] += ev.packets
 
     def _final_event(self, raw: bytes) -> None:
         from hyperplane.observe.events import decode
@@ -344,18 +367,25 @@ class FlowLogAggregator:
 
     def _records(self, end_ns: int) -> list[FlowLogRecord]:
         out = []
-        for (kb, ifindex), acc in self._acc.items():
-            src, dst, sport, dport, proto = key_fields(kb)
-            out.append(FlowLogRecord(
-                self.ifname(ifindex), src, dst, sport, dport, proto, acc.packets, acc.bytes,
-                self._wall_s(acc.first_ns), self._wall_s(max(acc.last_ns, acc.first_ns)),
-                "ACCEPT", "OK", self.config.account_id))
-        self._acc = {}
+        for action, accs in (("ACCEPT", self._acc), ("REJECT", self._rejects)):
+            for (kb, ifindex), acc in accs.items():
+                src, dst, sport, dport, proto = key_fields(kb)
+                out.append(FlowLogRecord(
+                    self.ifname(ifindex), src, dst, sport, dport, proto, acc.packets,
+                    acc.bytes, self._wall_s(acc.first_ns),
+                    self._wall_s(max(acc.last_ns, acc.first_ns)), action, "OK",
+                    self.config.account_id))
+        self._acc, self._rejects = {}, {}
         out.sort(key=lambda r: (r.start, r.interface_id, r.srcaddr, r.srcport))
         return out
 
     def _wall_s(self, mono_ns: int) -> int:
         return int((mono_ns + time.time_ns() - self.clock()) // 1_000_000_000)
+
+
+def _event_type(name: str) -> int | None:
+    from hyperplane.datapath.verdicts import FlowEventType
+    return int(getattr(FlowEventType, name)) if hasattr(FlowEventType, name) else None
 
 
 def _deleting_types() -> frozenset:
@@ -366,6 +396,7 @@ def _deleting_types() -> frozenset:
 
 
 _DELETING = _deleting_types()
+_REJECTED = _event_type("FLOW_REJECTED")
 
 
 # --- writing ---------------------------------------------------------------------------
@@ -481,10 +512,12 @@ def read_lines(path: str) -> Iterator[str]:
 
 
 def follow_lines(path: str, stop: threading.Event | None = None, poll_s: float = 0.2,
-                 from_start: bool = False) -> Iterator[str]:
+                 from_start: bool = False,
+                 opened: threading.Event | None = None) -> Iterator[str]:
     """Lines appended to path from now on (from its start with from_start), across
     rotations: when the name points to a new file, the rest of the old one is read first,
-    then the new one from its start. Ends when stop is set."""
+    then the new one from its start. Ends when stop is set. opened is set once the file
+    is open (what is written from then on will be read)."""
     stop = stop or threading.Event()
     fh = None
     while fh is None and not stop.is_set():
@@ -496,6 +529,8 @@ def follow_lines(path: str, stop: threading.Event | None = None, poll_s: float =
         return
     if not from_start:
         fh.seek(0, os.SEEK_END)
+    if opened is not None:
+        opened.set()
     partial = ""
     try:
         while not stop.is_set():

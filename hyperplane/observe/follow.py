@@ -42,7 +42,19 @@ def event_dict(ev, wall_offset_ns: int) -> dict:
             "tcp_state": getattr(r.tcp_state, "name", str(r.tcp_state)),
             "resource": r.resource, "confirmed": r.confirmed,
             "packets": ev.packets, "bytes": ev.bytes, "reply_direction": ev.reply,
-            "twin_packets": ev.twin_packets, "twin_bytes": ev.twin_bytes}
+            "twin_packets": ev.twin_packets, "twin_bytes": ev.twin_bytes,
+            "verdict": _verdict_name(ev.verdict)}
+
+
+def _verdict_name(verdict: int | None) -> str | None:
+    """A rejected packet's verdict (DROP_NO_FLOW, ...); None for flow events."""
+    if verdict is None:
+        return None
+    from hyperplane.datapath.verdicts import Verdict
+    try:
+        return Verdict(verdict).name
+    except ValueError:
+        return str(verdict)
 
 
 class EventPublisher:
@@ -79,9 +91,10 @@ class EventPublisher:
     def _run(self) -> None:
         from hyperplane.datapath.flows import now_ns
         from hyperplane.observe.events import decode
+        poller = select.poll()       # not select(): the agent's fds may be >= FD_SETSIZE
+        poller.register(self._server, select.POLLIN)
         while not self.stop.is_set():
-            readable, _, _ = select.select([self._server], [], [], 0.05)
-            if readable:
+            if poller.poll(50):
                 self._accept()
             if not self._queue:
                 continue

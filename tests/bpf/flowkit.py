@@ -195,15 +195,14 @@ def drain_events(dp) -> list:
     that called events.subscribe) would take every event of a later one."""
     import ctypes
     from bcc.libbcc import _RINGBUF_CB_TYPE, lib
-    from hyperplane.fleet.records import FlowRecord
-    from hyperplane.observe.events import FlowEvent, RawFlowEvent
+    from hyperplane.observe.events import decode
     from hyperplane.datapath.verdicts import FlowEventType
     out = []
 
-    def on_event(_ctx, data, _size):
-        ev = ctypes.cast(data, ctypes.POINTER(RawFlowEvent)).contents
-        out.append(FlowEvent(FlowEventType(ev.type), FlowRecord.unpack(bytes(ev.rec)),
-                             ev.packets, ev.bytes, ev.ts_ns))
+    def on_event(_ctx, data, size):
+        ev = decode(ctypes.string_at(data, size))
+        if ev.type != FlowEventType.FLOW_REJECTED:   # a dropped packet's tuple, no flow
+            out.append(ev)
         return 0
 
     cb = _RINGBUF_CB_TYPE(on_event)

@@ -259,6 +259,41 @@ def test_many_short_flows_survive_rotation(fl_lab):
     assert not logged(fl_lab.flow_log)["skipdata"]
 
 
+def test_unsolicited_packets_to_the_nat_ip_are_logged_as_reject(fl_lab):
+    """Datagrams from the internet to a NAT IP port no flow holds are dropped
+    (DROP_NO_FLOW): one REJECT record per tuple with the packets and bytes sent, and a
+    follower sees them as rejected events."""
+    sizes = [100, 250, 400, 550, 700]
+    follower = _follow(fl_lab, ["--event", "rejected", "--port", "7304"])
+    try:
+        s = netns.socket_in(fl_lab.inet, socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind((SERVER, 0))
+            port = s.getsockname()[1]
+            for size in sizes:
+                s.sendto(b"r" * size, (lab.NAT_IP, 7304))
+        finally:
+            s.close()
+        events = _events_until(follower, port, {"rejected"}, want_count=len(sizes))
+    finally:
+        follower.terminate()
+        follower.wait(10)
+    assert [(e["event"], e["verdict"], e["dst"], e["dport"]) for e in events] == \
+        [("rejected", "DROP_NO_FLOW", lab.NAT_IP, 7304)] * len(sizes), events
+    want = (len(sizes), sum(sizes) + len(sizes) * ETH_IP_UDP)
+    key = ("out0", SERVER, port, lab.NAT_IP, 7304, 17)
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        rejects = [flowlogs.parse_line(line) for line in flowlogs.read_lines(fl_lab.flow_log)]
+        rejects = [r for r in rejects if r.action == "REJECT" and r.srcport == port]
+        if (sum(r.packets for r in rejects), sum(r.bytes for r in rejects)) == want:
+            break
+        time.sleep(0.25)
+    assert {(r.interface_id, r.srcaddr, r.srcport, r.dstaddr, r.dstport, r.protocol)
+            for r in rejects} == {key}, rejects
+    assert (sum(r.packets for r in rejects), sum(r.bytes for r in rejects)) == want, rejects
+
+
 def test_hpctl_flowlogs_prints_the_records_in_both_formats(fl_lab):
     env = {**os.environ, "HPCTL_NODE": fl_lab.node_name}
     hpctl = [os.path.join(os.path.dirname(sys.executable), "hpctl"), "flowlogs"]
@@ -272,6 +307,37 @@ def test_hpctl_flowlogs_prints_the_records_in_both_formats(fl_lab):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert [flowlogs.parse_line(line).to_dict() for line in lines] == records
+
+
+def test_hpctl_flowlogs_follow_prints_new_records(fl_lab):
+    """A follower started now prints the records of traffic sent after it started (the
+    traffic repeats until it does, within the deadline: the follower's start is not
+    observable from here)."""
+    hpctl = os.path.join(os.path.dirname(sys.executable), "hpctl")
+    p = subprocess.Popen([hpctl, "flowlogs", "--follow", "--format", "json", "--node",
+                          fl_lab.node_name], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = []
+    try:
+        c = netns.socket_in(fl_lab.client, socket.AF_INET, socket.SOCK_DGRAM)
+        c.bind((CLIENT, 0))
+        port = c.getsockname()[1]
+        buf = b""
+        deadline = time.monotonic() + DEADLINE_S
+        with UdpEcho(fl_lab.inet, SERVER, 7305):
+            while not seen and time.monotonic() < deadline and p.poll() is None:
+                c.sendto(b"f" * 64, (SERVER, 7305))
+                ready, _, _ = select.select([p.stdout], [], [], 0.5)
+                if ready:
+                    buf += os.read(p.stdout.fileno(), 65536)
+                    *lines, buf = buf.split(b"\n")
+                    seen += [r for r in map(flowlogs.parse_line, map(bytes.decode, lines))
+                             if r.srcport == port or r.dstport == port]
+        c.close()
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=10)
+    assert seen, f"hpctl flowlogs --follow printed no record of the new flow: {err!r}"
+    assert all(r.action == "ACCEPT" and r.protocol == 17 for r in seen), seen
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -310,11 +376,14 @@ def _followers(the_lab) -> int:
         return 0
 
 
-def _events_until(p: subprocess.Popen, port: int, want: set[str]) -> list[dict]:
-    """The follower's events about the client's port until all of want were seen."""
+def _events_until(p: subprocess.Popen, port: int, want: set[str],
+                  want_count: int = 0) -> list[dict]:
+    """The follower's events about the sender's port until all of want (and at least
+    want_count events) were seen."""
     events, buf = [], b""
     deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline and not want <= {e["event"] for e in events}:
+    while time.monotonic() < deadline and not (want <= {e["event"] for e in events} and
+                                               len(events) >= want_count):
         ready, _, _ = select.select([p.stdout], [], [], 0.5)
         if not ready:
             continue

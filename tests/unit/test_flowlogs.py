@@ -306,17 +306,17 @@ def test_a_follower_sees_every_record_across_rotations(tmp_path):
     records = [_record(srcport=i) for i in range(1, 400)]
     stop = threading.Event()
     got = []
-    started = threading.Event()
+    opened = threading.Event()
 
     def follow():
-        for line in follow_lines(path, stop, poll_s=0.01):
+        for line in follow_lines(path, stop, poll_s=0.01, opened=opened):
             got.append(parse_line(line))
             if len(got) == len(records):
                 stop.set()
 
     t = threading.Thread(target=follow)
     t.start()
-    started.wait(0.2)                 # not an assertion: lets the follower open the file
+    assert opened.wait(30), "the follower did not open the log"
     for i in range(0, len(records), 5):
         w.write(records[i:i + 5])
     t.join(timeout=30)
@@ -324,3 +324,49 @@ def test_a_follower_sees_every_record_across_rotations(tmp_path):
     w.close()
     assert got == records
     assert len(flowlogs.log_files(path)) > 3
+
+
+def rejected(ts_ns, size, ifindex=OUT0) -> bytes:
+    """A FLOW_REJECTED event: a packet from 198.18.0.2:53 to the NAT IP's port 7000."""
+    from hyperplane.observe.events import EVF_VERDICT_SHIFT
+    from hyperplane.datapath.verdicts import Verdict
+    ev = RawFlowEvent(type=int(FlowEventType.FLOW_REJECTED),
+                      flags=int(Verdict.DROP_NO_FLOW) << EVF_VERDICT_SHIFT, ts_ns=ts_ns,
+                      packets=1, bytes=size, in_ifindex=ifindex)
+    k = bytes(key("198.18.0.2", "198.18.0.100", 53, 7000))
+    ctypes.memmove(ev.rec, k, len(k))
+    return bytes(ev)
+
+
+def test_rejected_packets_are_one_reject_record_per_tuple_per_interval():
+    clock = [100 * SEC]
+    a = agg(clock)
+    for i, size in enumerate((100, 200, 300)):
+        a.on_event(rejected(clock[0] + i * 1000, size))
+    clock[0] += SEC
+    (r,) = a.flush()
+    assert (r.action, r.log_status, r.interface_id, r.srcaddr, r.srcport, r.dstaddr,
+            r.dstport, r.protocol, r.packets, r.bytes) == \
+        ("REJECT", "OK", "out0", "198.18.0.2", 53, "198.18.0.100", 7000, 17, 3, 600)
+    assert a.counts["rejected_packets"] == 3
+    clock[0] += SEC
+    assert a.flush() == []
+
+
+def test_a_rejected_event_decodes_with_its_verdict():
+    from hyperplane.datapath.verdicts import Verdict
+    from hyperplane.observe.events import decode
+    ev = decode(rejected(5, 100))
+    assert ev.type == FlowEventType.FLOW_REJECTED and ev.verdict == Verdict.DROP_NO_FLOW
+    assert (ev.record.src, ev.record.dport, ev.record.kind) == ("198.18.0.2", 7000, 0)
+
+
+def test_the_reject_verdicts_are_the_cs():
+    import re
+
+    from hyperplane.datapath import cheaders
+    from hyperplane.datapath.verdicts import Verdict
+    text = cheaders.header_text("hyperplane.bpf.c")
+    block = re.search(r"#define REJECT_VERDICTS \((.*?)\)\n\n", text, re.S).group(1)
+    assert set(re.findall(r"1ULL << V_(\w+)", block)) == set(flowlogs.REJECT_VERDICTS)
+    assert all(hasattr(Verdict, name) for name in flowlogs.REJECT_VERDICTS)
