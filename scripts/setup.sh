@@ -53,7 +53,12 @@ run_logged() { "$@" >>"$LOG" 2>&1 </dev/null; }
 # one-sentence failure.
 apt_error() { grep '^E:' "$LOG" | tail -n 1 | sed 's/^E: *//; s/[.]*$//; s/$/; /' || true; }
 
-[ "$(id -u)" -eq 0 ] || die "scripts/setup.sh must run as root (it installs Debian packages, links kernel headers and mounts a bpffs): run it again as root, with sudo."
+# `scripts/setup.sh --list-packages` prints every Debian package below, one a line, and
+# exits (vagrant/build-box puts them all in the Vagrant lab's box: its guests are offline).
+LIST_PACKAGES=""
+[ "${1:-}" != "--list-packages" ] || LIST_PACKAGES=1
+
+[ -n "$LIST_PACKAGES" ] || [ "$(id -u)" -eq 0 ] || die "scripts/setup.sh must run as root (it installs Debian packages, links kernel headers and mounts a bpffs): run it again as root, with sudo."
 
 # One setup at a time on this machine (apt, /lib/modules and the mount are machine-wide).
 mkdir -p "$(dirname "$LOCK")"
@@ -70,6 +75,7 @@ install_missing() {
     local opts=() missing=() pkg status
     while [ "$1" != "--" ]; do opts+=("$1"); shift; done
     shift
+    if [ -n "$LIST_PACKAGES" ]; then printf '%s\n' "$@"; return 0; fi
     for pkg in "$@"; do
         status="$(dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null || true)"
         [ "${status:0:2}" = "ii" ] || missing+=("$pkg")
@@ -89,6 +95,7 @@ install_missing() {
 install_missing -- "${PACKAGES[@]}"
 install_missing --no-install-recommends -- "${VAGRANT_PACKAGES[@]}"
 install_missing --no-install-recommends -- "${METRICS_PACKAGES[@]}"
+[ -z "$LIST_PACKAGES" ] || exit 0
 
 # ---- 2. kernel headers where bcc looks for them ------------------------------------------
 KREL="$(uname -r)"

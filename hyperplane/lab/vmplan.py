@@ -110,7 +110,9 @@ def vm_plan(nodes: int = DEFAULT_NODES) -> dict:
                     "namespaces": {r: topo["namespaces"][r] for r in vm_roles_} if multi
                     else {}, "nics": nics,
                     "memory": NODE_MEMORY_MB if vm.startswith("node") else VM_MEMORY_MB,
-                    "cpus": 1})
+                    "cpus": 1,
+                    # the repository is synced to the nodes only: they run setup and hpctl
+                    "repo": vm.startswith("node")})
     for net in networks.values():
         net["roles"] = sorted({r for vm in net["vms"] for r in roles[vm]})
     plan = {"prefix": PREFIX, "libvirt_prefix": LIBVIRT_PREFIX, "nodes": nodes, "box": BOX, "guest_repo": GUEST_REPO,
