@@ -83,7 +83,7 @@ EVENT = {"event": "created", "kind": "NAT_OUT", "proto": "tcp", "src": "10.10.0.
     ({"resource": 0}, True), ({"resource": 1}, False), ({"kind": "nat_out"}, True),
     ({"kind": "nat_in"}, True), ({"kind": "nlb_in"}, False)])
 def test_follow_filters(filters, want):
-    from cli.follow import matches
+    from hpctl.follow import matches
     assert matches(EVENT, **filters) is want
 
 
