@@ -22,7 +22,9 @@ end):
            records.install(dp_b, blob) (bpf/install.h: both keys and the NAT reservation).
 
 The agents' loop is hyperplane/fleet/member.py FleetMember._sync_task's: select() on the
-socket with poll_s = 1 ms, up to 1024 datagrams read per round, ring_buffer_consume, the
+socket and (A) the event ring, which the data path wakes (HP_F_EVENT_WAKEUP, adaptive:
+only when the reader had caught up; --no-wakeup: off), with poll_s = 1 ms, up to 1024
+datagrams read per round, ring_buffer_consume, the
 read records queued in one blob per round, tick, flush; SyncNode defaults (max_datagram
 1400 = 28 records, window 512, plain sendto); install() once per delivered blob (one
 datagram's records). Differences from the product: the peers talk over the namespace's
@@ -163,6 +165,12 @@ def run_gen(args) -> None:
 
     dp = Datapath(Sizes(), args.pin_a)
     write_config(dp, Timeouts(), hash_seed=0x5EED)
+    if args.wakeup:      # as a fleet member's data path (FleetDataplane.set_identity)
+        from hyperplane.datapath.settings import F_EVENT_WAKEUP
+        cfg = dp.table("config")
+        leaf = cfg[cfg.Key(0)]
+        leaf.flags |= F_EVENT_WAKEUP
+        cfg[cfg.Key(0)] = leaf
     apply_gateway(dp, GatewayConfig("gw-bench", GW_ID, [NAT_IP], ["10.10.0.0/24"]))
     ifin, ifout = socket.if_nametoindex("in0"), socket.if_nametoindex("out0")
     r_in = trkit.Runner(dp.prog_fd, ifin, "xdp")
@@ -325,7 +333,10 @@ def run_agent(args) -> None:
                 side_log.extend(etype.to_bytes(8, "little"))
                 side_log.extend(rec[:16])
 
-        dp.table("flow_events").open_ring_buffer(on_event)
+        ring = dp.table("flow_events")
+        ring.open_ring_buffer(on_event)
+        # the member polls the ring's fd too: the data path wakes it (HP_F_EVENT_WAKEUP)
+        ring_fd = ring.map_fd
 
     def replicate(blob: bytes) -> None:          # member._replicate
         for res, group in records.group_by_resource(blob, {}).items():
@@ -349,7 +360,8 @@ def run_agent(args) -> None:
     ready_sent = False
     hard_stop = time.monotonic() + args.agent_limit_s
     while time.monotonic() < hard_stop:
-        readable, _, _ = select.select([sock, ctl.fd], [], [], poll_s)
+        readable, _, _ = select.select([sock, ctl.fd] + ([ring_fd] if me == A_ID else []),
+                                       [], [], poll_s)
         if sock in readable:
             receive()
         if me == A_ID:
@@ -633,6 +645,9 @@ def main() -> None:
                     default=[28, 64, 256, 1024, 4096])
     ap.add_argument("--poll-s", type=float, default=0.001,
                     help="the agents' select timeout (member FleetConfig.poll_s)")
+    ap.add_argument("--no-wakeup", dest="wakeup", action="store_false",
+                    help="the data path does not wake the reader (the agent finds events "
+                         "only at its next poll_s tick; before 2026-11-30 it was so)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--role", choices=["gen", "agent-a", "agent-b"], help=argparse.SUPPRESS)
     ap.add_argument("--pin-a", help=argparse.SUPPRESS)
@@ -665,7 +680,8 @@ def main() -> None:
         netns.remove(NS)
         sandbox.build(NS)
         base = [sys.executable, os.path.abspath(__file__), "--pin-a", pins[0], "--pin-b",
-                pins[1], "--poll-s", str(args.poll_s)]
+                pins[1], "--poll-s", str(args.poll_s),
+                *([] if args.wakeup else ["--no-wakeup"])]
         gen = Proc("gen", base + ["--role", "gen"])
         procs.append(gen)
         print("gen:", gen.read(300))                       # compiles, creates A's pins

@@ -185,9 +185,12 @@ static __always_inline void emit_event(__u32 type, struct flow_key *k, struct fl
 			e->twin_in_ifindex = t->in_ifindex;
 		}
 	}
-	/* no wakeup per event: readers consume on a timer (an irq_work per new flow costs
-	 * more than the rest of the event) */
-	flow_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	/* A fleet node's sync task sleeps on the ring (poll) so a flow is replicated within
+	 * a millisecond: adaptive wakeup, which the kernel sends only when the reader had
+	 * caught up (a busy ring costs no wakeup per event). Elsewhere readers consume on a
+	 * timer and no event pays for an irq_work. */
+	flow_events.ringbuf_submit(e, (cfg && (cfg->flags & HP_F_EVENT_WAKEUP)) ?
+				   0 : BPF_RB_NO_WAKEUP);
 }
 
 /* --- per-resource flow counters (active = confirmed - ended - user_ends) ------------- */

@@ -132,6 +132,7 @@ struct hp_config {
 #define HP_F_RST_ON_NO_FLOW 1 /* TCP from inside without a live flow gets a RST (AWS) */
 #define HP_F_LOOSE_INGRESS 2  /* skip the strict reverse-path check (asymmetric routing) */
 #define HP_F_FLEET 4          /* one of many nodes: port blocks, owners, second chance */
+#define HP_F_EVENT_WAKEUP 8   /* a reader sleeps on flow_events: wake it (bpf/flow.h) */
 
 /* Per-gateway metrics, per CPU; AWS NAT gateway names (REFERENCE.md). */
 struct gw_metrics {

@@ -9,6 +9,7 @@ from hyperplane.datapath.verdicts import ConfigFlag, Timeout
 
 F_RST_ON_NO_FLOW = 1  # bpf/structs.h HP_F_RST_ON_NO_FLOW (keep in sync)
 F_FLEET = int(ConfigFlag.FLEET)  # set by hyperplane.fleet.dataplane
+F_EVENT_WAKEUP = int(ConfigFlag.EVENT_WAKEUP)   # ditto: its sync task sleeps on the ring
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ def write_config(dp, timeouts: Timeouts | None = None, *, rst_on_no_flow: bool =
     leaf = table[key]
     for i, value in enumerate(timeouts.by_index()):
         leaf.timeout_s[i] = value
-    leaf.flags = (leaf.flags & F_FLEET) | (F_RST_ON_NO_FLOW if rst_on_no_flow else 0)
+    leaf.flags = (leaf.flags & (F_FLEET | F_EVENT_WAKEUP)) | \
+        (F_RST_ON_NO_FLOW if rst_on_no_flow else 0)
     if hash_seed is not None:
         leaf.hash_seed = hash_seed
     elif leaf.hash_seed == 0:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hyperplane.datapath import cheaders
-from hyperplane.datapath.settings import F_FLEET
+from hyperplane.datapath.settings import F_EVENT_WAKEUP, F_FLEET
 from hyperplane.errors import ConfigError
 from hyperplane.fleet.owner import block_owners, block_size, blocks_in_range
 from hyperplane.nat.gateway import write_blocks
@@ -47,21 +47,22 @@ class FleetDataplane:
         self.dp = dp
 
     def set_identity(self, node_id: int, sync_ifindex: int) -> None:
-        """This node's id and sync interface; turns fleet mode on (HP_F_FLEET)."""
+        """This node's id and sync interface; turns fleet mode on (HP_F_FLEET), and the
+        wakeups of the member's sync task, which sleeps on the event ring."""
         if not 0 <= node_id < MAX_NODES:
             raise ConfigError(f"node id {node_id} is outside 0..{MAX_NODES - 1}")
         table = self.dp.table("config")
         leaf = table[table.Key(0)]
         leaf.node_id = node_id
         leaf.sync_ifindex = sync_ifindex
-        leaf.flags |= F_FLEET
+        leaf.flags |= F_FLEET | F_EVENT_WAKEUP
         table[table.Key(0)] = leaf
 
     def leave(self) -> None:
         """Fleet mode off (one node again)."""
         table = self.dp.table("config")
         leaf = table[table.Key(0)]
-        leaf.flags &= ~F_FLEET
+        leaf.flags &= ~(F_FLEET | F_EVENT_WAKEUP)
         table[table.Key(0)] = leaf
 
     def set_peers(self, macs: dict[int, str], live: set[int]) -> None:

@@ -360,6 +360,10 @@ class FleetMember:
         first = True
         poller = select.poll()          # not select(): an fd may be >= FD_SETSIZE
         poller.register(sock, select.POLLIN)
+        # the event ring too: in fleet mode the data path wakes this poll when a flow event
+        # arrives and the ring was empty, so replication starts at once, not at the next tick
+        poller.register(self.events.fd, select.POLLIN)
+        sock_fd = sock.fileno()
         wait = cfg.poll_s
         while not self.stop.is_set():
             now = time.monotonic()
@@ -376,9 +380,11 @@ class FleetMember:
                 self._send_dump(node.peers(), idle_below_ms=int(cfg.refresh_s * 1000) + 1000)
             # 1 ms while there is work, backing off to idle_poll_s when there is none (an
             # idle agent polling at 1 ms costs a fifth of a core)
-            if poller.poll(int(wait * 1000)):
+            ready = poller.poll(int(wait * 1000))
+            if any(fd == sock_fd for fd, _ in ready):
                 self._receive(sock, node)
                 self._install_inbox()
+            if ready:
                 wait = cfg.poll_s
             else:
                 wait = min(wait * 2, cfg.idle_poll_s)

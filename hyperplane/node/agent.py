@@ -31,10 +31,10 @@ from hyperplane.node.lifecycle import NODE_STATE_DIR, check_node_name, node_stat
 from hyperplane.fleet.store import DEFAULT_STORE, NLB_KEY, open_store
 from hyperplane.fleet.member import FleetConfig, FleetMember
 from hyperplane.fleet.dataplane import GatewayBlocks
-from hyperplane.fleet import cluster
-from hyperplane.node.nat_from_store import NatFromStore, load_node
 from hyperplane.observe import events as _events
 from hyperplane.observe.flowlogs import FlowLogConfig, FlowLogs
+from hyperplane.fleet import cluster
+from hyperplane.node.nat_from_store import NatFromStore, load_node
 
 if TYPE_CHECKING:  # hyperplane.node.addresses (pyroute2) is imported where it is used
     from hyperplane.node.addresses import Added
@@ -93,9 +93,9 @@ class AgentConfig:
     outside_if: str | None = None
     fleet: FleetConfig = field(default_factory=FleetConfig)
     watchdog_s: float = 10.0     # a fleet task silent this long is reported (and logged)
+    flow_logs: FlowLogConfig = field(default_factory=FlowLogConfig)
     metrics_addr: str | None = None  # HOST:PORT: serve Prometheus metrics there, in the
                                      # node's network namespace (None: no metrics)
-    flow_logs: FlowLogConfig = field(default_factory=FlowLogConfig)
 
 
 class Agent:
@@ -119,13 +119,13 @@ class Agent:
         self.resets = 0
         self.member: FleetMember | None = None
         self.stalled: list[str] = []      # fleet tasks the watchdog found silent
-        self.nat = NatFromStore(config.node)
-        self.last_status: dict | None = None   # what _write_status wrote last (metrics)
-        self.metrics = None               # hyperplane.observe.prometheus.MetricsServer
         self.events = None   # the event ring's one reader (observe.events.EventHub)
         self.events_stop = threading.Event()   # its thread's, outside a fleet
         self.flow_logs: FlowLogs | None = None
         self.publisher = None   # flow events for followers (observe.follow)
+        self.last_status: dict | None = None   # what _write_status wrote last (metrics)
+        self.metrics = None               # hyperplane.observe.prometheus.MetricsServer
+        self.nat = NatFromStore(config.node)
 
     # --- lifecycle ---------------------------------------------------------------------
     def startup(self) -> None:
@@ -145,6 +145,7 @@ class Agent:
         self.plane = NlbDataplane(self.dp)
         if self.nat.enabled:
             cluster.node_id(self.store, self.config.node)   # named: shards may include it
+            self._apply_nat()   # before the fleet member starts: no ready node lacks them
         self.vips = _read_vips(self.config.node)
         if self.config.metrics_addr:
             self._serve_metrics()
@@ -180,16 +181,6 @@ class Agent:
         except ConfigError:
             return {}
 
-    def _start_events(self) -> None:
-        """The event ring's one reader, the flow logs and the followers' socket."""
-        from hyperplane.observe.follow import EventPublisher, events_socket_path
-        self.events = _events.EventHub(self.dp)
-        if self.config.flow_logs.enabled:
-            self.flow_logs = FlowLogs(self.config.node, self.netns, self.dp,
-                                      self.config.flow_logs, self.events)
-            self.flow_logs.start()
-        self.publisher = EventPublisher(events_socket_path(self.config.node), self.events)
-
     def _serve_metrics(self) -> None:
         """Prometheus metrics at config.metrics_addr, the socket in the node's namespace;
         a scrape reads the node's counters (its own map handles) and this agent's last
@@ -204,14 +195,24 @@ class Agent:
         self.metrics = prometheus.serve(collector, host, port, self.netns)
         log.info("metrics at %s (network namespace %s)", self.metrics.url, self.netns)
 
+    def _start_events(self) -> None:
+        """The event ring's one reader, the flow logs and the followers' socket."""
+        from hyperplane.observe.follow import EventPublisher, events_socket_path
+        self.events = _events.EventHub(self.dp)
+        if self.config.flow_logs.enabled:
+            self.flow_logs = FlowLogs(self.config.node, self.netns, self.dp,
+                                      self.config.flow_logs, self.events)
+            self.flow_logs.start()
+        self.publisher = EventPublisher(events_socket_path(self.config.node), self.events)
+
     def shutdown(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
         if self.flow_logs is not None:
             self.flow_logs.close()      # logs the interval under way (the ring still read)
         self.events_stop.set()
         if self.publisher is not None:
             self.publisher.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.member is not None:
             self.member.close()
         for checker in self.checkers.values():
@@ -398,8 +399,8 @@ class Agent:
                   "config_error": self.config_error, "address_error": self.address_error,
                   "flows_reset_unhealthy": self.resets,
                   "target_groups": {}, "stalled_tasks": self.stalled,
-                  "nat": self.nat.status(),
                   "metrics": self.metrics.url if self.metrics is not None else None,
+                  "nat": self.nat.status(),
                   "flow_logs": self.flow_logs.status() if self.flow_logs else None,
                   "flow_events": dict(self.publisher.counts) if self.publisher else None,
                   "fleet": self.member.status() if self.member is not None else None}
@@ -536,9 +537,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tick", type=float, default=0.2)
     ap.add_argument("--sync-dev", default=None,
                     help="the node's interface on the sync network: join the fleet")
+    flow_log_arguments(ap)
     ap.add_argument("--metrics-addr", default=None, metavar="HOST:PORT",
                     help="serve Prometheus metrics there (in the node's network namespace)")
-    flow_log_arguments(ap)
     ap.add_argument("--if", dest="ifnames", action="append", default=None,
                     help="load and attach the data path on this interface (repeat); the "
                          "node then runs the NAT gateways the store assigns it")
@@ -549,8 +550,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         agent = Agent(AgentConfig(args.node, args.store, args.tick, metrics_addr=args.metrics_addr,
-                                  sync_dev=args.sync_dev, ifnames=args.ifnames,
-                                  netns=args.netns, mode=args.mode,
+                                  sync_dev=args.sync_dev,
+                                  ifnames=args.ifnames, netns=args.netns, mode=args.mode,
                                   outside_if=args.outside_if))  # a bad --store URL
         agent.config.flow_logs = flow_log_config(args)
         for sig in (signal.SIGTERM, signal.SIGINT):

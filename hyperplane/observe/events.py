@@ -100,6 +100,12 @@ def subscribe_records(dp, callback, whole: bool = False):
     whole: callback(event bytes)). Returns the function that reads what is there (call it
     on a timer). dp is a Datapath (bcc) or a PinnedNode (the pinned ring, read without
     compiling anything)."""
+    return open_records(dp, callback, whole)[0]
+
+
+def open_records(dp, callback, whole: bool = False):
+    """subscribe_records, returning (consume, the ring map's fd): poll() the fd to sleep
+    until there are events (a fleet node's data path wakes a sleeping reader)."""
     if whole:
         def on_raw(data, size):   # a program older than these headers: shorter events
             callback(ctypes.string_at(data, size))
@@ -109,9 +115,11 @@ def subscribe_records(dp, callback, whole: bool = False):
             callback(int.from_bytes(raw[:4], "little"), raw[REC_OFFSET:])
 
     if hasattr(dp, "open_ring"):
-        return dp.open_ring("flow_events", on_raw).consume
-    dp.table("flow_events").open_ring_buffer(lambda _ctx, data, size: on_raw(data, size))
-    return dp.bpf.ring_buffer_consume
+        ring = dp.open_ring("flow_events", on_raw)
+        return ring.consume, ring.fd
+    table = dp.table("flow_events")
+    table.open_ring_buffer(lambda _ctx, data, size: on_raw(data, size))
+    return dp.bpf.ring_buffer_consume, table.map_fd
 
 
 class EventHub:
@@ -129,7 +137,8 @@ class EventHub:
     def __init__(self, dp):
         self._record_subs: list = []
         self._event_subs: list = []
-        self._consume = subscribe_records(dp, self._on_raw, whole=True)
+        # fd: the ring, for poll(); a fleet node's data path wakes a sleeping reader
+        self._consume, self.fd = open_records(dp, self._on_raw, whole=True)
         self._cond = threading.Condition()
         self.rounds = 0
         self.events = 0
