@@ -136,7 +136,9 @@ class EventHub:
 
     def __init__(self, dp):
         self._record_subs: list = []
-        self._event_subs: list = []
+        # (callback, event types or None for all); replaced, never changed in place, so
+        # other threads may subscribe while the driving thread delivers
+        self._event_subs: tuple = ()
         # fd: the ring, for poll(); a fleet node's data path wakes a sleeping reader
         self._consume, self.fd = open_records(dp, self._on_raw, whole=True)
         self._cond = threading.Condition()
@@ -149,18 +151,25 @@ class EventHub:
         self._record_subs.append(callback)
         return self.consume
 
-    def subscribe_events(self, callback) -> None:
-        """callback(event bytes: struct flow_event) per event, in the driving thread:
-        keep it cheap (queue the bytes)."""
-        self._event_subs.append(callback)
+    def subscribe_events(self, callback, types=None) -> None:
+        """callback(event bytes: struct flow_event) per event (of `types` only, a set of
+        event type numbers, when given), in the driving thread: keep it cheap (queue the
+        bytes). The filter runs here, so an event nobody wants costs a set lookup."""
+        self._event_subs = (*self._event_subs, (callback, types))
+
+    def unsubscribe_events(self, callback) -> None:
+        self._event_subs = tuple(s for s in self._event_subs if s[0] != callback)
 
     def _on_raw(self, raw: bytes) -> None:
         self.events += 1
+        etype = int.from_bytes(raw[:4], "little")
         if self._record_subs:
-            etype, rec = int.from_bytes(raw[:4], "little"), raw[REC_OFFSET:REC_OFFSET + RECORD_SIZE]
+            rec = raw[REC_OFFSET:REC_OFFSET + RECORD_SIZE]
             for cb in self._record_subs:
                 cb(etype, rec)
-        for cb in self._event_subs:
+        for cb, types in self._event_subs:
+            if types is not None and etype not in types:
+                continue
             try:
                 cb(raw)
             except Exception:  # noqa: BLE001 - one subscriber's bug stops no other

@@ -454,7 +454,7 @@ class FlowLogs:
         sync = (lambda: hub.wait_round(2.0)) if hub is not None else None
         self.aggregator = FlowLogAggregator(dp, config, self._ifname, sync_events=sync)
         if hub is not None:
-            hub.subscribe_events(self.aggregator.on_event)
+            hub.subscribe_events(self.aggregator.on_event, types=_DELETING | {_REJECTED})
         self.writer = FlowLogWriter(self.path, config)
         self.stop = threading.Event()
         self.error: str | None = None

@@ -76,7 +76,7 @@ class EventPublisher:
         self._server.setblocking(False)
         self._clients: list[socket.socket] = []
         self.stop = threading.Event()
-        hub.subscribe_events(self._on_event)
+        self._hub = hub     # subscribed while a follower is connected: idle, it costs nothing
         self._thread = threading.Thread(target=self._run, name="follow", daemon=True)
         self._thread.start()
 
@@ -126,6 +126,8 @@ class EventPublisher:
             return
         c.setblocking(False)
         c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        if not self._clients:
+            self._hub.subscribe_events(self._on_event)
         self._clients.append(c)
         self.counts["followers"] = len(self._clients)
 
@@ -134,6 +136,8 @@ class EventPublisher:
         c.close()
         self.counts["dropped_followers"] += 1
         self.counts["followers"] = len(self._clients)
+        if not self._clients:
+            self._hub.unsubscribe_events(self._on_event)
 
     def close(self) -> None:
         self.stop.set()

@@ -91,8 +91,11 @@ class FakeHub:
     def __init__(self):
         self.subs = []
 
-    def subscribe_events(self, cb):
+    def subscribe_events(self, cb, types=None):
         self.subs.append(cb)
+
+    def unsubscribe_events(self, cb):
+        self.subs.remove(cb)
 
 
 def _raw(etype, sport) -> bytes:
@@ -124,6 +127,12 @@ def test_the_publisher_sends_each_event_to_a_follower_as_a_json_line(tmp_path):
         assert [(e["event"], e["sport"], e["bytes"]) for e in got] == \
             [("created", 40000, 74), ("closed", 40001, 74)]
         c.close()
+        # the agent notices the follower left at its next event: then it is unsubscribed
+        deadline = time.monotonic() + 10
+        while hub.subs and time.monotonic() < deadline:
+            hub.subs[0](_raw(FlowEventType.FLOW_CHANGED, 40002)) if hub.subs else None
+            time.sleep(0.01)
+        assert not hub.subs and pub.counts["followers"] == 0
     finally:
         pub.close()
     assert not os.path.exists(tmp_path / "ev.sock")
