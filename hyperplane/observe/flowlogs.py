@@ -479,10 +479,14 @@ class FlowLogs:
         self._thread.start()
 
     def _run(self) -> None:
-        next_flush = time.monotonic() + self.config.interval_s
+        interval = self.config.interval_s
+        next_flush = time.monotonic() + interval
         while not self.stop.wait(max(0.0, next_flush - time.monotonic())):
-            next_flush += self.config.interval_s
             self.flush()
+            # an interval whose aggregation took longer than the interval (a huge table at
+            # a short interval) is not followed at once by the next: the agent would do
+            # nothing else; that interval is longer (its records' start/end say so)
+            next_flush = max(next_flush + interval, time.monotonic() + interval / 2)
 
     def flush(self) -> None:
         try:
