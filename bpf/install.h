@@ -24,8 +24,13 @@ static __always_inline void install_merge(struct flow_record *r, struct flow_key
 	__u8 old_state = v->tcp_state;
 	__u8 state = state_max(old_state, r->tcp_state);
 	__u8 fin = v->fin_seen | r->fin_seen;
-	if (state == TCP_S_CLOSED && old_state != TCP_S_CLOSED && !(v->flags & FLOW_F_PENDING))
-		res_count(v->kind, v->resource, RES_ENDED);
+	int confirm = (r->flags & REC_F_CONFIRMED) && (v->flags & FLOW_F_PENDING);
+	/* A flow is active from its confirmation to its close: one record may do both (a
+	 * short flow whose earlier records came late); counted after the confirmation. */
+	int ended = state == TCP_S_CLOSED && old_state != TCP_S_CLOSED &&
+		    (!(v->flags & FLOW_F_PENDING) || confirm);
+	__u8 kind = v->kind;
+	__u16 resource = v->resource;
 	v->tcp_state = state;
 	v->fin_seen = fin;
 	if (last_seen > v->last_seen_ns)
@@ -38,8 +43,12 @@ static __always_inline void install_merge(struct flow_record *r, struct flow_key
 		if (r->flags & REC_F_REPLY_SEEN)
 			t->flags |= FLOW_F_REPLY_SEEN;
 	}
-	if ((r->flags & REC_F_CONFIRMED) && (v->flags & FLOW_F_PENDING))
-		flow_confirm(k, v, now, 1);
+	/* v is the pending map's value: not used after; flow_confirm returns it when the
+	 * flow could not move (not confirmed, so not counted as ended either) */
+	if (confirm && flow_confirm(k, v, now, 1) == v)
+		ended = 0;
+	if (ended)
+		res_count(kind, resource, RES_ENDED);
 }
 
 /* Install one record (in the scratch space). */
@@ -195,8 +204,13 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 			}
 		}
 	}
-	if (confirmed)
+	if (confirmed) {
 		res_count(r->kind, resource, RES_CONFIRMED);
+		/* a closed flow's record (its entries here were already gone): held until it
+		 * expires, as closed, and not active */
+		if (r->tcp_state == TCP_S_CLOSED)
+			res_count(r->kind, resource, RES_ENDED);
+	}
 	stat_inc(S_REC_INSTALLED);
 }
 

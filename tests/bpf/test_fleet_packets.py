@@ -585,6 +585,32 @@ def test_unconfirmed_record_is_pending_and_a_confirmed_one_confirms_it(fleet):
         "a peer's record confirmed it: the peer tells the others, not this node"
 
 
+_OPEN = dict(flags=0, tcp_state=TcpState.SYN_SENT)     # an unconfirmed flow's record
+_CLOSED = dict(tcp_state=TcpState.CLOSED)
+
+
+@pytest.mark.parametrize("records, active", [
+    ([{}], 1),                       # a replica, confirmed: active here too
+    ([{}, _CLOSED], 0),              # ... and its close
+    ([_CLOSED], 0),                  # a closed flow's record whose entries are gone here
+    ([_OPEN], 0),                    # unconfirmed: not active
+    ([_OPEN, _CLOSED], 0),           # confirmed and closed by one record (came late)
+    ([_OPEN, {}], 1),
+    ([{}, _CLOSED, _CLOSED], 0),     # a close merged twice ends it once
+], ids=["confirmed", "confirmed-closed", "closed-only", "pending", "pending-closed",
+        "pending-confirmed", "closed-twice"])
+def test_installed_records_keep_the_active_count(fleet, records, active):
+    """ActiveConnectionCount from the counters (confirmed - ended) on a node that only
+    holds replicas: every flow a record confirms here is ended here when it closes."""
+    from hyperplane.observe.metrics import active_flows
+    e = fleet.e
+    before = active_flows(e.dp, FlowKind.NAT_OUT).get(GW.gw_id, 0)
+    for fields in records:
+        assert install(e.dp, _rec(**fields).pack()).total() == 1
+    assert active_flows(e.dp, FlowKind.NAT_OUT).get(GW.gw_id, 0) - before == active
+    assert flow_table_problems(e.dp) == []
+
+
 def test_merge_only_moves_forward(fleet):
     e = fleet.e
     assert install(e.dp, _rec(fin_seen=1).pack()).installed == 1

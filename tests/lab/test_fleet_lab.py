@@ -521,6 +521,33 @@ def test_asymmetric_paths_used_second_chance_and_replication(fleet):
     assert sum(c["PEER_PACKET"] for c in s.values()) > 0, s
 
 
+def active(fleet) -> dict[int, tuple[int, int]]:
+    """Node -> (ActiveConnectionCount of the NAT gateway, ActiveFlowCount of the load
+    balancer's listeners), from each node's counters (what metrics and hpctl top show)."""
+    from hyperplane.datapath.pinned import PinnedNode
+    from hyperplane.datapath.verdicts import FlowKind
+    from hyperplane.node.lifecycle import PIN_ROOT
+    from hyperplane.observe.metrics import active_flows
+    out = {}
+    for i, name in fleet.names.items():
+        with PinnedNode(os.path.join(fleet_plan.fleet_topology(fleet.cfg)["fleet"]["pin_root"]
+                                     or PIN_ROOT, name)) as maps:
+            out[i] = (sum(active_flows(maps, FlowKind.NAT_OUT).values()),
+                      sum(active_flows(maps, FlowKind.NLB_IN).values()))
+    return out
+
+
+def test_active_counts_go_back_to_zero_on_every_node(fleet):
+    """After the 5,000 + 5,000 connections closed, no node counts any as active: every
+    flow a node confirmed, from its packets or a peer's record, it also ended. (Replicas
+    of short flows whose close came in the same record as their confirmation, or after
+    their entries were gone, used to stay counted.)"""
+    deadline = time.monotonic() + 30
+    while (counts := active(fleet)) != {i: (0, 0) for i in fleet.nodes}:
+        assert time.monotonic() < deadline, f"active (NAT, NLB) per node: {counts}"
+        time.sleep(0.5)
+
+
 def test_agent_restart_and_program_reload_mid_transfer(streams):
     fleet = streams
     from hyperplane.node.agent import spawn_agent, stop_agent
