@@ -209,9 +209,13 @@ def down(cfg: LabConfig | None = None, *, prefix: str | None = None) -> dict:
     if cfg.nodes > 1:
         from hyperplane.lab import fleet_build
         warnings += fleet_build.stop_nodes(cfg)
-    elif state is None or state.mode == "xdp":
-        warnings += _stop_agent(cfg, topo)
-        warnings += _stop_node(topo)
+        names = [fleet_build.node_name(cfg, i) for i in range(1, cfg.nodes + 1)]
+    else:
+        if state is None or state.mode == "xdp":
+            warnings += _stop_agent(cfg, topo)
+            warnings += _stop_node(topo)
+        names = [topo["node"]["name"]]
+    _remove_flow_logs(names)
     removed = []
     for name in present(prefix):
         try:
@@ -226,6 +230,14 @@ def down(cfg: LabConfig | None = None, *, prefix: str | None = None) -> dict:
         except FileNotFoundError:
             pass
     return {"prefix": prefix, "removed": removed, "warnings": warnings}
+
+
+def _remove_flow_logs(names: list[str]) -> None:
+    """A lab's nodes' flow logs go with the lab (their agents wrote them to the default
+    directory, on /run: a lab is made and unmade many times)."""
+    from hyperplane.observe.flowlogs import DEFAULT_DIR
+    for name in names:
+        shutil.rmtree(os.path.join(DEFAULT_DIR, name), ignore_errors=True)
 
 
 def _stop_node(topo: dict) -> list[str]:
