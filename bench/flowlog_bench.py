@@ -16,17 +16,17 @@ records it made, the time of the batched read alone, and the time to write the r
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import trkit  # noqa: E402  (bench/trkit.py)
 
 from hyperplane.datapath import pinned  # noqa: E402
 from hyperplane.datapath.flows import now_ns  # noqa: E402
@@ -101,14 +101,7 @@ def main() -> int:
     finally:
         dp.close()
         remove_pins(PIN_DIR)
-    commit = subprocess.run(["git", "-C", os.path.dirname(HERE), "rev-parse", "--short",
-                             "HEAD"], capture_output=True, text=True).stdout.strip()
-    with open(args.out, "w") as f:
-        json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"), "commit": commit, "load": os.getloadavg(),
-            "rounds": args.rounds, "results": results}, f, indent=2)
-        f.write("\n")
-    print(f"results: {args.out}")
+    trkit.write_results(args.out, {"rounds": args.rounds, "results": results})
     return 0
 
 

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import trkit  # noqa: E402  (bench/trkit.py)
 
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
@@ -130,14 +130,7 @@ def main() -> int:
     finally:
         dp.close()
         remove_pins(PIN_DIR)
-    commit = subprocess.run(["git", "-C", os.path.dirname(HERE), "rev-parse", "--short",
-                             "HEAD"], capture_output=True, text=True).stdout.strip()
-    with open(args.out, "w") as f:
-        json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"), "commit": commit, "load": os.getloadavg(),
-            "scrapes": args.scrapes, "results": results}, f, indent=2)
-        f.write("\n")
-    print(f"results: {args.out}")
+    trkit.write_results(args.out, {"scrapes": args.scrapes, "results": results})
     return 0
 
 

@@ -172,6 +172,20 @@ def git_meta(paths: list[str]) -> dict:
     return {"git_commit": commit, "uncommitted": [x[3:] for x in dirty if x.strip()]}
 
 
+def write_results(path: str, fields: dict) -> None:
+    """Write a bench's results as JSON with when, at which commit and under which load."""
+    import datetime
+    import json
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    with open(path, "w") as f:
+        json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"), "commit": commit, "load": os.getloadavg(), **fields},
+            f, indent=2)
+        f.write("\n")
+    print(f"results: {path}")
+
+
 def sigterm_unwinds() -> None:
     """A SIGTERM unwinds like an exception (so namespaces are removed); only in this
     process: pyroute2 forks helpers (they inherit the handler) and ends them with SIGTERM."""

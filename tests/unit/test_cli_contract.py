@@ -16,10 +16,10 @@ import sys
 
 import click
 import pytest
-from click.testing import CliRunner
 
+from cli_runner import hpctl
 from hpctl.exit import Exit
-from hpctl.main import cli, main
+from hpctl.main import cli
 from hyperplane import errors
 from hyperplane.node import lifecycle
 
@@ -33,22 +33,6 @@ CHANGING_COMMANDS = {("lab", "down"), ("lab", "up"), ("lab", "kill-node"),
                      ("nat", "gc")}
 # Arguments a read command needs to read anything fast and definite (top: one frame)
 READ_ARGS = {("top",): ["--interval", "0.1"], ("lab", "status"): ["--prefix", "hpcontract"]}
-
-
-class _Hpctl(click.Command):
-    """hpctl's main() (its error handling and exit statuses) under click's CliRunner."""
-
-    def main(self, args=None, **extra):
-        main(list(args or ()))
-
-
-def hpctl(*args):
-    result = CliRunner().invoke(_Hpctl("hpctl"), list(args))
-    # anything but SystemExit escaping main() is what a user would see as a traceback
-    assert result.exception is None or isinstance(result.exception, SystemExit), \
-        f"hpctl {' '.join(args)} raised {result.exception!r}"
-    assert "Traceback" not in result.stderr
-    return result.exit_code, result.stdout, result.stderr
 
 
 def command_paths(cmd=cli, path=()):

@@ -8,12 +8,10 @@ import socket
 from itertools import combinations
 from math import comb
 
-import click
 import pytest
-from click.testing import CliRunner
 
+from cli_runner import hpctl
 from hpctl.exit import Exit
-from hpctl.main import main
 from hyperplane.errors import ConfigError, NotFound
 from hyperplane.fleet import cluster
 from hyperplane.fleet.cluster import Member
@@ -22,21 +20,6 @@ from hyperplane.fleet.store import NLB_KEY
 from hyperplane.nat.gateway import GatewayConfig
 from hyperplane.node import status as status_mod
 from hyperplane.node import lifecycle as node_mod
-
-
-class _Hpctl(click.Command):
-    """hpctl's main() (its error handling and exit statuses) under click's CliRunner."""
-
-    def main(self, args=None, **extra):
-        main(list(args or ()))
-
-
-def hpctl(*args):
-    result = CliRunner().invoke(_Hpctl("hpctl"), list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), \
-        result.exception
-    assert "Traceback" not in result.stderr
-    return result.exit_code, result.stdout, result.stderr
 
 
 def one_sentence(err: str) -> bool:
