@@ -24,6 +24,10 @@ static __always_inline void install_merge(struct flow_record *r, struct flow_key
 	__u8 old_state = v->tcp_state;
 	__u8 state = state_max(old_state, r->tcp_state);
 	__u8 fin = v->fin_seen | r->fin_seen;
+	/* the two FINs seen on two nodes (each one's FIN_WAIT): closed, as the packet path
+	 * closes a flow that has seen both (bpf/flow.h); else it stays active until expiry */
+	if (fin == 3 && state < TCP_S_CLOSED && r->key.proto == IPPROTO_TCP)
+		state = TCP_S_CLOSED;
 	int confirm = (r->flags & REC_F_CONFIRMED) && (v->flags & FLOW_F_PENDING);
 	/* A flow is active from its confirmation to its close: one record may do both (a
 	 * short flow whose earlier records came late); counted after the confirmation. */

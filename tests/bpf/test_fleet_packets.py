@@ -597,8 +597,12 @@ _CLOSED = dict(tcp_state=TcpState.CLOSED)
     ([_OPEN, _CLOSED], 0),           # confirmed and closed by one record (came late)
     ([_OPEN, {}], 1),
     ([{}, _CLOSED, _CLOSED], 0),     # a close merged twice ends it once
+    # the client's FIN seen on one node, the server's on another: each sends FIN_WAIT
+    ([{}, dict(tcp_state=TcpState.FIN_WAIT, fin_seen=1),
+      dict(tcp_state=TcpState.FIN_WAIT, fin_seen=2)], 0),
+    ([{}, dict(tcp_state=TcpState.FIN_WAIT, fin_seen=1)], 1),
 ], ids=["confirmed", "confirmed-closed", "closed-only", "pending", "pending-closed",
-        "pending-confirmed", "closed-twice"])
+        "pending-confirmed", "closed-twice", "fins-on-two-nodes", "one-fin"])
 def test_installed_records_keep_the_active_count(fleet, records, active):
     """ActiveConnectionCount from the counters (confirmed - ended) on a node that only
     holds replicas: every flow a record confirms here is ended here when it closes."""
@@ -620,7 +624,8 @@ def test_merge_only_moves_forward(fleet):
     assert (result.merged, result.total()) == (1, 1), result
     flows = e.dp.table("flows")
     out = {FlowKind(v.kind): v for v in flows.values()}
-    assert out[FlowKind.NAT_OUT].tcp_state == TcpState.ESTABLISHED
+    # never back to SYN_SENT; and the two FINs, seen on two nodes, close it
+    assert out[FlowKind.NAT_OUT].tcp_state == TcpState.CLOSED
     assert out[FlowKind.NAT_OUT].fin_seen == 3 and out[FlowKind.NAT_IN].fin_seen == 3
     f = _entries(e.dp)[("NAT_OUT", CLIENT, 41000, INET, 80)]
     assert f.idle_s < 30, "last_seen goes to the latest any node saw"
