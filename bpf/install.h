@@ -107,16 +107,23 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 		/* A flow keeps its translation and a closed flow never opens again: a record
 		 * that differs so names another flow on the reused tuple (the newer one wins,
 		 * however soon after; an older one is refused). Else a flow created well
-		 * after the one held here is one too. */
-		int other = v->new_src_ip != r->new_src_ip || v->new_dst_ip != r->new_dst_ip ||
+		 * after the one held here is one too. A closed flow's own late records
+		 * (another node's stream can deliver them after the close) merge and leave it
+		 * closed: those with a FIN, and those of a flow created before the closed
+		 * one's last packet (a next flow on the tuple starts after it). */
+		int moved = v->new_src_ip != r->new_src_ip || v->new_dst_ip != r->new_dst_ip ||
 			    v->new_src_port != r->new_src_port ||
-			    v->new_dst_port != r->new_dst_port ||
-			    (v->tcp_state == TCP_S_CLOSED && r->tcp_state != TCP_S_CLOSED);
+			    v->new_dst_port != r->new_dst_port;
+		int reopen = !moved && v->tcp_state == TCP_S_CLOSED &&
+			     r->tcp_state != TCP_S_CLOSED && !r->fin_seen &&
+			     created > v->last_seen_ns;
+		int other = moved || reopen;
 		if (other && created <= v->created_ns) {
 			stat_inc(S_REC_CONFLICT);
 			return;
 		}
-		if (!other && created <= v->created_ns + HP_NSEC) {
+		if (!other && (created <= v->created_ns + HP_NSEC ||
+			       v->tcp_state == TCP_S_CLOSED)) {
 			install_merge(r, &key, v, last_seen, now);
 			stat_inc(S_REC_MERGED);
 			return;

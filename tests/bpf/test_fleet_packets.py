@@ -601,8 +601,14 @@ _CLOSED = dict(tcp_state=TcpState.CLOSED)
     ([{}, dict(tcp_state=TcpState.FIN_WAIT, fin_seen=1),
       dict(tcp_state=TcpState.FIN_WAIT, fin_seen=2)], 0),
     ([{}, dict(tcp_state=TcpState.FIN_WAIT, fin_seen=1)], 1),
+    # a late record of the flow with a FIN (from another node's stream) after its
+    # close: it stays closed, not reopened and counted again
+    ([{}, _CLOSED, dict(tcp_state=TcpState.FIN_WAIT, fin_seen=1)], 0),
+    # ... or its CONFIRMED record (created before the closed flow's last packet)
+    ([{}, dict(_CLOSED, idle_ms=1), dict(idle_ms=2000)], 0),
 ], ids=["confirmed", "confirmed-closed", "closed-only", "pending", "pending-closed",
-        "pending-confirmed", "closed-twice", "fins-on-two-nodes", "one-fin"])
+        "pending-confirmed", "closed-twice", "fins-on-two-nodes", "one-fin",
+        "late-fin-wait-after-close", "late-confirmed-after-close"])
 def test_installed_records_keep_the_active_count(fleet, records, active):
     """ActiveConnectionCount from the counters (confirmed - ended) on a node that only
     holds replicas: every flow a record confirms here is ended here when it closes."""
@@ -665,7 +671,9 @@ def test_a_reused_tuple_soon_after_replaces_a_closed_or_differently_translated_f
     tuple's next flow (one client port reused at once: the fleet lab's 5,000 connections)."""
     e = fleet.e
     old_port, new_port = fleet.port_in(SELF, 1), fleet.port_in(SELF, 2)
-    closed = _rec(new_sport=old_port, age_ms=400, tcp_state=TcpState.CLOSED, fin_seen=3)
+    # the closed flow's last packet 300 ms ago, the next one created 100 ms ago
+    closed = _rec(new_sport=old_port, age_ms=400, idle_ms=300, tcp_state=TcpState.CLOSED,
+                  fin_seen=3)
     assert install(e.dp, closed.pack()).installed == 1
     result = install(e.dp, _rec(new_sport=old_port, age_ms=100).pack())   # same port, open
     assert (result.installed, result.total()) == (1, 1), result
