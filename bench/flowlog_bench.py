@@ -40,16 +40,8 @@ PIN_DIR = f"/run/hyperplane/bpf/bench-flowlogs-{os.getpid()}"
 def fill(table, n: int, packets: int, created: int) -> None:
     """n entries (keys: src_ip = 1..n, created at `created`), each with `packets` packets
     of 100 bytes."""
-    if not n:
-        return
-    keys, values = (table.Key * n)(), (table.Leaf * n)()
-    for i in range(n):
-        keys[i].src_ip = i + 1
-        keys[i].proto = 17
-        values[i].packets, values[i].bytes = packets, packets * 100
-        values[i].created_ns, values[i].last_seen_ns = created, created
-        values[i].in_ifindex = 1
-    table.items_update_batch(keys, values)
+    trkit.fill_flows(table, n, packets=packets, bytes=packets * 100, created_ns=created,
+                     last_seen_ns=created, in_ifindex=1)
 
 
 def main() -> int:

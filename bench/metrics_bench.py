@@ -73,13 +73,7 @@ class Counting:
 def fill_flows(table, n: int) -> None:
     """Make the flow table hold exactly n entries (keys: src_ip = 1..n)."""
     table.clear()
-    if not n:
-        return
-    keys, values = (table.Key * n)(), (table.Leaf * n)()
-    for i in range(n):
-        keys[i].src_ip = i + 1
-        keys[i].proto = 17
-    table.items_update_batch(keys, values)
+    trkit.fill_flows(table, n)
 
 
 def main() -> int:

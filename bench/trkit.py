@@ -172,6 +172,20 @@ def git_meta(paths: list[str]) -> dict:
     return {"git_commit": commit, "uncommitted": [x[3:] for x in dirty if x.strip()]}
 
 
+def fill_flows(table, n: int, **leaf) -> None:
+    """Write n synthetic UDP flow entries (keys: src_ip = 1..n) in one batch, each value's
+    fields set from `leaf` (e.g. packets=1, created_ns=...); existing entries stay."""
+    if not n:
+        return
+    keys, values = (table.Key * n)(), (table.Leaf * n)()
+    for i in range(n):
+        keys[i].src_ip = i + 1
+        keys[i].proto = 17
+        for name, value in leaf.items():
+            setattr(values[i], name, value)
+    table.items_update_batch(keys, values)
+
+
 def write_results(path: str, fields: dict) -> None:
     """Write a bench's results as JSON with when, at which commit and under which load."""
     import datetime
