@@ -407,8 +407,13 @@ def prometheus_in(ns: str, tmp_path):
                 with urllib.request.urlopen(url, timeout=10) as resp:
                     return json.load(resp)
             except urllib.error.HTTPError as exc:     # a bad query: 400 with the reason
+                if exc.code == 503:                   # still starting: "Service Unavailable"
+                    return None
                 return json.load(exc)
-        answer = netns.call_in(ns, get)
+        deadline = time.monotonic() + 60
+        while (answer := netns.call_in(ns, get)) is None:
+            assert time.monotonic() < deadline, "Prometheus answered 503 for 60 s"
+            time.sleep(0.5)
         assert answer["status"] == "success", f"{expr!r}: {answer.get('error')}"
         return answer["data"]["result"]
 
