@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from hyperplane.errors import ConfigError, HyperplaneError, NotFound
+from hyperplane.errors import HyperplaneError, NotFound
 from hyperplane.fleet import cluster
 from hyperplane.fleet.store import Store
 from hyperplane.nat.gateway import GatewayConfig
@@ -74,11 +74,3 @@ class NatFromStore:
                 "gateways": None if self.applied is None else
                 [g["name"] for g in self.applied]}
 
-
-def check_store_gateways(gateways: list[dict]) -> None:
-    """Every /nat entry is a valid gateway (hpctl nat create checks before writing)."""
-    for g in gateways:
-        try:
-            _gateway(g)
-        except ConfigError as exc:
-            raise ConfigError(f"{cluster.NAT_KEY} in the store: {exc}") from None
