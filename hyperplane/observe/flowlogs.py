@@ -34,6 +34,7 @@ import logging.handlers
 import os
 import socket
 import struct
+import time
 import threading
 import time
 from dataclasses import dataclass
@@ -575,7 +576,7 @@ def follow_lines(path: str, stop: threading.Event | None = None, poll_s: float =
                 continue
             # the file was renamed, maybe more than once since the last look: read the
             # files rotated after it, oldest first, then follow the new one
-            newer = _newer_files(path, os.fstat(fh.fileno()).st_ino)
+            newer = _newer_files(path, fh.fileno())
             fh.close()
             fh = newer.pop()
             for older in newer:
@@ -586,25 +587,37 @@ def follow_lines(path: str, stop: threading.Event | None = None, poll_s: float =
         fh.close()
 
 
-def _newer_files(path: str, inode: int) -> list:
-    """Open files of the log rotated after the file `inode` (oldest first), ending with
-    the current one. Opened together, so later renames do not move them."""
+def _newer_files(path: str, followed_fd: int) -> list:
+    """Open files of the log rotated after the followed file (oldest first), ending with
+    the current one. Opened together, so later renames do not move them; a rename while
+    they were being opened (a name that no longer holds the file opened under it) makes
+    it start again. When the followed file was deleted (more rotations than backups),
+    every file left is newer than it."""
     while True:
+        followed = os.fstat(followed_fd)
+        names = log_files(path)
         handles = []
-        for f in log_files(path):
+        for f in names:
             try:
                 handles.append(open(f, encoding="utf-8"))
             except FileNotFoundError:     # renamed meanwhile: the check below sees it
                 continue
         inodes = [os.fstat(h.fileno()).st_ino for h in handles]
-        start = inodes.index(inode) + 1 if inode in inodes else max(0, len(handles) - 1)
-        for h in handles[:start]:
+        stable = (len(handles) == len(names) and log_files(path) == names
+                  and [_inode(f) for f in names] == inodes)
+        if stable and followed.st_ino in inodes:
+            start = inodes.index(followed.st_ino) + 1
+        elif stable and followed.st_nlink == 0:
+            start = 0
+        else:                             # rotated while opening: once more
+            start = None
+        if start is not None and handles[start:]:
+            for h in handles[:start]:
+                h.close()
+            return handles[start:]
+        for h in handles:
             h.close()
-        newer = handles[start:]
-        if newer and inodes[-1] == _inode(path):
-            return newer
-        for h in newer:                   # rotated again while opening: once more
-            h.close()
+        time.sleep(0.001)                 # the writer is between two steps of a rotation
 
 
 def _inode(path: str) -> int | None:

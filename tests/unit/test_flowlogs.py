@@ -326,6 +326,57 @@ def test_a_follower_sees_every_record_across_rotations(tmp_path):
     assert len(flowlogs.log_files(path)) > 3
 
 
+def test_a_rotation_while_the_follower_lists_the_files_loses_nothing(tmp_path, monkeypatch):
+    """The follower's file A was rotated to flow.log.1 and B is current. Right after the
+    follower lists the files, the writer rotates again (A -> .2, B -> .1, new C): the
+    names it listed now hold other files. It must still return B then C, not skip B."""
+    path = str(tmp_path / "flow.log")
+
+    def make(name, text):
+        with open(name, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    make(path + ".1", "a\n")
+    make(path, "b\n")
+    followed = open(path + ".1", encoding="utf-8")
+    real_log_files = flowlogs.log_files
+    rotations = []
+
+    def listing_then_rotate(p):
+        names = real_log_files(p)
+        if not rotations:
+            rotations.append(1)
+            os.rename(path + ".1", path + ".2")
+            os.rename(path, path + ".1")
+            make(path, "c\n")
+        return names
+
+    monkeypatch.setattr(flowlogs, "log_files", listing_then_rotate)
+    newer = flowlogs._newer_files(path, followed.fileno())
+    try:
+        assert [h.read() for h in newer] == ["b\n", "c\n"]
+    finally:
+        followed.close()
+        for h in newer:
+            h.close()
+
+
+def test_a_follower_whose_file_was_deleted_reads_every_file_left(tmp_path):
+    path = str(tmp_path / "flow.log")
+    for name, text in ((path + ".1", "b\n"), (path, "c\n"), (path + ".9", "a\n")):
+        with open(name, "w", encoding="utf-8") as f:
+            f.write(text)
+    followed = open(path + ".9", encoding="utf-8")
+    os.unlink(path + ".9")                # more rotations than backups
+    newer = flowlogs._newer_files(path, followed.fileno())
+    try:
+        assert [h.read() for h in newer] == ["b\n", "c\n"]
+    finally:
+        followed.close()
+        for h in newer:
+            h.close()
+
+
 def rejected(ts_ns, size, ifindex=OUT0) -> bytes:
     """A FLOW_REJECTED event: a packet from 198.18.0.2:53 to the NAT IP's port 7000."""
     from hyperplane.observe.events import EVF_VERDICT_SHIFT
