@@ -152,7 +152,9 @@ enum hp_stat {
 	S_REC_CONFLICT = 17,     /* fleet: ... whose tuple or NAT port another flow holds here */
 	S_REC_FULL = 18,         /* fleet: ... not installed: a table was full */
 	S_REJECT_UNLOGGED = 19,  /* a rejected packet over HP_REJECT_LOG_RATE: no event */
-	S_MAX = 20,
+	S_REC_REPLACED = 20,     /* fleet: a record installed in place of the flow held here
+				  * (another flow on its tuple; also counted installed) */
+	S_MAX = 21,
 };
 
 /* What a flow entry is for. Keep in sync: verdicts.py FlowKind */

@@ -154,7 +154,7 @@ static __always_inline void record_of(struct flow_record *r, struct flow_key *k,
 	r->origin = origin;
 	r->idle_ms = (now - v->last_seen_ns) / 1000000;
 	r->age_ms = (now - v->created_ns) / 1000000;
-	r->pad = 0;
+	r->incarnation = v->incarnation;
 }
 
 static __always_inline void emit_event(__u32 type, struct flow_key *k, struct flow_value *v,
@@ -337,6 +337,7 @@ static __always_inline int flow_create(struct pkt *p, struct hp_config *cfg, __b
 	v->flags = FLOW_F_PENDING;
 	v->wscale = WSCALE_NONE;
 	v->tcp_state = p->key.proto == IPPROTO_TCP ? TCP_S_SYN_SENT : TCP_S_NONE;
+	v->incarnation = bpf_get_prandom_u32() | 1; /* never 0 */
 
 	v->twin = reply;
 	v->kind = kind;

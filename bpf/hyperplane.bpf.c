@@ -462,6 +462,15 @@ static __always_inline struct flow_value *known_flow(struct pkt *p, struct hp_co
 		flow_delete(&p->key, v); /* the same 5-tuple opens anew after a close */
 		return 0;
 	}
+	/* Fleet: a SYN or FIN in reply to a closed flow here may be the next flow's on the
+	 * same tuple (a client reuses its port at once when the server closed first),
+	 * opened on another node whose records have not arrived: taken for the closed one,
+	 * its FIN changed nothing and was never replicated, and the next flow stayed open
+	 * on every node. As a packet of no flow it goes to the owner, who holds the newest
+	 * (a closed flow's own late FIN too; the owner drops it if it is the owner). */
+	if (v->tcp_state == TCP_S_CLOSED && is_reply_kind(v->kind) && fleet_on(cfg) &&
+	    !p->from_peer && (p->tcp_flags & (TH_SYN | TH_FIN)))
+		return 0;
 	return v;
 }
 

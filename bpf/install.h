@@ -3,8 +3,9 @@
  * the flow's two entries here (a replica: its NAT port reserved too) or is merged into
  * the flow this node holds. Merging only moves forward, whatever order records from
  * several nodes arrive in: TCP state and FIN bits never go back, the last packet seen is
- * the latest any node saw. A record of a newer flow on the same tuple (created after the
- * one held here) replaces it. Every record is counted (S_REC_*). */
+ * the latest any node saw. A record of the flow's own incarnation always merges; one of
+ * another flow on the same tuple (created after the one held here, by its age) replaces
+ * it. Every record is counted (S_REC_*). */
 #ifndef HP_INSTALL_H
 #define HP_INSTALL_H
 
@@ -37,12 +38,19 @@ static __always_inline void install_merge(struct flow_record *r, struct flow_key
 	__u16 resource = v->resource;
 	v->tcp_state = state;
 	v->fin_seen = fin;
+	/* the same flow created on two nodes (one picked it up mid-stream) has two
+	 * incarnations: every node keeps the smaller, so later records match exactly */
+	__u32 inc = v->incarnation;
+	if (r->incarnation && (!inc || r->incarnation < inc))
+		inc = r->incarnation;
+	v->incarnation = inc;
 	if (last_seen > v->last_seen_ns)
 		v->last_seen_ns = last_seen;
 	if (r->flags & REC_F_REPLY_SEEN)
 		v->flags |= FLOW_F_REPLY_SEEN;
 	if (t) {
 		t->tcp_state = state;
+		t->incarnation = inc;
 		t->fin_seen = ((fin & 1) << 1) | ((fin >> 1) & 1);
 		if (r->flags & REC_F_REPLY_SEEN)
 			t->flags |= FLOW_F_REPLY_SEEN;
@@ -114,21 +122,37 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 		int moved = v->new_src_ip != r->new_src_ip || v->new_dst_ip != r->new_dst_ip ||
 			    v->new_src_port != r->new_src_port ||
 			    v->new_dst_port != r->new_dst_port;
-		int reopen = !moved && v->tcp_state == TCP_S_CLOSED &&
-			     r->tcp_state != TCP_S_CLOSED && !r->fin_seen &&
+		/* The same incarnation is the same flow, whatever the ages say: a record
+		 * is aged when its event is written and can spend seconds in queues on
+		 * the way, so a short flow's late record looked created after the flow's
+		 * last packet, reopened it and lost the FINs merged before. */
+		int same = r->incarnation && r->incarnation == v->incarnation;
+		/* Both name their incarnation and differ: another flow on the tuple (a
+		 * client reused its port). After the held one closed, any record of it
+		 * opens it anew, FINs and closes included: the next flow's records come
+		 * from several nodes in any order, and merging one into the closed flow
+		 * lost its FINs. While the held one is open, an older one's is refused. */
+		int differ = r->incarnation && v->incarnation && !same;
+		int reopen = !same && !moved && v->tcp_state == TCP_S_CLOSED &&
+			     (differ || (r->tcp_state != TCP_S_CLOSED && !r->fin_seen)) &&
 			     created > v->last_seen_ns;
 		int other = moved || reopen;
-		if (other && created <= v->created_ns) {
+		/* one incarnation with two translations was never made here: refused */
+		if ((other && (same || created <= v->created_ns)) ||
+		    (differ && created <= v->created_ns)) {
 			stat_inc(S_REC_CONFLICT);
 			return;
 		}
-		if (!other && (created <= v->created_ns + HP_NSEC ||
-			       v->tcp_state == TCP_S_CLOSED)) {
+		/* one call site: install_merge is inlined, and a second copy took the
+		 * tc program past the verifier's complexity limit (E2BIG) */
+		if (same || (!other && (created <= v->created_ns + HP_NSEC ||
+					v->tcp_state == TCP_S_CLOSED))) {
 			install_merge(r, &key, v, last_seen, now);
 			stat_inc(S_REC_MERGED);
 			return;
 		}
 		flow_delete(&key, v);
+		stat_inc(S_REC_REPLACED);
 	}
 
 	struct flow_key reply = {};
@@ -153,6 +177,7 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 	f->wscale = WSCALE_NONE;
 	f->tcp_state = r->tcp_state;
 	f->fin_seen = r->fin_seen;
+	f->incarnation = r->incarnation;
 	f->twin = reply;
 	f->kind = r->kind;
 	f->new_src_ip = r->new_src_ip;

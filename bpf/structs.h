@@ -54,6 +54,12 @@ struct flow_value {
 	__u32 syn_next;           /* its SYN's sequence number + 1 */
 	__u8 wscale;              /* window scale from its SYN, WSCALE_NONE if absent */
 	__u8 pad2[3];
+	/* Fleet: which flow on this tuple this is, random and never 0, drawn by the node
+	 * that created it and carried by its records: a peer's record of the same
+	 * incarnation always merges, however late it comes (ages cannot tell a delayed
+	 * record from a next flow on the tuple). 0: from a record that had none. */
+	__u32 incarnation;
+	__u32 pad3;
 };
 #define FLOW_F_PENDING 1      /* in the unconfirmed (LRU) table, not the flow table */
 #define FLOW_F_ACK_SEEN 2     /* this direction has sent an ACK (ack/win are valid) */
@@ -188,7 +194,7 @@ struct flow_record {
 	__u16 origin;             /* node id of the node that sent it */
 	__u32 idle_ms;            /* since the sender last saw a packet of it */
 	__u32 age_ms;             /* since it was created */
-	__u32 pad;
+	__u32 incarnation;        /* flow_value.incarnation (0: unknown) */
 };
 #define REC_F_CONFIRMED 1     /* in the flow table (not unconfirmed) */
 #define REC_F_REPLY_SEEN 2

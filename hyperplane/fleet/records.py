@@ -25,24 +25,48 @@ REC_F_REPLY_SEEN = cheaders.define("structs.h", "REC_F_REPLY_SEEN")
 
 def _layout(struct_name: str, base: int = 0) -> tuple[str, list[str], dict[str, int]]:
     """A struct format, the field names and their byte offsets of a C struct of
-    structs.h (nested structs flattened with dotted names, arrays as padding). The C
-    structs here are laid out with no implicit padding (every member is aligned)."""
-    fmt, names, offsets = "", [], {}
+    structs.h (nested structs flattened with dotted names, arrays and the compiler's
+    alignment padding as pad bytes). Members are aligned as the C compiler aligns them:
+    a scalar to its size, a struct to its widest member, and a struct's size rounded up
+    to that (struct next_hop has 4 bytes of padding before checked_ns)."""
+    fmt, names, offsets, _ = _layout_aligned(struct_name, base)
+    return fmt, names, offsets
+
+
+def _layout_aligned(struct_name: str, base: int) -> tuple[str, list[str], dict[str, int], int]:
+    fmt, names, offsets, size, align = "", [], {}, 0, 1
+
+    def pad_to(a: int) -> None:
+        nonlocal fmt, size
+        gap = -size % a
+        if gap:
+            fmt += f"{gap}x"
+            size += gap
+
     for ctype, name in cheaders.struct_members("structs.h", struct_name):
-        here = base + struct.calcsize("<" + fmt)
         if ctype.startswith("struct "):
-            sub_fmt, sub_names, sub_offsets = _layout(ctype.split()[1], here)
+            sub_fmt, sub_names, sub_offsets, sub_align = _layout_aligned(ctype.split()[1], 0)
+            pad_to(sub_align)
+            align = max(align, sub_align)
             fmt += sub_fmt
             names += [f"{name}.{n}" for n in sub_names]
-            offsets.update({f"{name}.{n}": off for n, off in sub_offsets.items()})
-        elif "[" in name:
+            offsets.update({f"{name}.{n}": base + size + off for n, off in sub_offsets.items()})
+            size += struct.calcsize("<" + sub_fmt)
+            continue
+        width = struct.calcsize("<" + _CODES[ctype])
+        pad_to(width)
+        align = max(align, width)
+        if "[" in name:
             count = int(name[name.index("[") + 1:name.index("]")])
-            fmt += f"{count * struct.calcsize('<' + _CODES[ctype])}x"
+            fmt += f"{count * width}x"
+            size += count * width
         else:
+            offsets[name] = base + size
             fmt += _CODES[ctype]
             names.append(name)
-            offsets[name] = here
-    return fmt, names, offsets
+            size += width
+    pad_to(align)
+    return fmt, names, offsets, align
 
 
 _FMT, FIELDS, OFFSETS = _layout("flow_record")
@@ -73,6 +97,7 @@ class FlowRecord:
     origin: int
     idle_ms: int
     age_ms: int
+    incarnation: int = 0          # 0: none (a record that names no incarnation)
 
     @property
     def confirmed(self) -> bool:
@@ -87,7 +112,8 @@ class FlowRecord:
                   "new_dst_port": port(self.new_dport), "kind": int(self.kind),
                   "tcp_state": int(self.tcp_state), "fin_seen": self.fin_seen,
                   "flags": self.flags, "resource": self.resource, "origin": self.origin,
-                  "idle_ms": self.idle_ms, "age_ms": self.age_ms, "pad": 0}
+                  "idle_ms": self.idle_ms, "age_ms": self.age_ms,
+                  "incarnation": self.incarnation}
         return RECORD.pack(*(values[name] for name in FIELDS))
 
     @classmethod
@@ -101,7 +127,7 @@ class FlowRecord:
                    new_dport=port(f["new_dst_port"]), kind=FlowKind(f["kind"]),
                    tcp_state=TcpState(f["tcp_state"]), fin_seen=f["fin_seen"],
                    flags=f["flags"], resource=f["resource"], origin=f["origin"],
-                   idle_ms=f["idle_ms"], age_ms=f["age_ms"])
+                   idle_ms=f["idle_ms"], age_ms=f["age_ms"], incarnation=f["incarnation"])
 
 
 def split(blob: bytes) -> list[bytes]:
@@ -172,7 +198,7 @@ def install(dp, blob: bytes) -> InstallResult:
 
 _VFMT, _VFIELDS, _VOFF = _layout("flow_value")
 _NEW_TUPLE = slice(_VOFF["new_src_ip"], _VOFF["new_src_ip"] + 12)   # ips then ports
-_TAIL = struct.Struct("<BBBBHHIII")      # kind .. pad, as in struct flow_record
+_TAIL = struct.Struct("<BBBBHHIII")      # kind .. incarnation, as in struct flow_record
 assert KEY_SIZE + 12 + _TAIL.size == RECORD_SIZE and OFFSETS["kind"] == KEY_SIZE + 12
 FLOW_F_PENDING = cheaders.define("structs.h", "FLOW_F_PENDING")
 FLOW_F_REPLY_SEEN = cheaders.define("structs.h", "FLOW_F_REPLY_SEEN")
@@ -190,12 +216,13 @@ def record_of(key: bytes, value: bytes, now_ns: int, origin: int) -> bytes | Non
     last_seen = int.from_bytes(v[_VOFF["last_seen_ns"]:_VOFF["last_seen_ns"] + 8], "little")
     created = int.from_bytes(v[_VOFF["created_ns"]:_VOFF["created_ns"] + 8], "little")
     resource = int.from_bytes(v[_VOFF["resource"]:_VOFF["resource"] + 2], "little")
+    incarnation = int.from_bytes(v[_VOFF["incarnation"]:_VOFF["incarnation"] + 4], "little")
     rec_flags = (0 if flags & FLOW_F_PENDING else REC_F_CONFIRMED) | \
         (REC_F_REPLY_SEEN if flags & FLOW_F_REPLY_SEEN else 0)
     clamp = lambda ns: min(max(ns, 0) // 1_000_000, 0xFFFFFFFF)  # noqa: E731
     return (bytes(key[:KEY_SIZE]) + bytes(v[_NEW_TUPLE]) +
             _TAIL.pack(kind, v[_VOFF["tcp_state"]], v[_VOFF["fin_seen"]], rec_flags, resource,
-                       origin, clamp(now_ns - last_seen), clamp(now_ns - created), 0))
+                       origin, clamp(now_ns - last_seen), clamp(now_ns - created), incarnation))
 
 
 def dump(dp, origin: int, *, idle_below_ms: int | None = None,

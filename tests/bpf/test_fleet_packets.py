@@ -12,6 +12,7 @@ import ctypes
 import random
 import socket
 from dataclasses import dataclass
+from dataclasses import replace as dataclasses_replace
 from typing import Callable
 
 import pytest
@@ -503,8 +504,10 @@ def test_record_of_a_real_nat_flow_makes_another_node_translate_alike(fleet):
                              kind=FlowKind.NAT_OUT, tcp_state=TcpState.ESTABLISHED,
                              fin_seen=0, flags=REC_F_CONFIRMED | REC_F_REPLY_SEEN,
                              resource=GW.gw_id, origin=SELF, idle_ms=rec.idle_ms,
-                             age_ms=rec.age_ms)
+                             age_ms=rec.age_ms, incarnation=rec.incarnation)
     assert rec.idle_ms < 5000 and rec.age_ms < 5000
+    assert rec.incarnation != 0 and {ev.record.incarnation for ev in events} == \
+        {rec.incarnation}, "every record of the flow names its incarnation"
     created = next(ev.record for ev in events if ev.type == FlowEventType.FLOW_CREATED)
     assert not created.confirmed and created.tcp_state == TcpState.SYN_SENT
 
@@ -606,9 +609,34 @@ _CLOSED = dict(tcp_state=TcpState.CLOSED)
     ([{}, _CLOSED, dict(tcp_state=TcpState.FIN_WAIT, fin_seen=1)], 0),
     # ... or its CONFIRMED record (created before the closed flow's last packet)
     ([{}, dict(_CLOSED, idle_ms=1), dict(idle_ms=2000)], 0),
+    # a short flow's record that spent seconds in queues: by its age it was created after
+    # the closed flow's last packet, but it names the same incarnation, so it merges
+    # (the fleet lab saw ~500 per node reopen closed flows and 1 % stay open)
+    ([dict(incarnation=7), dict(_CLOSED, idle_ms=1, incarnation=7),
+      dict(age_ms=0, idle_ms=0, incarnation=7)], 0),
+    # ... while another incarnation created after the close is a new flow on the tuple
+    ([dict(incarnation=7), dict(_CLOSED, idle_ms=1, incarnation=7),
+      dict(age_ms=0, idle_ms=0, incarnation=8)], 1),
+    # the next flow on a reused tuple, its records from several nodes in any order: the
+    # server's FIN (one node) before its confirmation (another) after the earlier flow
+    # closed; it opens anew and closes with the client's FIN
+    ([dict(incarnation=7), dict(_CLOSED, idle_ms=1, incarnation=7),
+      dict(tcp_state=TcpState.FIN_WAIT, fin_seen=2, age_ms=0, idle_ms=0, incarnation=8),
+      dict(age_ms=0, idle_ms=0, incarnation=8),
+      dict(tcp_state=TcpState.FIN_WAIT, fin_seen=1, age_ms=0, idle_ms=0, incarnation=8)], 0),
+    # ... or its close first, then its confirmation
+    ([dict(incarnation=7), dict(_CLOSED, idle_ms=1, incarnation=7),
+      dict(_CLOSED, age_ms=0, idle_ms=0, incarnation=8),
+      dict(age_ms=0, idle_ms=0, incarnation=8)], 0),
+    # the earlier flow's late close after the next one opened: refused, the next stays
+    ([dict(incarnation=7, age_ms=3000), dict(age_ms=0, idle_ms=0, incarnation=8),
+      dict(_CLOSED, age_ms=3000, incarnation=7)], 1),
 ], ids=["confirmed", "confirmed-closed", "closed-only", "pending", "pending-closed",
         "pending-confirmed", "closed-twice", "fins-on-two-nodes", "one-fin",
-        "late-fin-wait-after-close", "late-confirmed-after-close"])
+        "late-fin-wait-after-close", "late-confirmed-after-close",
+        "late-record-of-the-same-incarnation", "new-incarnation-after-close",
+        "next-flow-fin-before-confirm", "next-flow-closed-before-confirm",
+        "earlier-flow-late-close"])
 def test_installed_records_keep_the_active_count(fleet, records, active):
     """ActiveConnectionCount from the counters (confirmed - ended) on a node that only
     holds replicas: every flow a record confirms here is ended here when it closes."""
@@ -618,6 +646,17 @@ def test_installed_records_keep_the_active_count(fleet, records, active):
     for fields in records:
         assert install(e.dp, _rec(**fields).pack()).total() == 1
     assert active_flows(e.dp, FlowKind.NAT_OUT).get(GW.gw_id, 0) - before == active
+    assert flow_table_problems(e.dp) == []
+
+
+def test_two_incarnations_of_one_flow_converge_on_the_smaller(fleet):
+    """One flow created on two nodes (one picked it up mid-stream) has two incarnations;
+    merging keeps the smaller on both entries, so every node ends up naming it alike."""
+    e = fleet.e
+    assert install(e.dp, _rec(incarnation=900).pack()).installed == 1
+    assert install(e.dp, _rec(incarnation=500, age_ms=2900).pack()).merged == 1
+    assert install(e.dp, _rec(incarnation=700, age_ms=2950).pack()).merged == 1
+    assert sorted(v.incarnation for v in e.dp.table("flows").values()) == [500, 500]
     assert flow_table_problems(e.dp) == []
 
 
@@ -766,6 +805,41 @@ def test_record_layout_is_the_c_structs(e):
         assert off == OFFSETS[name], f"{name}: C offset {off}, records.py {OFFSETS[name]}"
     from hyperplane.observe.events import REC_OFFSET, RawFlowEvent
     assert (REC_OFFSET, ctypes.sizeof(RawFlowEvent)) == (16, 16 + RECORD_SIZE + 40)
+
+
+def test_flow_value_layout_is_the_c_struct(e):
+    """records.py reads flow entries as bytes (refreshes and full copies are built from
+    them): its offsets must be bcc's, padding included (struct next_hop has 4 bytes
+    before checked_ns; records once read created_ns 4 bytes early, so every refreshed
+    record said age 0 and replaced the flow its peers held)."""
+    from hyperplane.fleet.records import _VFMT, _VOFF
+    import struct as st
+    ctype = e.dp.table("flows").Leaf
+    assert ctypes.sizeof(ctype) == st.calcsize("<" + _VFMT)
+    for name, want in _VOFF.items():
+        t, off = ctype, 0
+        for part in name.split("."):
+            off += getattr(t, part).offset
+            t = dict(t._fields_)[part]
+        assert off == want, f"{name}: C offset {off}, records.py {want}"
+
+
+def test_a_refresh_record_built_from_a_flow_entry_says_its_age(fleet):
+    """The record user space builds from an entry (refresh, full copy) equals the data
+    path's record of the same flow, with idle and age from the entry's own stamps."""
+    from hyperplane.fleet.records import record_of, FlowRecord as FR
+    e = fleet.e
+    _nat_handshake(e, fleet.cport_owned_by(SELF))
+    c_rec = drain_events(e.dp)[-1].record
+    flows = e.dp.table("flows")
+    (k, v), = [(k, v) for k, v in flows.items() if v.kind == FlowKind.NAT_OUT]
+    now = v.created_ns + 5_000_000_000            # 5 s after it was created
+    raw = record_of(bytes(k), bytes(v), now, SELF)
+    rec = FR.unpack(raw)
+    assert v.incarnation != 0 and rec.incarnation == c_rec.incarnation == v.incarnation
+    assert rec.age_ms == 5000
+    assert rec.idle_ms == (now - v.last_seen_ns) // 1_000_000
+    assert rec == dataclasses_replace(c_rec, idle_ms=rec.idle_ms, age_ms=rec.age_ms)
 
 
 def test_stale_reservation_of_a_flow_now_on_another_port_gives_way(fleet):
