@@ -539,6 +539,31 @@ def test_record_of_a_real_nat_flow_makes_another_node_translate_alike(fleet):
     assert len(e.dp.table("nat_resv")) == 1, "the replica holds its NAT port"
 
 
+@pytest.mark.parametrize("flags, verdict", [
+    ("A", Verdict.TX_NAT_IN),            # the closed flow's last ACK: translated here
+    ("FA", Verdict.TX_SECOND_CHANCE),    # maybe the next flow's FIN: to the owner
+    ("SA", Verdict.TX_SECOND_CHANCE),    # the next flow's SYN-ACK: to the owner
+])
+def test_a_syn_or_fin_answering_a_closed_replica_goes_to_the_owner(fleet, flags, verdict):
+    """Node 1 holds a closed flow's replica. The client may already use the tuple again
+    through the owner (node 2), whose records have not arrived: a SYN or FIN from the
+    server is then the next flow's, and taken for the closed one here its FIN changed
+    nothing and was never replicated. It goes to the owner; a plain ACK stays here."""
+    e = fleet.e
+    port = fleet.port_in(SELF)
+    closed = _rec(new_sport=port, tcp_state=TcpState.CLOSED, fin_seen=3, incarnation=7)
+    e.reset()
+    fleet.become(node=1)
+    assert install(e.dp, closed.pack()).installed == 1
+    answer = from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=port, flags=flags,
+                                                      seq=9000, ack=1002))
+    got, _, data = e.run(answer, "out0")
+    assert got == verdict
+    if verdict == Verdict.TX_SECOND_CHANCE:
+        assert Ether(data).dst == PEER_MAC[SELF], "the port block's owner"
+    assert flow_table_problems(e.dp) == []
+
+
 def test_record_of_a_real_nlb_flow_makes_another_node_answer_alike(fleet, nlb):
     e = fleet.e
     cport = fleet.cport_owned_by(SELF, ip=INET, proto=UDP_P)
