@@ -50,12 +50,22 @@ class NatFromStore:
         self.enabled = False
         self.applied: list[dict] | None = None   # the gateways last applied (store dicts)
         self.error: str | None = None
+        # the store revision the applied set was read at: the store is read again only
+        # once it moved (a tick costs one revision read instead of the /nat, shard and
+        # member reads, about 5 a tick)
+        self.read_at: int | None = None
 
     def apply(self, store: Store, dp) -> dict | None:
         """Apply the store's assignment if it changed; the node's new state, else None."""
         try:
+            revision = store.revision()
+            if revision == self.read_at and self.error is None:
+                return None
+            # read at `revision` (a write meanwhile, ensure_shards' own included, moves the
+            # revision on: the next tick reads again)
             wanted = cluster.assigned_gateways(store, self.node)
             if wanted == self.applied:
+                self.read_at = revision
                 return None
             state = lifecycle.apply_gateways(self.node, dp, [_gateway(g) for g in wanted])
         except (HyperplaneError, OSError) as exc:
@@ -66,7 +76,7 @@ class NatFromStore:
             return None
         log.info("node %s runs NAT gateways: %s", self.node,
                  ", ".join(g["name"] for g in wanted) or "none")
-        self.applied, self.error = wanted, None
+        self.applied, self.error, self.read_at = wanted, None, revision
         return state
 
     def status(self) -> dict:

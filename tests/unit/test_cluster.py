@@ -130,3 +130,40 @@ def test_gateway_ids_are_the_smallest_free_and_run_out_clearly():
     assert cluster.free_gateway_id([{"gw_id": 0}, {"gw_id": 2}], 4) == 1
     with pytest.raises(ConfigError, match="all 2 gateway ids are taken"):
         cluster.free_gateway_id([{"gw_id": 0}, {"gw_id": 1}], 2)
+
+
+class _CountingStore:
+    """A store that counts the reads other than revision()."""
+
+    def __init__(self, store):
+        self.store, self.reads = store, 0
+
+    def revision(self):
+        return self.store.revision()
+
+    def __getattr__(self, name):
+        if name in ("get", "list"):
+            self.reads += 1
+        return getattr(self.store, name)
+
+
+def test_nat_from_store_reads_the_store_again_only_once_it_changed(store, monkeypatch):
+    from hyperplane.node import nat_from_store
+    applied = []
+    monkeypatch.setattr(nat_from_store.lifecycle, "apply_gateways",
+                        lambda node, dp, gws: applied.append([g.name for g in gws]) or {})
+    cluster.node_id(store, "a")
+    store.put(cluster.NAT_KEY, {"gateways": [_gateway("one", 0, "198.18.0.100", 1)]})
+    counting = _CountingStore(store)
+    nat = nat_from_store.NatFromStore("a")
+    assert nat.apply(counting, dp=None) == {} and applied == [["one"]]
+    for _ in range(5):                     # the shard written on the first read: once more
+        assert nat.apply(counting, dp=None) is None
+    reads = counting.reads
+    for _ in range(20):                    # then nothing changes: no reads at all
+        assert nat.apply(counting, dp=None) is None
+    assert counting.reads == reads
+    store.put(cluster.NAT_KEY, {"gateways": [_gateway("one", 0, "198.18.0.100", 1),
+                                             _gateway("two", 1, "198.18.0.101", 1)]})
+    assert nat.apply(counting, dp=None) == {} and applied[-1] == ["one", "two"]
+    assert counting.reads > reads
