@@ -22,7 +22,9 @@ import errno
 import logging
 import select
 import socket
+import sys
 import threading
+import traceback
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -167,6 +169,16 @@ class FleetMember:
     def alive(self, now: float, limit_s: float = 10.0) -> list[str]:
         """The tasks that have not reported for limit_s (the agent's watchdog)."""
         return [name for name, t in self.heartbeat.items() if now - t > limit_s]
+
+    @staticmethod
+    def stacks(names: list[str]) -> dict[str, str]:
+        """Where the named tasks are now (the watchdog logs it for a silent task)."""
+        frames = sys._current_frames()
+        out = {}
+        for t in threading.enumerate():
+            if t.name in names and t.ident in frames:
+                out[t.name] = "".join(traceback.format_stack(frames[t.ident]))
+        return out
 
     def _forever(self, task, name: str) -> None:
         while not self.stop.is_set():

@@ -244,6 +244,8 @@ class Agent:
             if stalled and stalled != self.stalled:
                 log.error("watchdog: fleet task(s) %s silent for %.0f s", ", ".join(stalled),
                           self.config.watchdog_s)
+                for name, stack in self.member.stacks(stalled).items():
+                    log.error("watchdog: the %s task is at:\n%s", name, stack)
             self.stalled = stalled
         if now - self.last_gc >= self.config.gc_every_s:
             collect_garbage(self.dp, on_deleted=self.flow_logs.aggregator.on_deleted
