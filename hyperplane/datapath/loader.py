@@ -268,6 +268,7 @@ class Datapath:
         Replaces whatever hyperplane program was attached there before."""
         hook = choose_hook(ifname, mode)
         fn = self.fns.get(hook) or self._load(hook)
+        accept_translated(ifname)
         detach(ifname)
         try:
             if hook == "xdp":
@@ -297,6 +298,38 @@ class Datapath:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def accept_translated(ifname: str) -> None:
+    """Let the kernel take the translated packets the data path hands it on ifname (calling
+    thread's namespace): at XDP those whose next hop is not resolved yet (PASS_NEIGH: the
+    kernel ARPs and forwards them), at both hooks those too big without DF
+    (PASS_FRAGMENTING). Toward the outside their source is a NAT IP or VIP, an address of
+    this node, so the kernel drops them as a martian source unless ifname has
+    accept_local=1, and then the next hop is never resolved: native XDP on the Vagrant
+    lab's virtio NICs got no NAT traffic through (dmesg: "martian source"). Strict
+    rp_filter (1) drops them even so, loose (2) does not: an interface's 1 becomes 2; a
+    strict net.ipv4.conf.all.rp_filter is left alone and reported."""
+    import logging
+    conf = f"/proc/sys/net/ipv4/conf/{ifname}"
+    try:
+        with open(f"{conf}/accept_local", "w") as f:
+            f.write("1")
+        with open(f"{conf}/rp_filter") as f:
+            strict = f.read().strip() == "1"
+        if strict:
+            with open(f"{conf}/rp_filter", "w") as f:
+                f.write("2")
+        with open("/proc/sys/net/ipv4/conf/all/rp_filter") as f:
+            strict_all = f.read().strip() == "1"
+    except OSError as exc:
+        raise ConfigError(f"cannot set {conf}/accept_local (the kernel drops the translated "
+                          f"packets the data path hands it otherwise): {exc}") from exc
+    if strict_all:
+        logging.getLogger(__name__).warning(
+            "net.ipv4.conf.all.rp_filter is 1 (strict): the kernel drops translated packets "
+            "the data path hands it on %s (first packets toward an unresolved next hop at "
+            "XDP, packets it must fragment); set it to 2 (loose) or 0", ifname)
 
 
 def _tc_attach(ifname: str, prog_fd: int, name: str) -> None:
