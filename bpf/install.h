@@ -38,11 +38,9 @@ static __always_inline void install_merge(struct flow_record *r, struct flow_key
 	__u16 resource = v->resource;
 	v->tcp_state = state;
 	v->fin_seen = fin;
-	/* the same flow created on two nodes (one picked it up mid-stream) has two
-	 * incarnations: every node keeps the smaller, so later records match exactly */
-	__u32 inc = v->incarnation;
-	if (r->incarnation && (!inc || r->incarnation < inc))
-		inc = r->incarnation;
+	/* a flow installed from a record that named no incarnation takes the first one
+	 * it hears of (the merge is of the same flow by age) */
+	__u32 inc = v->incarnation ? v->incarnation : r->incarnation;
 	v->incarnation = inc;
 	if (last_seen > v->last_seen_ns)
 		v->last_seen_ns = last_seen;
@@ -128,18 +126,20 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 		 * last packet, reopened it and lost the FINs merged before. */
 		int same = r->incarnation && r->incarnation == v->incarnation;
 		/* Both name their incarnation and differ: another flow on the tuple (a
-		 * client reused its port). After the held one closed, any record of it
-		 * opens it anew, FINs and closes included: the next flow's records come
-		 * from several nodes in any order, and merging one into the closed flow
-		 * lost its FINs. While the held one is open, an older one's is refused. */
+		 * client reused its port at once), newer or older by age. Its records come
+		 * from several nodes in any order, FINs and closes too: merged into the
+		 * held flow, they were lost. (The same flow is created twice only when
+		 * its owner changes mid-handshake: the newer creation then wins.) Without
+		 * incarnations: a closed flow reopens only for a record without a FIN
+		 * created after its last packet; its own late records merge. */
 		int differ = r->incarnation && v->incarnation && !same;
 		int reopen = !same && !moved && v->tcp_state == TCP_S_CLOSED &&
-			     (differ || (r->tcp_state != TCP_S_CLOSED && !r->fin_seen)) &&
+			     r->tcp_state != TCP_S_CLOSED && !r->fin_seen &&
 			     created > v->last_seen_ns;
-		int other = moved || reopen;
-		/* one incarnation with two translations was never made here: refused */
-		if ((other && (same || created <= v->created_ns)) ||
-		    (differ && created <= v->created_ns)) {
+		int other = moved || differ || reopen;
+		/* an older flow's late record, or one incarnation with two translations
+		 * (never made here): refused */
+		if (other && (same || created <= v->created_ns)) {
 			stat_inc(S_REC_CONFLICT);
 			return;
 		}

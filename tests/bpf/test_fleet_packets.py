@@ -674,14 +674,21 @@ def test_installed_records_keep_the_active_count(fleet, records, active):
     assert flow_table_problems(e.dp) == []
 
 
-def test_two_incarnations_of_one_flow_converge_on_the_smaller(fleet):
-    """One flow created on two nodes (one picked it up mid-stream) has two incarnations;
-    merging keeps the smaller on both entries, so every node ends up naming it alike."""
+def test_another_incarnation_replaces_if_newer_and_is_refused_if_older(fleet):
+    """Two incarnations are two flows on one tuple, whatever the ages' 1 s margin says:
+    the newer replaces the held one (its later records then merge), the older's late
+    records are refused. A flow from a record without incarnation takes the first."""
     e = fleet.e
-    assert install(e.dp, _rec(incarnation=900).pack()).installed == 1
+    assert install(e.dp, _rec(incarnation=0).pack()).installed == 1
     assert install(e.dp, _rec(incarnation=500, age_ms=2900).pack()).merged == 1
-    assert install(e.dp, _rec(incarnation=700, age_ms=2950).pack()).merged == 1
     assert sorted(v.incarnation for v in e.dp.table("flows").values()) == [500, 500]
+    result = install(e.dp, _rec(incarnation=700, age_ms=2500).pack())     # 0.5 s newer
+    assert (result.installed, result.total()) == (1, 1), result
+    assert install(e.dp, _rec(**_CLOSED, incarnation=500, age_ms=3000).pack()).conflict == 1
+    assert install(e.dp, _rec(fin_seen=1, tcp_state=TcpState.FIN_WAIT, incarnation=700,
+                              age_ms=2500).pack()).merged == 1
+    assert {(v.incarnation, v.tcp_state) for v in e.dp.table("flows").values()} == \
+        {(700, TcpState.FIN_WAIT)}
     assert flow_table_problems(e.dp) == []
 
 
