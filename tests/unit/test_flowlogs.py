@@ -352,13 +352,7 @@ def test_a_rotation_while_the_follower_lists_the_files_loses_nothing(tmp_path, m
         return names
 
     monkeypatch.setattr(flowlogs, "log_files", listing_then_rotate)
-    newer = flowlogs._newer_files(path, followed.fileno())
-    try:
-        assert [h.read() for h in newer] == ["b\n", "c\n"]
-    finally:
-        followed.close()
-        for h in newer:
-            h.close()
+    assert newer_texts(path, followed) == ["b\n", "c\n"]
 
 
 def test_a_follower_whose_file_was_deleted_reads_every_file_left(tmp_path):
@@ -368,9 +362,14 @@ def test_a_follower_whose_file_was_deleted_reads_every_file_left(tmp_path):
             f.write(text)
     followed = open(path + ".9", encoding="utf-8")
     os.unlink(path + ".9")                # more rotations than backups
+    assert newer_texts(path, followed) == ["b\n", "c\n"]
+
+
+def newer_texts(path: str, followed) -> list[str]:
+    """What the files _newer_files opens after the followed one hold; all closed after."""
     newer = flowlogs._newer_files(path, followed.fileno())
     try:
-        assert [h.read() for h in newer] == ["b\n", "c\n"]
+        return [h.read() for h in newer]
     finally:
         followed.close()
         for h in newer:
