@@ -36,14 +36,18 @@ LOAD_TIMEOUT_S = 120.0
 @click.option("--store", "store_url", default=DEFAULT_STORE, show_default=True,
               envvar="HPCTL_STORE",
               help="The cluster store: a file (PATH or file:PATH) or etcd://HOST:PORT.")
-def up_cmd(node, ifnames, netns, mode, outside_if, sync_dev, store_url):
+@click.option("--start-timeout", type=click.FloatRange(1, 86400), default=LOAD_TIMEOUT_S,
+              show_default=True, metavar="SECONDS",
+              help="How long the agent may take to load the data path and report (the C "
+                   "compile: far longer on an emulated CPU, e.g. the Vagrant lab's VMs).")
+def up_cmd(node, ifnames, netns, mode, outside_if, sync_dev, store_url, start_timeout):
     """Start the node's agent, which loads and attaches the data path (unless it already
     runs there: flows are kept) and then runs the NAT gateways of the store (/nat) whose
     shard names this node, and the store's load balancers. No gateway is needed: a node
     with none is a load balancer only."""
     from hyperplane.node.agent import spawn_agent, stop_agent
     stop_agent(node)   # a re-run replaces the agent
-    pid = spawn_agent(node, store_url, timeout_s=LOAD_TIMEOUT_S, sync_dev=sync_dev,
+    pid = spawn_agent(node, store_url, timeout_s=start_timeout, sync_dev=sync_dev,
                       load={"ifnames": list(ifnames), "netns": netns, "mode": mode,
                             "outside_if": outside_if})
     click.echo(f"node {node}: data path on {', '.join(ifnames)}, agent running (pid {pid}); "

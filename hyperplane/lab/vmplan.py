@@ -17,6 +17,15 @@ How namespaces become VMs:
 A VM holding one role keeps its NICs in its root namespace (a node's data path attaches
 to real virtio NICs there).
 
+The fleet (nodes >= 2), as the namespace fleet lab starts it (fleet_build.start_fleet),
+from the same plan: the cluster store is etcd on the store VM (node1), listening only on
+its sync0 address (the sync network is the one lab network every node VM is on); node1's
+script starts it, then writes the records the namespace lab writes
+(fleet_build.fleet_records: /nat, the NAT gateway; /nlb, the NLB and its targets) with
+hyperplane.lab.vmstore; every node's script waits (bounded) until the store holds them and
+runs `hpctl node up` on the plan's data path interfaces with the plan's sync device and
+the store. No lab controller runs on VMs: the fabric keeps the plan's first shards.
+
 Every link of the plan is one libvirt network (veryisolated: no host address, no
 forwarding, no DHCP); each NIC gets the plan's MAC, and the provisioning script (`script`)
 finds it by MAC, renames it to the plan's name, moves it into its role's namespace and
@@ -41,6 +50,18 @@ BOX = "hyperplane/deb12"        # vagrant/build-box's box, added under this name
 GUEST_REPO = "/opt/hyperplane"  # where the repository is synced (rsync) inside each guest
 WHEELS = "vagrant/.wheels"      # the venv's wheels (vagrant/prepare), relative to the repo
 DEFAULT_NODES = 2
+# The multi-node lab's cluster store: etcd (Debian's etcd-server, in the box: setup.sh
+# installs it, build-box disables its service) on the sync0 address of node STORE_NODE.
+STORE_NODE = 1
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+ETCD_NAME = f"{LIBVIRT_PREFIX}-store"
+ETCD_DATA_DIR = "/var/lib/hyperplane/etcd"   # a fresh store whenever etcd is (re)started
+ETCD_LOG = "/var/log/hyperplane-etcd.log"
+ETCD_PID = "/run/hyperplane/etcd.pid"
+ETCD_START_S = 120          # etcd answers /health (bounded)
+STORE_WAIT_S = 2400         # a node waits for the store VM's setup, etcd and records
+NODE_START_S = 1800         # hpctl node up --start-timeout: bcc compiles under emulation
 NODE_MEMORY_MB = 2048           # bcc compiles the data path inside the node (clang)
 VM_MEMORY_MB = 1024
 # Synced to the guests: the repository without what the host built for itself.
@@ -48,8 +69,19 @@ RSYNC_EXCLUDE = [".git/", ".venv/", "__pycache__/", "*.egg-info/", "vagrant/.vag
 
 
 def lab_config(nodes: int) -> LabConfig:
-    # mode xdp: the hyperplane data path on the nodes (the plan's default)
-    return LabConfig(prefix=PREFIX, nodes=nodes).validate()
+    # mode xdp: the hyperplane data path on the nodes (the plan's default); the fleet's
+    # store is etcd on the store node's sync address (store_address)
+    if nodes == 1:
+        return LabConfig(prefix=PREFIX, nodes=nodes).validate()
+    return LabConfig(prefix=PREFIX, nodes=nodes,
+                     store=f"etcd://{store_address(nodes)}:{ETCD_CLIENT_PORT}").validate()
+
+
+def store_address(nodes: int) -> str:
+    """The store's address: node STORE_NODE's sync0 address in the plan (the sync
+    network joins every node VM, and only them)."""
+    topo = fleet_plan.fleet_topology(LabConfig(prefix=PREFIX, nodes=nodes))
+    return topo["sync"]["addresses"][STORE_NODE]
 
 
 def vm_roles(nodes: int) -> dict[str, list[str]]:
@@ -120,10 +152,41 @@ def vm_plan(nodes: int = DEFAULT_NODES) -> dict:
             "networks": sorted(networks.values(), key=lambda n: n["name"]),
             "vm_of_role": vm_of, "nat_ip": _nat_ip(cfg), "client_net": CLIENT_NET,
             "client_addresses": list(topo["client_addresses"]),
-            "internet_addresses": list(topo["internet_addresses"])}
+            "internet_addresses": list(topo["internet_addresses"]),
+            "store": _store(cfg, topo) if nodes > 1 else None,
+            "fleet_nodes": _fleet_nodes(topo) if nodes > 1 else []}
     for vm in vms:
         vm["script"] = script(plan, topo, vm)
     return plan
+
+
+def _store(cfg: LabConfig, topo: dict) -> dict:
+    """The fleet's cluster store on VMs: where etcd runs and listens, and the records the
+    namespace fleet lab writes into its store before any agent starts."""
+    from hyperplane.lab.fleet_build import fleet_records
+    role = f"node{STORE_NODE}"
+    sync = next(i for i in topo["interfaces"] if i["role"] == role and i["kind"] == "sync")
+    address = sync["addresses"][0].split("/")[0]
+    return {"kind": "etcd", "vm": role, "role": role, "ifname": sync["ifname"],
+            "address": address, "url": topo["fleet"]["store"],
+            "client_url": f"http://{address}:{ETCD_CLIENT_PORT}",
+            "peer_url": f"http://{address}:{ETCD_PEER_PORT}", "name": ETCD_NAME,
+            "data_dir": ETCD_DATA_DIR, "log": ETCD_LOG, "pid_file": ETCD_PID,
+            "records": fleet_records(cfg, topo)}
+
+
+def _fleet_nodes(topo: dict) -> list[dict]:
+    """Per node VM: what its `hpctl node up` gets from the plan (fleet_build.start_datapath
+    and start_fleet: the data path's interfaces, the outside one, the sync device)."""
+    out = []
+    for n in topo["fleet_nodes"]:
+        outside = next(i["ifname"] for i in topo["interfaces"]
+                       if i["role"] == n["role"] and i["kind"] == "outside")
+        out.append({"vm": n["role"], "name": n["name"],
+                    "ifnames": list(topo["fleet"]["datapath_ifnames"]),
+                    "outside_if": outside, "sync_dev": topo["fleet"]["sync_dev"],
+                    "attach": topo["fleet"]["attach"]})
+    return out
 
 
 def _netmask(bits: int) -> str:
@@ -157,8 +220,8 @@ def _ip(ns: str | None, *args: str) -> str:
 def script(plan: dict, topo: dict, vm: dict) -> str:
     """The bash that makes this VM what the plan says: namespaces, NICs (by MAC: renamed,
     moved, MTU, addresses, up), sysctls, routes; on the fabric VM the routers' nexthop
-    groups, tables and rules; on a node VM the project's setup (offline) and, in the
-    one-node lab, `hpctl nat up` on in0/out0."""
+    groups, tables and rules; on a node VM the project's setup (offline), then in the
+    one-node lab `hpctl nat up` on in0/out0, in the multi-node lab the fleet (_fleet)."""
     lines = [_PRELUDE]
     for role in vm["roles"]:
         ns = vm["namespaces"].get(role)
@@ -250,8 +313,63 @@ def _node_setup(plan: dict, topo: dict, vm: dict) -> list[str]:
             f"{plan['guest_repo']}/.venv/bin/hpctl", "nat", "up", "--node",
             topo["node"]["name"], *ifs, *nat, *inside]))
     else:
-        out.append("# the fleet's agents and controller are not started on VMs (yet): "
-                   "see docs/vagrant.md")
+        out += _fleet(plan, vm)
+    return out
+
+
+def _fleet(plan: dict, vm: dict) -> list[str]:
+    """A node VM of the multi-node lab: on the store VM, etcd (started unless it runs,
+    with a fresh data dir; bounded wait for /health) and the plan's records; on every node,
+    a bounded wait until the store holds them, then `hpctl node up`."""
+    store = plan["store"]
+    q = shlex.quote
+    py = f"{plan['guest_repo']}/.venv/bin/python"
+    out = []
+    if vm["name"] == store["vm"]:
+        pid, log = q(store["pid_file"]), q(store["log"])
+        etcd = " ".join(q(w) for w in [
+            "etcd", "--name", store["name"], "--data-dir", store["data_dir"],
+            "--listen-client-urls", store["client_url"],
+            "--advertise-client-urls", store["client_url"],
+            "--listen-peer-urls", store["peer_url"],
+            "--initial-advertise-peer-urls", store["peer_url"],
+            "--initial-cluster", f"{store['name']}={store['peer_url']}",
+            "--initial-cluster-state", "new", "--logger", "zap", "--log-level", "warn"])
+        health = (f"curl -fsS --max-time 2 {q(store['client_url'] + '/health')} 2>/dev/null "
+                  "| grep -q '\"health\":\"true\"'")
+        records = json.dumps(store["records"], sort_keys=True)
+        out += [
+            f"# the fleet's cluster store: etcd on {store['ifname']} {store['address']} only "
+            "(the sync network: every node VM is on it), not started by systemd",
+            f"mkdir -p {q(store['pid_file'].rsplit('/', 1)[0])} "
+            f"{q(store['data_dir'].rsplit('/', 1)[0])}",
+            f"if ! {{ [ -s {pid} ] && kill -0 \"$(cat {pid})\" 2>/dev/null; }}; then",
+            f"    rm -rf {q(store['data_dir'])}",
+            f"    nohup setsid {etcd} </dev/null >>{log} 2>&1 &",
+            f"    echo $! >{pid}",
+            "fi",
+            f"for _ in $(seq {ETCD_START_S}); do {health} && break; sleep 1; done",
+            f"{health} || {{ echo 'etcd did not answer on {store['client_url']} within "
+            f"{ETCD_START_S} s; {store['log']} ends:' >&2; tail -n 20 {log} >&2; exit 1; }}",
+            "# the records the namespace fleet lab writes (fleet_build.fleet_records)",
+            f"{q(py)} -m hyperplane.lab.vmstore put {q(store['url'])} <<'HP_RECORDS'",
+            records,
+            "HP_RECORDS",
+        ]
+    node = next(n for n in plan["fleet_nodes"] if n["vm"] == vm["name"])
+    ifs = [w for i in node["ifnames"] for w in ("--if", i)]
+    mode = ["--mode", node["attach"]] if node["attach"] not in (None, "auto") else []
+    keys = [w for k in store["records"] for w in ("--key", k)]
+    out += [
+        "# the fleet: once the store holds the records, this node's agent (it loads the "
+        "data path and joins the fleet)",
+        " ".join(q(w) for w in [py, "-m", "hyperplane.lab.vmstore", "wait", store["url"],
+                                *keys, "--timeout", str(STORE_WAIT_S)]),
+        " ".join(q(w) for w in [
+            f"{plan['guest_repo']}/.venv/bin/hpctl", "node", "up", "--node", node["name"],
+            *ifs, "--outside-if", node["outside_if"], "--sync-dev", node["sync_dev"], *mode,
+            "--store", store["url"], "--start-timeout", str(NODE_START_S)]),
+    ]
     return out
 
 

@@ -1,6 +1,8 @@
-"""The Vagrant lab (vagrant/, hyperplane.lab.vmplan): its VMs hold exactly the namespace
-lab's roles, interfaces, MACs and addresses; the provisioning scripts set what the lab's
-plan says; `vagrant validate` accepts the Vagrantfile. No root, no VMs."""
+"""The Vagrant lab (vagrant/, hyperplane.lab.vmplan and vmstore): its VMs hold exactly the
+namespace lab's roles, interfaces, MACs and addresses; the provisioning scripts set what
+the lab's plan says and, with 2 or more nodes, start the fleet (etcd on node1's sync
+address, the namespace fleet lab's store records, `hpctl node up` on every node);
+`vagrant validate` accepts the Vagrantfile. No root, no VMs."""
 import ipaddress
 import os
 import pathlib
@@ -200,3 +202,144 @@ def test_vagrant_scripts_are_strict_bash(script):
     assert "set -euo pipefail" in text
     assert "/work/main" not in text, "scripts must work from any clone"
     subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+# --- the fleet on VMs (HP_NODES >= 2) ----------------------------------------------------
+
+FLEET_NODE_COUNTS = [2, 3, 4]
+
+
+def _scripts(nodes):
+    return {vm["name"]: vm["script"] for vm in vmplan.vm_plan(nodes)["vms"]}
+
+
+def _line(script, needle):
+    """The index and words of the one line holding needle."""
+    found = [(i, line) for i, line in enumerate(script.splitlines()) if needle in line]
+    assert len(found) == 1, (needle, found)
+    return found[0][0], found[0][1].split()
+
+
+def _values(words, option):
+    return [words[i + 1] for i, w in enumerate(words) if w == option]
+
+
+@pytest.mark.parametrize("nodes", FLEET_NODE_COUNTS)
+def test_store_is_etcd_on_node1s_sync_address_only(nodes):
+    """etcd runs on node1 (a fresh data dir under /var/lib), listening for clients and
+    peers on node1's sync0 address of the plan only: never 0.0.0.0, never the management
+    NIC; no other VM starts a store."""
+    lab = namespace_lab(nodes)
+    plan = vmplan.vm_plan(nodes)
+    sync = next(i for i in lab["interfaces"] if i["role"] == "node1" and i["ifname"] == "sync0")
+    address = sync["addresses"][0].split("/")[0]
+    assert address == lab["sync"]["addresses"][1]
+    store = plan["store"]
+    assert store["vm"] == "node1" and store["address"] == address
+    assert store["url"] == f"etcd://{address}:{vmplan.ETCD_CLIENT_PORT}"
+    node1 = next(vm for vm in plan["vms"] if vm["name"] == "node1")
+    assert any(n["ifname"] == "sync0" and n["ip"] == address for n in node1["nics"])
+    scripts = _scripts(nodes)
+    _, words = _line(scripts["node1"], "setsid etcd ")
+    for option in ("--listen-client-urls", "--advertise-client-urls"):
+        assert _values(words, option) == [f"http://{address}:{vmplan.ETCD_CLIENT_PORT}"]
+    for option in ("--listen-peer-urls", "--initial-advertise-peer-urls"):
+        assert _values(words, option) == [f"http://{address}:{vmplan.ETCD_PEER_PORT}"]
+    assert "0.0.0.0" not in scripts["node1"]
+    data_dir = _values(words, "--data-dir")[0]
+    assert data_dir.startswith(("/var/lib/", "/run/"))
+    assert f"rm -rf {data_dir}" in scripts["node1"]
+    assert "nohup" in words and "&" in words and "systemctl" not in scripts["node1"]
+    for name, script in scripts.items():
+        if name != "node1":
+            assert "etcd " not in script and "vmstore put" not in script, name
+
+
+@pytest.mark.parametrize("nodes", FLEET_NODE_COUNTS)
+def test_store_gets_the_namespace_fleet_labs_records(nodes):
+    """node1's script writes exactly what the namespace fleet lab writes into its store
+    (fleet_build.fleet_records: /nat with the plan's gateway, /nlb with its VIP and
+    targets), into the plan's store."""
+    import json
+    from hyperplane.lab.fleet_build import fleet_records
+    cfg = LabConfig(prefix=vmplan.PREFIX, nodes=nodes)
+    lab = topology(cfg)
+    script = _scripts(nodes)["node1"]
+    lines = script.splitlines()
+    start, words = _line(script, "hyperplane.lab.vmstore put")
+    assert words[-1] == "<<'HP_RECORDS'"
+    assert words[words.index("put") + 1] == f"etcd://{lab['sync']['addresses'][1]}:2379"
+    end = lines.index("HP_RECORDS", start)
+    records = json.loads("\n".join(lines[start + 1:end]))
+    assert records == json.loads(json.dumps(fleet_records(cfg, lab)))
+    assert [g["nat_ips"] for g in records["/nat"]["gateways"]] == \
+        [g["nat_ips"] for g in lab["gateways"]]
+    assert {listener["vip"] for listener in records["/nlb"]["listeners"]} == {lab["vip"]}
+    targets = {t["ip"] for g in records["/nlb"]["target_groups"] for t in g["targets"]}
+    assert targets == {t["ip"] for t in lab["targets"]}
+
+
+@pytest.mark.parametrize("nodes", FLEET_NODE_COUNTS)
+def test_every_node_runs_node_up_from_the_store_after_it(nodes):
+    """Each node VM: setup.sh, a bounded wait until the store holds the records, then
+    `hpctl node up` with the plan's node name, data path interfaces, outside interface,
+    sync device and store; on node1 the store (etcd, records) comes before all that.
+    The other VMs start nothing of the fleet. The options are hpctl's own (click parses
+    them)."""
+    from hpctl.node import up_cmd
+    lab = namespace_lab(nodes)
+    plan = vmplan.vm_plan(nodes)
+    url = plan["store"]["url"]
+    scripts = _scripts(nodes)
+    for n in lab["fleet_nodes"]:
+        script = scripts[n["role"]]
+        setup, _ = _line(script, "scripts/setup.sh")
+        wait, wait_words = _line(script, "hyperplane.lab.vmstore wait")
+        up, words = _line(script, " node up ")
+        assert setup < wait < up
+        assert wait_words[wait_words.index("wait") + 1] == url
+        assert set(_values(wait_words, "--key")) == {"/nat", "/nlb"}
+        assert float(_values(wait_words, "--timeout")[0]) > 0
+        assert _values(words, "--node") == [n["name"]]
+        assert _values(words, "--if") == lab["fleet"]["datapath_ifnames"]
+        assert _values(words, "--sync-dev") == [lab["fleet"]["sync_dev"]]
+        assert _values(words, "--outside-if") == ["out0"]
+        assert _values(words, "--store") == [url]
+        assert "--netns" not in words      # the root namespace: the real virtio NICs
+        ctx = up_cmd.make_context("up", words[words.index("up") + 1:])
+        assert ctx.params["start_timeout"] == vmplan.NODE_START_S
+        if n["role"] == "node1":
+            etcd, _ = _line(script, "setsid etcd ")
+            health, _ = _line(script, "|| { echo 'etcd did not answer")
+            put, _ = _line(script, "hyperplane.lab.vmstore put")
+            assert setup < etcd < health < put < wait
+    for name in ("client", "fabric", "inet"):
+        assert " node up " not in scripts[name] and "vmstore" not in scripts[name]
+
+
+def test_reduced_lab_starts_no_store():
+    plan = vmplan.vm_plan(1)
+    assert plan["store"] is None and plan["fleet_nodes"] == []
+    for vm in plan["vms"]:
+        assert "etcd" not in vm["script"] and " node up " not in vm["script"]
+
+
+def test_vmstore_puts_records_and_waits_for_them(tmp_path):
+    import json
+    from hyperplane.errors import HyperplaneError
+    from hyperplane.fleet.store import open_store
+    from hyperplane.lab import vmstore
+    url = str(tmp_path / "store.json")
+    with pytest.raises(HyperplaneError, match="/nat not written yet"):
+        vmstore.wait_store(url, ["/nat"], timeout_s=0.05, poll_s=0.01)
+    records = vmplan.vm_plan(2)["store"]["records"]
+    proc = subprocess.run([sys.executable, "-m", "hyperplane.lab.vmstore", "put", url],
+                          input=json.dumps(records), capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    with open_store(url) as store:
+        assert {k: store.get(k).value for k in records} == records
+    assert vmstore.wait_store(url, ["/nat", "/nlb"], timeout_s=1) >= 0
+    bad = subprocess.run([sys.executable, "-m", "hyperplane.lab.vmstore", "put", url],
+                         input="[1]", capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1
