@@ -19,8 +19,8 @@ struct vlan_hdr_ {
  * the verifier before it is added to a packet pointer.
  * verifier: 6.12 cannot prove the range of a byte swap (BPF_END leaves the register
  * unbounded, "math between pkt pointer and register with unbounded min value"; 6.18
- * knows it is below 65536), and clang drops a mask it can prove redundant, so the value
- * is hidden from clang before it is masked. */
+ * accepts it unmasked), and clang drops a mask it can prove redundant, so the value is
+ * hidden from clang before it is masked. */
 static __always_inline __u32 be16_len(__be16 v)
 {
 	__u32 x = bpf_ntohs(v);

@@ -308,28 +308,23 @@ def accept_translated(ifname: str) -> None:
     this node, so the kernel drops them as a martian source unless ifname has
     accept_local=1, and then the next hop is never resolved: native XDP on the Vagrant
     lab's virtio NICs got no NAT traffic through (dmesg: "martian source"). Strict
-    rp_filter (1) drops them even so, loose (2) does not: an interface's 1 becomes 2; a
-    strict net.ipv4.conf.all.rp_filter is left alone and reported."""
-    import logging
+    rp_filter drops them even so, loose does not; the kernel applies the larger of
+    conf/all and the interface's value, so a strict one (1) becomes loose (2) on ifname."""
     conf = f"/proc/sys/net/ipv4/conf/{ifname}"
     try:
         with open(f"{conf}/accept_local", "w") as f:
             f.write("1")
-        with open(f"{conf}/rp_filter") as f:
-            strict = f.read().strip() == "1"
-        if strict:
+        rp = []
+        for c in (conf, "/proc/sys/net/ipv4/conf/all"):
+            with open(f"{c}/rp_filter") as f:
+                rp.append(int(f.read().strip() or 0))
+        if max(rp) == 1:
             with open(f"{conf}/rp_filter", "w") as f:
                 f.write("2")
-        with open("/proc/sys/net/ipv4/conf/all/rp_filter") as f:
-            strict_all = f.read().strip() == "1"
-    except OSError as exc:
-        raise ConfigError(f"cannot set {conf}/accept_local (the kernel drops the translated "
-                          f"packets the data path hands it otherwise): {exc}") from exc
-    if strict_all:
-        logging.getLogger(__name__).warning(
-            "net.ipv4.conf.all.rp_filter is 1 (strict): the kernel drops translated packets "
-            "the data path hands it on %s (first packets toward an unresolved next hop at "
-            "XDP, packets it must fragment); set it to 2 (loose) or 0", ifname)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot make {ifname} accept the translated packets the data path "
+                          f"hands the kernel ({conf}: accept_local=1, rp_filter not 1): "
+                          f"{exc}") from exc
 
 
 def _tc_attach(ifname: str, prog_fd: int, name: str) -> None:
