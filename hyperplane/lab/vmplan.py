@@ -63,6 +63,10 @@ ETCD_START_S = 120          # etcd answers /health (bounded)
 STORE_WAIT_S = 2400         # a node waits for the store VM's setup, etcd and records
 NODE_START_S = 1800         # hpctl node up --start-timeout: bcc compiles under emulation
 NODE_MEMORY_MB = 2048           # bcc compiles the data path inside the node (clang)
+# vagrant-libvirt gives a VM at most nic_adapter_count NICs (default 8, the management NIC
+# included); the fabric VM has 2n + 5 lab NICs ("Available interface adapters have been
+# exhausted" in the first HP_NODES=2 run)
+LIBVIRT_MIN_NIC_ADAPTERS = 8
 VM_MEMORY_MB = 1024
 # Synced to the guests: the repository without what the host built for itself.
 RSYNC_EXCLUDE = [".git/", ".venv/", "__pycache__/", "*.egg-info/", "vagrant/.vagrant/"]
@@ -141,6 +145,7 @@ def vm_plan(nodes: int = DEFAULT_NODES) -> dict:
         vms.append({"name": vm, "hostname": f"{LIBVIRT_PREFIX}-{vm}", "roles": vm_roles_,
                     "namespaces": {r: topo["namespaces"][r] for r in vm_roles_} if multi
                     else {}, "nics": nics,
+                    "nic_adapter_count": max(LIBVIRT_MIN_NIC_ADAPTERS, len(nics) + 1),
                     "memory": NODE_MEMORY_MB if vm.startswith("node") else VM_MEMORY_MB,
                     "cpus": 1,
                     # the repository is synced to the nodes only: they run setup and hpctl

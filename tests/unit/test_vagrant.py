@@ -99,6 +99,16 @@ def test_networks_join_the_two_ends_of_each_link(nodes):
 
 
 @pytest.mark.parametrize("nodes", NODE_COUNTS)
+def test_every_vm_may_have_all_its_nics(nodes):
+    """vagrant-libvirt refuses a VM with more NICs than its nic_adapter_count (default 8,
+    the management NIC included): the fabric VM has 2n + 5 lab NICs."""
+    for vm in vmplan.vm_plan(nodes)["vms"]:
+        assert vm["nic_adapter_count"] >= len(vm["nics"]) + 1
+    vagrantfile = (VAGRANT_DIR / "Vagrantfile").read_text()
+    assert 'lv.nic_adapter_count = vm["nic_adapter_count"]' in vagrantfile
+
+
+@pytest.mark.parametrize("nodes", NODE_COUNTS)
 def test_namespaces_inside_vms_are_the_labs(nodes):
     lab = namespace_lab(nodes)
     for vm in vmplan.vm_plan(nodes)["vms"]:
