@@ -23,17 +23,18 @@ REC_F_CONFIRMED = cheaders.define("structs.h", "REC_F_CONFIRMED")
 REC_F_REPLY_SEEN = cheaders.define("structs.h", "REC_F_REPLY_SEEN")
 
 
-def _layout(struct_name: str, base: int = 0) -> tuple[str, list[str], dict[str, int]]:
+def _layout(struct_name: str) -> tuple[str, list[str], dict[str, int]]:
     """A struct format, the field names and their byte offsets of a C struct of
     structs.h (nested structs flattened with dotted names, arrays and the compiler's
     alignment padding as pad bytes). Members are aligned as the C compiler aligns them:
     a scalar to its size, a struct to its widest member, and a struct's size rounded up
     to that (struct next_hop has 4 bytes of padding before checked_ns)."""
-    fmt, names, offsets, _ = _layout_aligned(struct_name, base)
+    fmt, names, offsets, _ = _layout_aligned(struct_name)
     return fmt, names, offsets
 
 
-def _layout_aligned(struct_name: str, base: int) -> tuple[str, list[str], dict[str, int], int]:
+def _layout_aligned(struct_name: str) -> tuple[str, list[str], dict[str, int], int]:
+    """_layout, and the struct's alignment (a struct member is aligned to it)."""
     fmt, names, offsets, size, align = "", [], {}, 0, 1
 
     def pad_to(a: int) -> None:
@@ -45,12 +46,12 @@ def _layout_aligned(struct_name: str, base: int) -> tuple[str, list[str], dict[s
 
     for ctype, name in cheaders.struct_members("structs.h", struct_name):
         if ctype.startswith("struct "):
-            sub_fmt, sub_names, sub_offsets, sub_align = _layout_aligned(ctype.split()[1], 0)
+            sub_fmt, sub_names, sub_offsets, sub_align = _layout_aligned(ctype.split()[1])
             pad_to(sub_align)
             align = max(align, sub_align)
             fmt += sub_fmt
             names += [f"{name}.{n}" for n in sub_names]
-            offsets.update({f"{name}.{n}": base + size + off for n, off in sub_offsets.items()})
+            offsets.update({f"{name}.{n}": size + off for n, off in sub_offsets.items()})
             size += struct.calcsize("<" + sub_fmt)
             continue
         width = struct.calcsize("<" + _CODES[ctype])
@@ -61,7 +62,7 @@ def _layout_aligned(struct_name: str, base: int) -> tuple[str, list[str], dict[s
             fmt += f"{count * width}x"
             size += count * width
         else:
-            offsets[name] = base + size
+            offsets[name] = size
             fmt += _CODES[ctype]
             names.append(name)
             size += width

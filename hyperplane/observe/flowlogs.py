@@ -34,7 +34,6 @@ import logging.handlers
 import os
 import socket
 import struct
-import time
 import threading
 import time
 from dataclasses import dataclass

@@ -441,16 +441,19 @@ def carrier(fleet, verdict: str, sample_s: float = 0.5) -> int:
     return node
 
 
-def stats(fleet) -> dict[int, dict[str, int]]:
+def node_maps(fleet):
+    """(node, its pinned maps) for every node, each open while the caller uses it."""
     from hyperplane.datapath.pinned import PinnedNode
     from hyperplane.node.lifecycle import PIN_ROOT
-    from hyperplane.observe.metrics import stat_counts
-    out = {}
+    root = fleet_plan.fleet_topology(fleet.cfg)["fleet"]["pin_root"] or PIN_ROOT
     for i, name in fleet.names.items():
-        with PinnedNode(os.path.join(fleet_plan.fleet_topology(fleet.cfg)["fleet"]["pin_root"]
-                                     or PIN_ROOT, name)) as maps:
-            out[i] = stat_counts(maps)
-    return out
+        with PinnedNode(os.path.join(root, name)) as maps:
+            yield i, maps
+
+
+def stats(fleet) -> dict[int, dict[str, int]]:
+    from hyperplane.observe.metrics import stat_counts
+    return {i: stat_counts(maps) for i, maps in node_maps(fleet)}
 
 
 def wait_gone(fleet, i: int, timeout: float = 30.0) -> float:
@@ -525,17 +528,11 @@ def test_asymmetric_paths_used_second_chance_and_replication(fleet):
 def active(fleet) -> dict[int, tuple[int, int]]:
     """Node -> (ActiveConnectionCount of the NAT gateway, ActiveFlowCount of the load
     balancer's listeners), from each node's counters (what metrics and hpctl top show)."""
-    from hyperplane.datapath.pinned import PinnedNode
     from hyperplane.datapath.verdicts import FlowKind
-    from hyperplane.node.lifecycle import PIN_ROOT
     from hyperplane.observe.metrics import active_flows
-    out = {}
-    for i, name in fleet.names.items():
-        with PinnedNode(os.path.join(fleet_plan.fleet_topology(fleet.cfg)["fleet"]["pin_root"]
-                                     or PIN_ROOT, name)) as maps:
-            out[i] = (sum(active_flows(maps, FlowKind.NAT_OUT).values()),
-                      sum(active_flows(maps, FlowKind.NLB_IN).values()))
-    return out
+    return {i: (sum(active_flows(maps, FlowKind.NAT_OUT).values()),
+                sum(active_flows(maps, FlowKind.NLB_IN).values()))
+            for i, maps in node_maps(fleet)}
 
 
 def test_active_counts_go_back_to_zero_on_every_node(fleet):
@@ -565,33 +562,22 @@ def test_active_counts_go_back_to_zero_on_every_node(fleet):
 
 def record_counts(fleet) -> dict:
     """Node -> the fleet's record counters (installed, merged, replaced, ...)."""
-    from hyperplane.datapath.pinned import PinnedNode
-    from hyperplane.node.lifecycle import PIN_ROOT
-    from hyperplane.observe.metrics import stat_counts
-    out = {}
-    for i, name in fleet.names.items():
-        with PinnedNode(os.path.join(fleet_plan.fleet_topology(fleet.cfg)["fleet"]["pin_root"]
-                                     or PIN_ROOT, name)) as maps:
-            out[i] = {k: v for k, v in stat_counts(maps).items() if k.startswith("REC_")}
-    return out
+    return {i: {k: v for k, v in counts.items() if k.startswith("REC_")}
+            for i, counts in stats(fleet).items()}
 
 
 def held_samples(fleet, n: int = 4) -> dict:
     """A few flows still open on some node -> what each node holds of their entries:
     (node, kind, TCP state, fin_seen, flags, packets, idle s)."""
     from hyperplane.datapath.flows import flow_entries, decode, flow_timeouts, now_ns
-    from hyperplane.datapath.pinned import PinnedNode
-    from hyperplane.node.lifecycle import PIN_ROOT
     entries = {}
-    for i, name in fleet.names.items():
-        with PinnedNode(os.path.join(fleet_plan.fleet_topology(fleet.cfg)["fleet"]["pin_root"]
-                                     or PIN_ROOT, name)) as maps:
-            timeouts, now = flow_timeouts(maps), now_ns()
-            for k, v in flow_entries(maps):
-                f = decode(k, v, timeouts, now)
-                entries.setdefault((f.proto, f.src, f.sport, f.dst, f.dport), []).append(
-                    (i, f.kind, f.tcp_state, v.fin_seen, v.flags, f.packets, round(f.idle_s, 1)))
-    held = [t for t, es in entries.items() if any(e[2] not in ("CLOSED",) for e in es)]
+    for i, maps in node_maps(fleet):
+        timeouts, now = flow_timeouts(maps), now_ns()
+        for k, v in flow_entries(maps):
+            f = decode(k, v, timeouts, now)
+            entries.setdefault((f.proto, f.src, f.sport, f.dst, f.dport), []).append(
+                (i, f.kind, f.tcp_state, v.fin_seen, v.flags, f.packets, round(f.idle_s, 1)))
+    held = [t for t, es in entries.items() if any(e[2] != "CLOSED" for e in es)]
     return {t: entries[t] for t in held[:n]}
 
 
@@ -599,14 +585,8 @@ def held_states(fleet) -> dict:
     """Node -> {(kind, TCP state, live): entries} (what a failure shows)."""
     from collections import Counter
     from hyperplane.datapath.flows import list_flows
-    from hyperplane.datapath.pinned import PinnedNode
-    from hyperplane.node.lifecycle import PIN_ROOT
-    out = {}
-    for i, name in fleet.names.items():
-        with PinnedNode(os.path.join(fleet_plan.fleet_topology(fleet.cfg)["fleet"]["pin_root"]
-                                     or PIN_ROOT, name)) as maps:
-            out[i] = dict(Counter((f.kind, f.tcp_state, f.live) for f in list_flows(maps)))
-    return out
+    return {i: dict(Counter((f.kind, f.tcp_state, f.live) for f in list_flows(maps)))
+            for i, maps in node_maps(fleet)}
 
 
 def test_agent_restart_and_program_reload_mid_transfer(streams):
