@@ -15,10 +15,11 @@ end):
            emits FLOW_CONFIRMED carrying the 48-byte flow record). Paced (--rates) or as
            fast as it can (--flows).
   agent A  node A's agent sync task: opens A's pinned maps (load_program=False, as the
-           agent does), reads the event ring (ring_buffer_consume), keeps CONFIRMED /
-           CHANGED / CLOSED records (member.REPLICATED), groups them by resource
+           agent does), reads the event ring (ring_buffer_consume), keeps the records of confirmed
+           flows' CONFIRMED / CHANGED / CLOSED events (member.replicated: one record per
+           new TCP flow), groups them by resource
            (records.group_by_resource) and queues them to B in a SyncNode over UDP.
-  agent B  node B's agent sync task: a SyncNode whose deliver() calls
+  agent B  node B's agent sync task: a SyncNode whose delivered blobs go to
            records.install(dp_b, blob) (bpf/install.h: both keys and the NAT reservation).
 
 The agents' loop is hyperplane/fleet/member.py FleetMember._sync_task's: select() on the
@@ -26,8 +27,8 @@ socket and (A) the event ring, which the data path wakes (HP_F_EVENT_WAKEUP, ada
 only when the reader had caught up; --no-wakeup: off), with poll_s = 1 ms, up to 1024
 datagrams read per round, ring_buffer_consume, the
 read records queued in one blob per round, tick, flush; SyncNode defaults (max_datagram
-1400 = 28 records, window 512, plain sendto); install() once per delivered blob (one
-datagram's records). Differences from the product: the peers talk over the namespace's
+1400 = 28 records, window 512, plain sendto); install() once per receive round (every
+blob delivered in it, as member._install_inbox). Differences from the product: the peers talk over the namespace's
 loopback (127.0.0.1), not a sync NIC; the loop also selects on its stdin for the driver's
 commands (a wakeup only when a command arrives); no store, membership, refresh or dump
 (nothing of them runs per flow); A's ring callback also logs (ts_ns, key) per replicated
@@ -78,7 +79,6 @@ PORTS = {A_ID: 7411, B_ID: 7412}
 KEY = bytes.fromhex("7e" * 32)
 GW_ID = 0
 ISN_C, ISN_S = 1000, 5000
-# member.REPLICATED, as ints (imported lazily in the agent: bcc is not needed here)
 LOG_REC = struct.Struct("<QQQ16s")                # A's side log: ts_ns, read ns, type, key
 
 
@@ -261,7 +261,7 @@ def run_agent(args) -> None:
     import errno
     from hyperplane.datapath.loader import Datapath, Sizes
     from hyperplane.fleet import records
-    from hyperplane.fleet.member import REPLICATED
+    from hyperplane.fleet.member import replicated
     from hyperplane.fleet.sync import SyncNode
     from hyperplane.fleet.wire import Keyring
     from hyperplane.observe.events import REC_OFFSET
@@ -301,7 +301,16 @@ def run_agent(args) -> None:
                                  errno.EHOSTUNREACH, errno.ECONNREFUSED):
                 raise
 
-    def deliver(_peer: int, blob: bytes) -> None:
+    inbox = bytearray()
+
+    def deliver(_peer: int, blob: bytes) -> None:     # member._deliver
+        inbox.extend(blob)
+
+    def install_inbox() -> None:                      # member._install_inbox
+        if not inbox:
+            return
+        blob = bytes(inbox)
+        inbox.clear()
         t0 = monotonic_ns()
         res = records.install(dp, blob)
         delivered.append((blob, monotonic_ns(), t0))
@@ -325,8 +334,8 @@ def run_agent(args) -> None:
             etype = int.from_bytes(raw[:4], "little")
             counts["events_read"] += 1
             by_type[etype] = by_type.get(etype, 0) + 1
-            if etype in REPLICATED:
-                rec = raw[REC_OFFSET:]
+            rec = raw[REC_OFFSET:]
+            if replicated(etype, rec):
                 events.extend(rec)
                 side_log.extend(raw[8:16])
                 side_log.extend(monotonic_ns().to_bytes(8, "little"))
@@ -364,6 +373,7 @@ def run_agent(args) -> None:
                                        [], [], poll_s)
         if sock in readable:
             receive()
+            install_inbox()
         if me == A_ID:
             dp.bpf.ring_buffer_consume()
             if events:
@@ -371,6 +381,7 @@ def run_agent(args) -> None:
                 events.clear()
         now = time.monotonic()
         node.tick(now)
+        install_inbox()
         node.flush(now)
         if not ready_sent:
             st = node.stats(now)["peers"][peer]
@@ -538,11 +549,6 @@ def install_bench(dp, records, cmd: dict, blobs: list[bytes]) -> dict:
                          "installed": got.installed, "merged": got.merged,
                          "other": got.rejected}
         out["sizes"][str(size)] = res
-    # what one install() costs besides the runs: its two reads of the S_REC_* counters
-    t0 = time.perf_counter()
-    for _ in range(200):
-        records._rec_counts(dp)
-    out["rec_counts_read_us"] = (time.perf_counter() - t0) / 200 * 1e6
     for t in ("flows", "pending", "nat_resv"):
         trkit.clear_table(dp.table(t))
     return out
@@ -707,8 +713,7 @@ def main() -> None:
             ib = b.ask({"cmd": "install_bench", "sizes": args.install_sizes,
                         "records": args.flows}, 600)
             results["install_alone"] = ib
-            print(f"\ninstall() alone, {ib['records']:,} real records; S_REC_* read "
-                  f"{ib['rec_counts_read_us']:.0f} us per read (2 per call)")
+            print(f"\ninstall() alone, {ib['records']:,} real records")
             for size, r in ib["sizes"].items():
                 print(f"  blob {size:>5} records: new {r['new']['records_per_s']:,.0f}/s "
                       f"({r['new']['us_per_call']:,.0f} us/call, installed "

@@ -144,6 +144,16 @@ static __always_inline int ctx_load_bytes(HP_CTX *ctx, __u32 off, void *buf, __u
 #endif
 }
 
+/* Copy len bytes of buf over the packet at offset off. Returns 0 or < 0. */
+static __always_inline int ctx_store_bytes(HP_CTX *ctx, __u32 off, void *buf, __u32 len)
+{
+#ifdef HP_HOOK_TC
+	return bpf_skb_store_bytes(ctx, off, buf, len, 0);
+#else
+	return bpf_xdp_store_bytes(ctx, off, buf, len);
+#endif
+}
+
 /* Send the packet back out of the interface it came in on (RSTs, ICMP errors). */
 static __always_inline int ctx_bounce(HP_CTX *ctx)
 {

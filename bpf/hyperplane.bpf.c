@@ -803,7 +803,8 @@ int HP_PROG(wscale)(HP_CTX *ctx)
 
 /* PROG install (fleet): flow records from peers, installed or merged (install.h). Never
  * attached: the agent runs it through BPF_PROG_TEST_RUN on a "packet" of INSTALL_HDR
- * bytes and up to HP_INSTALL_BATCH records; S_REC_* count the outcomes. */
+ * bytes and up to HP_INSTALL_BATCH records; S_REC_* count the outcomes, and so does the
+ * header it hands back (install.h INSTALL_HDR). */
 int HP_PROG(install)(HP_CTX *ctx)
 {
 	struct hp_config *cfg = get_config();
@@ -812,6 +813,7 @@ int HP_PROG(install)(HP_CTX *ctx)
 		return ctx_drop();
 	__u32 len = ctx_len(ctx);
 	__u64 now = bpf_ktime_get_coarse_ns();
+	__builtin_memset(s->rec_out, 0, sizeof(s->rec_out));
 	for (__u32 i = 0; i < HP_INSTALL_BATCH; i++) {
 		/* opaque: one verifier pass over the body, not one per record */
 		__u32 off = INSTALL_HDR + opaque_u32(s, i) * sizeof(struct flow_record);
@@ -821,5 +823,7 @@ int HP_PROG(install)(HP_CTX *ctx)
 			break;
 		install_record(cfg, s, now);
 	}
+	/* the outcomes over the header (it is always there: the agent sends it) */
+	ctx_store_bytes(ctx, 0, s->rec_out, sizeof(s->rec_out));
 	return ctx_drop();
 }

@@ -9,7 +9,21 @@
 #ifndef HP_INSTALL_H
 #define HP_INSTALL_H
 
-#define INSTALL_HDR 16            /* the batch's header (test_run wants an Ethernet header) */
+/* The batch's header (test_run wants an Ethernet header). The installer writes its
+ * outcomes over it: __u16 counts indexed by S_REC_* - S_REC_INSTALLED, so the agent
+ * learns what became of a batch without reading the per-CPU counters twice a call. */
+#define INSTALL_HDR 16
+_Static_assert(sizeof(((struct scratch *)0)->rec_out) == INSTALL_HDR,
+	       "the outcomes fill the header");
+
+/* Count a record's outcome on the node's counter and in this run's header. */
+static __always_inline void rec_outcome(struct scratch *s, __u32 idx)
+{
+	stat_inc(idx);
+	__u32 i = idx - S_REC_INSTALLED;
+	if (i < sizeof(s->rec_out) / sizeof(s->rec_out[0]))
+		s->rec_out[i]++;
+}
 
 /* How far a flow has gone: TCP states in order; UDP/ICMP are TCP_S_NONE. */
 static __always_inline __u8 state_max(__u8 a, __u8 b)
@@ -68,7 +82,7 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 	__u8 proto = r->key.proto;
 	if ((r->kind != KIND_NAT_OUT && r->kind != KIND_NLB_IN) || r->tcp_state > TCP_S_CLOSED ||
 	    (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP)) {
-		stat_inc(S_REC_REJECTED);
+		rec_outcome(s, S_REC_REJECTED);
 		return;
 	}
 	/* this node's own names for the record's identities: a NAT IP's gateway, a
@@ -79,7 +93,7 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 	if (r->kind == KIND_NAT_OUT) {
 		struct nat_ip_value *ni = nat_ips.lookup(&r->new_src_ip);
 		if (!ni) {
-			stat_inc(S_REC_REJECTED);
+			rec_outcome(s, S_REC_REJECTED);
 			return;
 		}
 		resource = ni->gw_id;
@@ -91,7 +105,7 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 		struct endpoint_key ek = { .ip = r->new_dst_ip, .port = r->new_dst_port };
 		__u32 *tid = target_endpoints.lookup(&ek);
 		if (!l || !tid) {
-			stat_inc(S_REC_REJECTED);
+			rec_outcome(s, S_REC_REJECTED);
 			return;
 		}
 		resource = l->listener_id;
@@ -107,7 +121,7 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 	struct flow_value *v = flow_find(&key);
 	if (v) {
 		if (v->kind != r->kind) { /* the tuple is another flow's reply direction */
-			stat_inc(S_REC_CONFLICT);
+			rec_outcome(s, S_REC_CONFLICT);
 			return;
 		}
 		/* A flow keeps its translation and a closed flow never opens again: a record
@@ -140,7 +154,7 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 		/* an older flow's late record, or one incarnation with two translations
 		 * (never made here): refused */
 		if (other && (same || created <= v->created_ns)) {
-			stat_inc(S_REC_CONFLICT);
+			rec_outcome(s, S_REC_CONFLICT);
 			return;
 		}
 		/* one call site: install_merge is inlined, and a second copy took the
@@ -148,11 +162,11 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 		if (same || (!other && (created <= v->created_ns + HP_NSEC ||
 					v->tcp_state == TCP_S_CLOSED))) {
 			install_merge(r, &key, v, last_seen, now);
-			stat_inc(S_REC_MERGED);
+			rec_outcome(s, S_REC_MERGED);
 			return;
 		}
 		flow_delete(&key, v);
-		stat_inc(S_REC_REPLACED);
+		rec_outcome(s, S_REC_REPLACED);
 	}
 
 	struct flow_key reply = {};
@@ -162,7 +176,7 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 	reply.dst_port = r->new_src_port;
 	reply.proto = proto;
 	if (!reply_key_free(cfg, &reply, now)) {
-		stat_inc(S_REC_CONFLICT);
+		rec_outcome(s, S_REC_CONFLICT);
 		return;
 	}
 	int confirmed = r->flags & REC_F_CONFIRMED;
@@ -187,7 +201,7 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 	/* in_ifindex 0 and no next hop: both are learned from the first packet here */
 	int rc = confirmed ? flows.insert(&key, f) : pending.insert(&key, f);
 	if (rc) {
-		stat_inc(rc == -EEXIST ? S_REC_MERGED : S_REC_FULL); /* -EEXIST: raced a packet */
+		rec_outcome(s, rc == -EEXIST ? S_REC_MERGED : S_REC_FULL); /* -EEXIST: raced a packet */
 		return;
 	}
 	f->twin = key;
@@ -203,7 +217,7 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 			flows.delete(&key);
 		else
 			pending.delete(&key);
-		stat_inc(rc == -EEXIST ? S_REC_CONFLICT : S_REC_FULL);
+		rec_outcome(s, rc == -EEXIST ? S_REC_CONFLICT : S_REC_FULL);
 		return;
 	}
 	if (r->kind == KIND_NAT_OUT) {
@@ -233,7 +247,7 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 						pending.delete(&reply);
 						pending.delete(&key);
 					}
-					stat_inc(S_REC_CONFLICT);
+					rec_outcome(s, S_REC_CONFLICT);
 					return;
 				}
 				nat_resv.update(&rk, &rv);
@@ -247,7 +261,7 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 		if (r->tcp_state == TCP_S_CLOSED)
 			res_count(r->kind, resource, RES_ENDED);
 	}
-	stat_inc(S_REC_INSTALLED);
+	rec_outcome(s, S_REC_INSTALLED);
 }
 
 #endif

@@ -86,6 +86,7 @@ struct scratch {
 	struct icmp_err_hdrs icmp; /* an ICMP error being built */
 	__u32 opaque;             /* see opaque_u32() */
 	struct flow_record rec;   /* PROG install: the record in hand */
+	__u16 rec_out[8];         /* PROG install: this run's outcomes (S_REC_* - S_REC_INSTALLED) */
 	__u32 owner_slot;         /* DO_OWNER: the shard (gateway id, SHARD_LB_BASE + lb id) */
 	__u8 owner_case;          /* DO_OWNER: OWN_* */
 	__u8 owner_local;         /* PROG_OWNER found this node the owner (for PROG_NEW) */

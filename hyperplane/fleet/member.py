@@ -55,6 +55,13 @@ REPLICATED = {int(FlowEventType.FLOW_CONFIRMED), int(FlowEventType.FLOW_CHANGED)
               int(FlowEventType.FLOW_CLOSED)}
 
 
+def replicated(etype: int, rec: bytes) -> bool:
+    """Whether a flow event's record goes to the peers. An unconfirmed flow is not
+    replicated (a flood's SYNs stay here), so neither is its change to SYN-received: a
+    new TCP flow costs one record, its CONFIRMED one."""
+    return etype in REPLICATED and bool(rec[_FLAGS_OFF] & records.REC_F_CONFIRMED)
+
+
 @dataclass
 class FleetConfig:
     sync_dev: str = "sync0"
@@ -458,9 +465,7 @@ class FleetMember:
 
     def _on_event(self, etype: int, rec: bytes) -> None:
         self.counts["events_read"] += 1
-        # an unconfirmed flow is not replicated (a flood's SYNs stay here), so neither is
-        # its change to SYN-received: a new TCP flow costs one record, its CONFIRMED one
-        if etype in REPLICATED and rec[_FLAGS_OFF] & records.REC_F_CONFIRMED:
+        if replicated(etype, rec):
             self._events += rec
 
     def _queue_by_resource(self, node: SyncNode, blob: bytes,

@@ -17,7 +17,7 @@ from hyperplane.datapath.verdicts import FlowKind, Stat, TcpState
 # C member type -> struct code; network-order fields stay bytes (they are compared and
 # passed on, rarely read)
 _CODES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q", "__be16": "2s", "__be32": "4s"}
-INSTALL_HDR = 16                 # bpf/install.h INSTALL_HDR (read below)
+INSTALL_HDR = cheaders.define("install.h", "INSTALL_HDR")
 INSTALL_BATCH = cheaders.define("consts.h", "HP_INSTALL_BATCH")
 REC_F_CONFIRMED = cheaders.define("structs.h", "REC_F_CONFIRMED")
 REC_F_REPLY_SEEN = cheaders.define("structs.h", "REC_F_REPLY_SEEN")
@@ -167,34 +167,37 @@ class InstallResult:
     rejected: int = 0
     conflict: int = 0
     full: int = 0
+    replaced: int = 0     # installed in place of another flow held on the tuple (also installed)
 
     def total(self) -> int:
         return self.installed + self.merged + self.rejected + self.conflict + self.full
 
 
-_REC_STATS = {"installed": Stat.REC_INSTALLED, "merged": Stat.REC_MERGED,
-              "rejected": Stat.REC_REJECTED, "conflict": Stat.REC_CONFLICT, "full": Stat.REC_FULL}
-
-
-def _rec_counts(dp) -> dict[str, int]:
-    stats = dp.table("stats")
-    return {name: sum(stats[stats.Key(int(idx))]) for name, idx in _REC_STATS.items()}
+# The installer hands its batch back with the outcomes over the header: a __u16 per
+# S_REC_* counter, indexed from S_REC_INSTALLED (bpf/install.h rec_outcome).
+_OUTCOMES = struct.Struct(f"<{INSTALL_HDR // 2}H")
+_OUTCOME_AT = {name: int(stat) - int(Stat.REC_INSTALLED) for name, stat in (
+    ("installed", Stat.REC_INSTALLED), ("merged", Stat.REC_MERGED),
+    ("rejected", Stat.REC_REJECTED), ("conflict", Stat.REC_CONFLICT),
+    ("full", Stat.REC_FULL), ("replaced", Stat.REC_REPLACED))}
+assert max(_OUTCOME_AT.values()) < INSTALL_HDR // 2
 
 
 def install(dp, blob: bytes) -> InstallResult:
     """Install (or merge) every whole record of blob into dp's maps through the data
     path's installer (bpf/install.h), INSTALL_BATCH records per run. Returns what became
-    of them (from the S_REC_* counters: exact while only this caller installs)."""
+    of them, as each run reported it (exact whoever else installs at the same time)."""
     from hyperplane.datapath.testrun import test_run
-    before = _rec_counts(dp)
     fd = dp.install_fd()
     header = bytes(INSTALL_HDR)
     step = INSTALL_BATCH * RECORD_SIZE
     usable = len(blob) - len(blob) % RECORD_SIZE
+    totals = [0] * (INSTALL_HDR // 2)
     for i in range(0, usable, step):
-        test_run(fd, header + blob[i:min(i + step, usable)], hook=dp.hook)
-    after = _rec_counts(dp)
-    return InstallResult(**{k: after[k] - before[k] for k in after})
+        out = test_run(fd, header + blob[i:min(i + step, usable)], hook=dp.hook).data
+        for j, n in enumerate(_OUTCOMES.unpack_from(out)):
+            totals[j] += n
+    return InstallResult(**{name: totals[at] for name, at in _OUTCOME_AT.items()})
 
 
 _VFMT, _VFIELDS, _VOFF = _layout("flow_value")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import random
 import socket
+from dataclasses import asdict as dataclasses_asdict
 from dataclasses import dataclass
 from dataclasses import replace as dataclasses_replace
 from typing import Callable
@@ -683,7 +684,7 @@ def test_another_incarnation_replaces_if_newer_and_is_refused_if_older(fleet):
     assert install(e.dp, _rec(incarnation=500, age_ms=2900).pack()).merged == 1
     assert sorted(v.incarnation for v in e.dp.table("flows").values()) == [500, 500]
     result = install(e.dp, _rec(incarnation=700, age_ms=2500).pack())     # 0.5 s newer
-    assert (result.installed, result.total()) == (1, 1), result
+    assert (result.installed, result.replaced, result.total()) == (1, 1, 1), result
     assert install(e.dp, _rec(**_CLOSED, incarnation=500, age_ms=3000).pack()).conflict == 1
     assert install(e.dp, _rec(fin_seen=1, tcp_state=TcpState.FIN_WAIT, incarnation=700,
                               age_ms=2500).pack()).merged == 1
@@ -817,9 +818,15 @@ def test_batch_beyond_one_run_every_record_counted_once(fleet):
     blob += _rec(new_src=NAT_IP2).pack() + _garbage()               # rejected
     blob += _rec(proto=UDP_P, tcp_state=TcpState.NONE, src=CLIENT2, sport=42000,
                  new_sport=fleet.port_in(SELF, 0)).pack()          # conflict
+    before = e.stats()
     result = install(e.dp, blob)
     assert (result.installed, result.merged, result.rejected, result.conflict, result.full) \
         == (100, 1, 2, 1, 0), result
+    # the outcomes the installer's runs handed back are the node's counters' moves
+    after = e.stats()
+    moved = {name: after[f"REC_{name.upper()}"] - before[f"REC_{name.upper()}"]
+             for name in ("installed", "merged", "rejected", "conflict", "full", "replaced")}
+    assert moved == dataclasses_asdict(result), (moved, result)
     assert table_len(e.dp, "flows") == 200
     assert flow_table_problems(e.dp) == []
 
