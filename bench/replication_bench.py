@@ -28,7 +28,8 @@ only when the reader had caught up; --no-wakeup: off), with poll_s = 1 ms, up to
 datagrams read per round, ring_buffer_consume, the
 read records queued in one blob per round, tick, flush; SyncNode defaults (max_datagram
 1400 = 28 records, window 512, plain sendto); install() once per receive round (every
-blob delivered in it, as member._install_inbox). Differences from the product: the peers talk over the namespace's
+blob delivered in it, as member._install_inbox); SCHED_FIFO at the member's
+sync_rt_priority (--rt-priority). Differences from the product: the peers talk over the namespace's
 loopback (127.0.0.1), not a sync NIC; the loop also selects on its stdin for the driver's
 commands (a wakeup only when a command arrives); no store, membership, refresh or dump
 (nothing of them runs per flow); A's ring callback also logs (ts_ns, key) per replicated
@@ -269,6 +270,11 @@ def run_agent(args) -> None:
     from hyperplane.datapath.verdicts import FlowEventType
     assert int(FlowEventType.FLOW_CONFIRMED) == CONFIRMED
     me = A_ID if args.role == "agent-a" else B_ID
+    from hyperplane.fleet.member import FleetConfig
+    # as member._set_sync_scheduling (the agent's sync task is this process's loop here)
+    priority = FleetConfig().sync_rt_priority if args.rt_priority is None else args.rt_priority
+    if priority:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
     peer = B_ID if me == A_ID else A_ID
     pin = args.pin_a if me == A_ID else args.pin_b
     dp = Datapath(Sizes(), pin, load_program=False)     # as the agent opens it
@@ -654,6 +660,9 @@ def main() -> None:
     ap.add_argument("--no-wakeup", dest="wakeup", action="store_false",
                     help="the data path does not wake the reader (the agent finds events "
                          "only at its next poll_s tick; before 2026-11-30 it was so)")
+    ap.add_argument("--rt-priority", type=int, default=None, metavar="0-99",
+                    help="the agents' SCHED_FIFO priority (member FleetConfig."
+                         "sync_rt_priority, whose default this is; 0: normal scheduling)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--role", choices=["gen", "agent-a", "agent-b"], help=argparse.SUPPRESS)
     ap.add_argument("--pin-a", help=argparse.SUPPRESS)
@@ -687,7 +696,8 @@ def main() -> None:
         sandbox.build(NS)
         base = [sys.executable, os.path.abspath(__file__), "--pin-a", pins[0], "--pin-b",
                 pins[1], "--poll-s", str(args.poll_s),
-                *([] if args.wakeup else ["--no-wakeup"])]
+                *([] if args.wakeup else ["--no-wakeup"]),
+                *([] if args.rt_priority is None else ["--rt-priority", str(args.rt_priority)])]
         gen = Proc("gen", base + ["--role", "gen"])
         procs.append(gen)
         print("gen:", gen.read(300))                       # compiles, creates A's pins

@@ -6,7 +6,7 @@ import click
 from hyperplane.fleet.store import DEFAULT_STORE
 
 from .flowlogs import flow_log_options
-from .options import node_option, resolve_node
+from .options import node_option, resolve_node, sync_rt_priority_option
 
 command = click.Group("agent", help="The node agent.")
 
@@ -22,6 +22,7 @@ command = click.Group("agent", help="The node agent.")
 @click.option("--sync-dev", default=None, metavar="IFNAME",
               help="The node's interface on the fleet's sync network: join the fleet "
                    "(replication, second chance, shards, port blocks).")
+@sync_rt_priority_option
 @click.option("--if", "ifnames", multiple=True,
               help="Load and attach the data path on this interface (repeat) unless the "
                    "node already runs there; the node then runs the NAT gateways the store "
@@ -32,7 +33,8 @@ command = click.Group("agent", help="The node agent.")
 @click.option("--metrics-addr", default=None, metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics, in the node's "
                    "network namespace (e.g. 0.0.0.0:9477; default: none).")
-def run(flow_log_argv, metrics_addr, node, store_url, tick, sync_dev, ifnames, netns, mode, outside_if):
+def run(flow_log_argv, metrics_addr, node, store_url, tick, sync_dev, sync_rt_priority, ifnames,
+        netns, mode, outside_if):
     """Run until SIGTERM / Ctrl-C."""
     from hyperplane.node import agent
     from hyperplane.node.agent import load_args
@@ -44,4 +46,6 @@ def run(flow_log_argv, metrics_addr, node, store_url, tick, sync_dev, ifnames, n
                                  "--node", resolve_node(node), "--store", store_url,
                                  "--tick", str(tick),
                                  *(["--sync-dev", sync_dev] if sync_dev else []),
+                                 *([] if sync_rt_priority is None else
+                                   ["--sync-rt-priority", str(sync_rt_priority)]),
                                  *load_args(load)]))

@@ -222,6 +222,8 @@ def _print_local_fleet(console, fleet: dict) -> None:
         console.print(f"  rejected messages: {sync.get('rejected_total', 0)}" + (
             " (" + ", ".join(f"{r} {n}" for r, n in sorted(rejected.items())) + ")"
             if rejected else ""), highlight=False)
+    if fleet.get("sync_scheduling"):
+        console.print(f"  sync task scheduling: {fleet['sync_scheduling']}", highlight=False)
     for section in ("records", "events"):
         values = fleet.get(section)
         console.print(f"  {section}: " + (", ".join(f"{k} {v}" for k, v in values.items())

@@ -41,3 +41,16 @@ def resolve_node(node: str | None) -> str:
     if not nodes:
         raise NotFound("no node is running here; start one with hpctl lab up or hpctl nat up")
     raise click.UsageError(f"several nodes run here ({', '.join(nodes)}); pick one with --node")
+
+
+# FleetConfig.sync_rt_priority's default, said here without importing the fleet (a unit
+# test keeps the two equal)
+SYNC_RT_PRIORITY_DEFAULT = 0
+
+
+def sync_rt_priority_option(f):
+    return click.option(
+        "--sync-rt-priority", type=click.IntRange(0, 99), default=None, metavar="0-99",
+        help="Run the fleet's sync task under SCHED_FIFO at this priority, so replication "
+             "starts as soon as a flow event or datagram arrives; it then also preempts "
+             f"ksoftirqd (default {SYNC_RT_PRIORITY_DEFAULT}: normal scheduling).")(f)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import socket
 import sys
@@ -73,6 +74,13 @@ class FleetConfig:
     ready_quiet_s: float = 0.3    # no copies arriving for this long: ready
     ready_max_s: float = 10.0     # ready after this at the latest
     retry_s: float = 1.0          # pause after an error before a task starts over
+    # the sync task runs under SCHED_FIFO at this priority (1-99; 0: normal scheduling),
+    # as conntrackd's Scheduler option: woken by a flow event or a datagram, it runs at
+    # once instead of after whatever else holds the core. Off by default: it also
+    # preempts everything else at normal priority, ksoftirqd (the data path under
+    # load) included. In bench/replication_bench.py it did not lower the lag's p99
+    # reliably and cut the peak rate by two thirds (docs/benchmarks.md).
+    sync_rt_priority: int = 0
 
 
 @dataclass
@@ -107,6 +115,7 @@ class FleetMember:
         self.ready = False
         self.started = time.monotonic()
         self.heartbeat = {"membership": 0.0, "sync": 0.0}
+        self.sync_scheduling = "not started"   # the sync task's (status)
         self._threads: list[threading.Thread] = []
         # sync task state (only the sync thread touches these)
         self._sync: SyncNode | None = None
@@ -120,7 +129,7 @@ class FleetMember:
         self._last_refresh = time.monotonic()
         self.counts = {"events_read": 0, "events_replicated": 0, "records_sent": 0,
                        "installed": 0, "merged": 0, "rejected": 0, "conflict": 0, "full": 0,
-                       "dumps_sent": 0, "refreshed": 0, "handed_over": 0,
+                       "replaced": 0, "dumps_sent": 0, "refreshed": 0, "handed_over": 0,
                        "stale_removed": 0}
         self._sync_stats: dict = {}
         # port blocks: (gw_id, block) -> (owner, since) for the hold-down
@@ -365,6 +374,7 @@ class FleetMember:
         while self._peer_plan is None and not self.stop.is_set():   # the first view
             self.heartbeat["sync"] = time.monotonic()
             self.stop.wait(0.01)
+        self._set_sync_scheduling()
         sock = self._open_socket()
         node = SyncNode(self.node_id + 1, self.epoch, self.view.keyring,
                         record_size=records.RECORD_SIZE, key_size=records.KEY_SIZE,
@@ -433,6 +443,25 @@ class FleetMember:
             node.flush(now)
             self._check_ready(node, now)
             self._sync_stats = node.stats(now)
+
+    def _set_sync_scheduling(self) -> None:
+        """This thread (the sync task) under SCHED_FIFO at config.sync_rt_priority. Its
+        work comes in short bursts, each bounded (one ring read, one receive round of at
+        most 1024 datagrams), and the kernel keeps 5 % of every core for others
+        (sched_rt_runtime_us). Refused (no CAP_SYS_NICE, a cgroup without a real-time
+        budget): logged once, and the task runs with normal scheduling."""
+        prio = self.config.sync_rt_priority
+        if prio <= 0:
+            self.sync_scheduling = "normal"
+            return
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(prio))
+            self.sync_scheduling = f"fifo {prio}"
+        except OSError as exc:
+            if not self.sync_scheduling.startswith("normal ("):
+                log.warning("sync task: SCHED_FIFO %d refused (%s): normal scheduling", prio,
+                            exc.strerror or exc)
+            self.sync_scheduling = f"normal (SCHED_FIFO {prio} refused: {exc.strerror or exc})"
 
     def _open_socket(self) -> socket.socket:
         if self._sock is None:
@@ -556,7 +585,7 @@ class FleetMember:
         blob = bytes(self._inbox)
         self._inbox.clear()
         result = records.install(self.dp, blob)
-        for k in ("installed", "merged", "rejected", "conflict", "full"):
+        for k in ("installed", "merged", "rejected", "conflict", "full", "replaced"):
             self.counts[k] += getattr(result, k)
 
     def _reconcile(self) -> None:
@@ -630,12 +659,12 @@ class FleetMember:
                 "ready": self.ready, "error": self.error, "members": members,
                 "shards": shards, "sync": _by_node_id(self._sync_stats),
                 "records": {k: c[k] for k in ("installed", "merged", "rejected", "conflict",
-                                              "full")},
+                                              "full", "replaced")},
                 "events": {"read": c["events_read"], "replicated": c["events_replicated"],
                            "records_sent": c["records_sent"], "dumped": c["dumps_sent"],
                            "refreshed": c["refreshed"], "handed_over": c["handed_over"],
                            "stale_removed": c["stale_removed"]},
-                "held_blocks": len(self._held)}
+                "held_blocks": len(self._held), "sync_scheduling": self.sync_scheduling}
 
 
 def _by_node_id(stats: dict) -> dict:

@@ -425,7 +425,8 @@ class Agent:
 # --- running in the background -------------------------------------------------------------
 
 def spawn_agent(node: str, store_url: str = DEFAULT_STORE, timeout_s: float = 30.0,
-                sync_dev: str | None = None, metrics_addr: str | None = None, load: dict | None = None) -> int:
+                sync_dev: str | None = None, metrics_addr: str | None = None,
+                load: dict | None = None, sync_rt_priority: int | None = None) -> int:
     """Start an agent process for the node; return once it has written its first status.
     sync_dev (the node's interface on the sync network) makes it a fleet member. load
     ({"ifnames": [...], "netns", "mode", "outside_if"}: hpctl node up): the agent loads the
@@ -444,6 +445,8 @@ def spawn_agent(node: str, store_url: str = DEFAULT_STORE, timeout_s: float = 30
                              *(["--metrics-addr", metrics_addr] if metrics_addr else []),
                              "--node", node,
                              "--store", store_url, *(["--sync-dev", sync_dev] if sync_dev else []),
+                             *([] if sync_rt_priority is None else
+                               ["--sync-rt-priority", str(sync_rt_priority)]),
                              *load_args(load)],
                             stdout=log_file, stderr=log_file,
                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -539,6 +542,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tick", type=float, default=0.2)
     ap.add_argument("--sync-dev", default=None,
                     help="the node's interface on the sync network: join the fleet")
+    ap.add_argument("--sync-rt-priority", type=int, default=FleetConfig.sync_rt_priority,
+                    metavar="0-99", help="SCHED_FIFO priority of the fleet's sync task "
+                    "(default 0: normal scheduling)")
     flow_log_arguments(ap)
     ap.add_argument("--metrics-addr", default=None, metavar="HOST:PORT",
                     help="serve Prometheus metrics there (in the node's network namespace)")
@@ -551,11 +557,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
+        if not 0 <= args.sync_rt_priority <= 99:
+            raise ConfigError(f"--sync-rt-priority {args.sync_rt_priority}: a SCHED_FIFO "
+                              "priority is 1-99, or 0 for normal scheduling")
         agent = Agent(AgentConfig(args.node, args.store, args.tick, metrics_addr=args.metrics_addr,
                                   sync_dev=args.sync_dev,
                                   ifnames=args.ifnames, netns=args.netns, mode=args.mode,
                                   outside_if=args.outside_if))  # a bad --store URL
         agent.config.flow_logs = flow_log_config(args)
+        agent.config.fleet.sync_rt_priority = args.sync_rt_priority
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: agent.stop.set())
         agent.run()
