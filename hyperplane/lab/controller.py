@@ -13,9 +13,12 @@ node's goes when its lease runs out) saying ready. A resource whose shard has no
 member is left out: the fabric keeps its last routes (a resource nobody can serve stays
 where it was rather than nowhere).
 
-The loop reads the store, programs what changed, then watches it from the read's
-revision + 1; every batch of changes is followed by a fresh read (so nothing is missed and
-nothing is applied twice), and a compacted watch starts over with a read. It logs each
+The loop reads the store, programs what differs, then watches it from the read's
+revision + 1; every batch of changes is followed by a fresh read (so nothing is missed),
+and a compacted watch starts over with a read. What differs is judged against the routers'
+kernels, read back at every read, not against what this controller set last: a router
+drops a nexthop by itself when its device loses carrier, and a node put back that way
+would otherwise stay out of its groups until its shard changed again. It logs each
 change of steering and writes its view to status_path(prefix) after every read. It stops
 on SIGTERM / SIGINT.
 """
@@ -137,11 +140,14 @@ class Controller:
 
     def reconcile(self, listing) -> None:
         want = desired_routes(listing, self.cfg)
+        cut = set(self.fabric.cut_nodes())      # off the network: in no group until restored
         for resource, nodes in sorted(want.items()):
-            if self.applied.get(resource) != nodes:
+            steered = self.fabric.members(resource)
+            if self.applied.get(resource) != nodes or \
+                    steered != [i for i in nodes if i not in cut]:
                 got = self.fabric.set_shard(resource, nodes)
-                log.info("steering %s to nodes %s (was %s); the routers have %s", resource,
-                         nodes, self.applied.get(resource), got)
+                log.info("steering %s to nodes %s (was %s, the routers had %s); the routers "
+                         "have %s", resource, nodes, self.applied.get(resource), steered, got)
                 self.applied[resource] = nodes
         self.revision = getattr(listing, "revision", 0)
         self.error = None

@@ -202,9 +202,15 @@ class Fabric:
         for r in self.topo["routes"][role]:
             netns.add_route(node_ns, r["dst"], r.get("gateway"))
         for router in ROUTERS:
-            nh = self.steering[router]["nexthops"][node_index - 1]
-            _ip(self.ns[router], "nexthop", "replace", "id", nh["id"], "via", nh["via"],
-                "dev", nh["dev"])
+            self._put_nexthop(router, node_index)
+
+    def _put_nexthop(self, router: str, node_index: int) -> None:
+        """Node i's nexthop on a router (again: the kernel deletes a nexthop, and takes it
+        out of its groups, when its device loses carrier, e.g. the node's end went down
+        and up)."""
+        nh = self.steering[router]["nexthops"][node_index - 1]
+        _ip(self.ns[router], "nexthop", "replace", "id", nh["id"], "via", nh["via"],
+            "dev", nh["dev"])
 
     def start(self, shards: dict[str, list[int]] | None = None) -> None:
         """The first steering of a new lab, nothing cut: the plan's first shards (mode
@@ -228,6 +234,8 @@ class Fabric:
                 if rec is not None:
                     _ip(ns, "nexthop", "del", "id", gid)
                 continue
+            for i in live:
+                self._put_nexthop(router, i)
             node_of = self._node_of(router)
             current = [node_of[m["id"]] for m in (rec or {}).get("group", [])]
             res = steer["resilient"]

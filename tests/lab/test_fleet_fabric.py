@@ -383,6 +383,31 @@ def test_cut_moves_a_dead_nodes_flows_to_the_survivors_then_restore(fleet):
             long_lived.close()
 
 
+def test_the_controller_puts_back_a_member_the_routers_lost_by_themselves(fleet):
+    """The controller compares the store with what the routers' kernels steer, not with
+    what it set last. A router's kernel deletes a nexthop, and takes it out of its
+    groups, when the device toward the node goes down (or loses carrier); the
+    controller's next read puts the node back, though the store did not change."""
+    from hyperplane.lab.controller import Controller
+    cfg = fleet.cfg
+    shard = fleet_plan.first_shards(cfg)[NAT]
+    names = [fleet_plan.node_name(cfg, i) for i in shard]
+    listing = {"/shards": {"shards": {f"nat:{NAT}": names}},
+               **{f"/nodes/{n}": {"name": n, "ready": True} for n in names}}
+    ctl = Controller(cfg, "unused:the listing is given")
+    ctl.reconcile(listing)
+    assert fleet.fabric.members(NAT) == shard
+    lost = shard[-1]
+    for router in fleet_plan.ROUTERS:       # the device toward node `lost` goes down and up
+        dev = fleet.fabric.steering[router]["nexthops"][lost - 1]["dev"]
+        netns.run_in(fleet.ns[router], ["ip", "link", "set", dev, "down"], check=True)
+        netns.run_in(fleet.ns[router], ["ip", "link", "set", dev, "up"], check=True)
+    assert fleet.fabric.members(NAT) == shard[:-1], "the kernel kept the nexthop"
+    ctl.reconcile(listing)               # the same store content, read again
+    assert fleet.fabric.members(NAT) == shard
+    assert connect_many(fleet.ns["client"], range(42000, 42050)) == 50
+
+
 def test_a_group_that_loses_its_last_member_comes_back_on_restore(fleet):
     """The kernel deletes a group whose last nexthop goes, and the routes using it with
     it; restore makes both again."""

@@ -657,7 +657,12 @@ def test_the_killed_node_rejoins_under_traffic(streams):
     shards = fleet.store_shards()
     deadline = time.monotonic() + 10      # the controller follows the store
     while not all(st["steered"][res] == members for res, members in shards.items()):
-        assert time.monotonic() < deadline, (st["steered"], shards)
+        if time.monotonic() >= deadline:
+            ctl = (st.get("fleet") or {}).get("controller") or {}
+            pytest.fail(f"node {victim} ready but not steered to 10 s after restore-node: "
+                        f"routers {st['steered']}, store shards {shards}, fabric cut "
+                        f"{st['cut']}, controller status {ctl.get('status')}; its log ends:\n"
+                        f"{fleet_build._log_tail(ctl.get('log') or '', 20)}")
         time.sleep(0.2)
         st, shards = fleet.status(), fleet.store_shards()
     fleet.victim = None
