@@ -258,15 +258,18 @@ def _delete(table, keys: list) -> list[bool]:
     if fd is None:  # a stand-in for a map (tests): one by one
         return [table.pop(k, None) is not None for k in keys]
     from hyperplane.datapath.pinned import _NO_BATCH, delete_batch
+    # one array, each retry starting further in: a key gone meanwhile costs one more call,
+    # not a copy of every key after it (with thousands gone, that was minutes)
+    arr = (table.Key * len(keys))(*keys)
     done: list[bool] = []
     while len(done) < len(keys):
-        rest = keys[len(done):]
-        deleted, err = delete_batch(fd, (table.Key * len(rest))(*rest), len(rest))
+        start = len(done)
+        deleted, err = delete_batch(fd, arr, len(keys) - start, start)
         done += [True] * deleted
         if err == errno.ENOENT:
             done.append(False)  # this one was gone already: not ours
         elif err in _NO_BATCH and not deleted:  # a kernel without batch deletes
-            return done + [table.pop(k, None) is not None for k in rest]
+            return done + [table.pop(k, None) is not None for k in keys[start:]]
         elif err:
             raise OSError(err, f"BPF_MAP_DELETE_BATCH: {os.strerror(err)}")
     return done

@@ -35,13 +35,14 @@ def pinned_map_names() -> tuple[str, ...]:
     return tuple(d.name for d in map_declarations())
 
 
-def delete_batch(map_fd: int, keys, count: int) -> tuple[int, int]:
-    """BPF_MAP_DELETE_BATCH of the first `count` keys of a ctypes array, on any map fd
-    (bcc's or a pinned one): (keys deleted, errno or 0). The kernel deletes in order and
-    stops at the first key it cannot delete (ENOENT: gone already); what it deleted before
-    is reported, so a caller can tell its deletions from the data path's."""
+def delete_batch(map_fd: int, keys, count: int, start: int = 0) -> tuple[int, int]:
+    """BPF_MAP_DELETE_BATCH of `count` keys of a ctypes array from index `start`, on any
+    map fd (bcc's or a pinned one): (keys deleted, errno or 0). The kernel deletes in
+    order and stops at the first key it cannot delete (ENOENT: gone already); what it
+    deleted before is reported, so a caller can tell its deletions from the data path's."""
     n = ctypes.c_uint32(count)
-    ret = _libbpf().bpf_map_delete_batch(map_fd, ctypes.byref(keys), ctypes.byref(n), None)
+    at = ctypes.byref(keys, start * ctypes.sizeof(keys._type_))
+    ret = _libbpf().bpf_map_delete_batch(map_fd, at, ctypes.byref(n), None)
     if ret < 0 and n.value >= count:  # the kernel names no failing key: call it none done
         n.value = 0
     return n.value, (-ret if ret < 0 else 0)

@@ -207,3 +207,32 @@ def test_batched_delete_tells_its_deletions_from_keys_already_gone(e):
     table.pop(keys[6])
     assert _delete(table, keys) == [True] * 3 + [False] + [True] * 2 + [False, True]
     assert not table.items()
+
+
+def test_batched_delete_copies_the_keys_once_however_many_are_gone(e, monkeypatch):
+    """Each key gone meanwhile costs one more BPF_MAP_DELETE_BATCH call, starting after
+    it in the same array. (Copying every remaining key into a new array per gone key was
+    quadratic: a restarted fleet agent's stale-flow cleanup, racing the garbage
+    collector over ~20,000 keys, kept its sync task busy for minutes.)"""
+    from hyperplane.datapath import pinned
+    from hyperplane.datapath.flows import _delete
+    for cport in range(45100, 45140):
+        nat_flow(e, cport, confirm=False)
+    table = e.dp.table("pending")
+    keys = [k for k, _ in table.items()]
+    assert len(keys) == 80
+    gone = set(range(0, 80, 4))
+    for i in gone:
+        table.pop(keys[i])
+    calls, real = [], pinned.delete_batch
+
+    def counted(fd, arr, count, start=0):
+        calls.append((id(arr), start, count))
+        return real(fd, arr, count, start)
+    monkeypatch.setattr(pinned, "delete_batch", counted)
+    assert _delete(table, keys) == [i not in gone for i in range(80)]
+    assert not table.items()
+    assert len({a for a, _, _ in calls}) == 1, "the keys were copied into a new array"
+    # the first call stops at key 0 (gone), each next one starts after the key the last
+    # one stopped at; the last deletes the keys after 76 and ends the work
+    assert [s for _, s, _ in calls] == [0] + [i + 1 for i in sorted(gone)]
