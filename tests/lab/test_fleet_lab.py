@@ -589,6 +589,32 @@ def held_states(fleet) -> dict:
             for i, maps in node_maps(fleet)}
 
 
+def wait_every_shard_steered(fleet, within_s: float, after: str) -> dict:
+    """Wait (bounded) until the routers steer every resource to its whole shard, as the
+    store names it: every member is ready again (the controller steers only ready nodes).
+    Fails with what each side says: routers, store, cut nodes, the controller's status
+    and log, and the log of each shard member not ready (the watchdog's stack is there)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        st, shards = fleet.status(), fleet.store_shards()
+        if all(st["steered"].get(res) == members for res, members in shards.items()):
+            return st
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    from hyperplane.node.lifecycle import state_path
+    ctl = (st.get("fleet") or {}).get("controller") or {}
+    waiting = sorted({i for members in shards.values() for i in members
+                      if not st["nodes"][i - 1]["ready"]})
+    logs = "".join(f"\n--- {fleet.names[i]} (not ready), its agent log ends:\n"
+                   f"{fleet_build._log_tail(state_path(fleet.names[i], '.agent.log'), 30)}"
+                   for i in waiting)
+    pytest.fail(f"{within_s:.0f} s after {after}, not every shard is steered to: routers "
+                f"{st['steered']}, store shards {shards}, fabric cut {st['cut']}, controller "
+                f"status {ctl.get('status')}; its log ends:\n"
+                f"{fleet_build._log_tail(ctl.get('log') or '', 20)}{logs}")
+
+
 def test_agent_restart_and_program_reload_mid_transfer(streams):
     fleet = streams
     from hyperplane.node.agent import spawn_agent, stop_agent
@@ -600,6 +626,8 @@ def test_agent_restart_and_program_reload_mid_transfer(streams):
     spawn_agent(fleet.names[node], topo["fleet"]["store"], sync_dev="sync0")
     fleet_build.start_datapath(fleet.cfg, topo, node)     # the program loaded and attached anew
     dl.check()
+    # the restarted agent pulls its shards' flows, says ready and is steered to again
+    wait_every_shard_steered(fleet, 30, f"node {node}'s agent restart")
     print(f"\nnode {node}: agent restarted and program reloaded mid-download, longest gap "
           f"{dl.max_gap:.3f} s")
 
@@ -654,17 +682,8 @@ def test_the_killed_node_rejoins_under_traffic(streams):
     st = fleet.status()
     node = st["nodes"][victim - 1]
     assert node["live"] and node["ready"] and node["agent_running"], node
+    wait_every_shard_steered(fleet, 10, f"restore-node {victim}")   # the controller
     shards = fleet.store_shards()
-    deadline = time.monotonic() + 10      # the controller follows the store
-    while not all(st["steered"][res] == members for res, members in shards.items()):
-        if time.monotonic() >= deadline:
-            ctl = (st.get("fleet") or {}).get("controller") or {}
-            pytest.fail(f"node {victim} ready but not steered to 10 s after restore-node: "
-                        f"routers {st['steered']}, store shards {shards}, fabric cut "
-                        f"{st['cut']}, controller status {ctl.get('status')}; its log ends:\n"
-                        f"{fleet_build._log_tail(ctl.get('log') or '', 20)}")
-        time.sleep(0.2)
-        st, shards = fleet.status(), fleet.store_shards()
     fleet.victim = None
     c0 = fleet.counters()
     before = c0[victim]
