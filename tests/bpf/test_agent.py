@@ -1,5 +1,6 @@
 """The node agent: store -> maps, health checks from the node's namespace, drains, the
 VIP addresses it adds, and that no bad store stops it."""
+import contextlib
 import json
 import os
 import time
@@ -21,32 +22,50 @@ NODE = f"hpt-agent-{os.getpid() % 100000}"
 NAT_IP = "198.18.0.100"
 
 
-@pytest.fixture
-def node(tmp_path):
-    netns.remove(NS)
-    netns.create(NS)
-    netns.set_up(NS, "lo")
-    listener = netns.socket_in(NS)
+@contextlib.contextmanager
+def _running_node(ns: str, name: str, store: str):
+    """A node (NAT gateway, no interfaces) in its own namespace, with a listening and a
+    refusing local port for health checks; stopped and removed afterwards."""
+    netns.remove(ns)
+    netns.create(ns)
+    netns.set_up(ns, "lo")
+    listener = netns.socket_in(ns)
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
-    closed = netns.socket_in(NS)
+    closed = netns.socket_in(ns)
     closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
     try:
         # an outside interface for the NAT IP and the VIPs (its peer leads nowhere)
-        netns.veth(NS, "out0", NS, "out0p")
-        netns.add_address(NS, "out0", "198.18.0.1/24")
-        start_nat_node(NODE, [], [GatewayConfig("gw", 0, [NAT_IP], ["10.10.0.0/24"])],
-                       netns=NS, sizes=Sizes(max_flows=4096, max_listeners=4,
+        netns.veth(ns, "out0", ns, "out0p")
+        netns.add_address(ns, "out0", "198.18.0.1/24")
+        start_nat_node(name, [], [GatewayConfig("gw", 0, [NAT_IP], ["10.10.0.0/24"])],
+                       netns=ns, sizes=Sizes(max_flows=4096, max_listeners=4,
                                              maglev_size=251, max_targets=16))
         yield {"up": listener.getsockname()[1], "down": closed.getsockname()[1],
-               "store": str(tmp_path / "store.json")}
+               "store": store, "name": name}
     finally:
         listener.close()
         closed.close()
         try:
-            stop_node(NODE)
+            stop_node(name)
         finally:
-            netns.remove(NS)
+            netns.remove(ns)
+
+
+@pytest.fixture
+def node(tmp_path):
+    with _running_node(NS, NODE, str(tmp_path / "store.json")) as n:
+        yield n
+
+
+@pytest.fixture(scope="module")
+def bad_store_node():
+    """One node for every bad-store case (a compile each saved): a case changes only the
+    listeners, which its own store sets again first, and one expired flow, which the
+    agent's garbage collection removes. Its own names: the other tests' nodes come and go
+    while it runs."""
+    with _running_node(f"{NS}-b", f"{NODE}-b", "") as n:
+        yield n
 
 
 def _config(up, down, delay=300):
@@ -192,12 +211,12 @@ def _vip_is_the_nat_ip(up, down):
     (_too_many_listeners, "5 listeners need 5 listener slots"),
     (_vip_is_the_nat_ip, "the VIP is a NAT IP of this node"),
 ], ids=["truncated", "empty", "not UTF-8", "not an object", "over capacity", "VIP = NAT IP"])
-def test_a_bad_store_never_stops_the_agent(node, bad, words):
-    path = node["store"]
+def test_a_bad_store_never_stops_the_agent(bad_store_node, tmp_path, bad, words):
+    node, path = bad_store_node, str(tmp_path / "store.json")
     good = _config(node["up"], node["down"])
     store = open_store(path)
     store.put(NLB_KEY, good)
-    agent = Agent(AgentConfig(NODE, path, gc_every_s=0))
+    agent = Agent(AgentConfig(node["name"], path, gc_every_s=0))
     agent.startup()
     try:
         agent.tick(time.monotonic())
@@ -213,14 +232,14 @@ def test_a_bad_store_never_stops_the_agent(node, bad, words):
         assert agent.config_error and words in agent.config_error, agent.config_error
         assert _listeners(agent) == listeners, "the last good state was not kept"
         assert not flow_left(), "garbage collection stopped with the bad store"
-        status = read_status(NODE)
+        status = read_status(node["name"])
         assert words in status["config_error"] and set(status["target_groups"]) == {"web"}
         # fixed: applied again, the error is gone (a damaged file is fixed by starting anew)
         if isinstance(bad, bytes):
             os.unlink(path)
         store.put(NLB_KEY, good)
         agent.tick(time.monotonic())
-        assert agent.config_error is None and read_status(NODE)["config_error"] is None
+        assert agent.config_error is None and read_status(node["name"])["config_error"] is None
     finally:
         agent.shutdown()
 
