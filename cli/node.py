@@ -50,7 +50,8 @@ def up_cmd(node, ifnames, netns, mode, outside_if, sync_dev, sync_rt_priority, s
     from hyperplane.node.agent import spawn_agent, stop_agent
     stop_agent(node)   # a re-run replaces the agent
     pid = spawn_agent(node, store_url, timeout_s=start_timeout, sync_dev=sync_dev,
-                      sync_rt_priority=sync_rt_priority, load={"ifnames": list(ifnames), "netns": netns, "mode": mode,
+                      sync_rt_priority=sync_rt_priority,
+                      load={"ifnames": list(ifnames), "netns": netns, "mode": mode,
                             "outside_if": outside_if})
     click.echo(f"node {node}: data path on {', '.join(ifnames)}, agent running (pid {pid}); "
                f"NAT gateways and load balancers come from {store_url}", err=True)
