@@ -151,7 +151,11 @@ class Fabric:
     def members(self, resource: str) -> list[int]:
         """The nodes both routers steer the resource to, read back from their kernels."""
         self._check_resource(resource)
-        per_router = [set(self.group(router, resource)["members"]) for router in ROUTERS]
+        # the groups' member lists only: the controller asks at every store read, and the
+        # buckets (group()) are a larger read it does not need
+        per_router = [set(self._group_members(
+            router, self._group_record(router, self.steering[router]["groups"][resource])))
+            for router in ROUTERS]
         return sorted(set.intersection(*per_router))
 
     def cut(self, node_index: int) -> None:
@@ -260,6 +264,11 @@ class Fabric:
     def _node_of(self, router: str) -> dict[int, int]:
         return {nh["id"]: nh["node"] for nh in self.steering[router]["nexthops"]}
 
+    def _group_members(self, router: str, rec: dict | None) -> list[int]:
+        """The node indexes of a group record's members (a nexthop not of a node: its id)."""
+        node_of = self._node_of(router)
+        return [node_of.get(m["id"], m["id"]) for m in (rec or {}).get("group", [])]
+
     def group(self, router: str, resource: str) -> dict:
         """The resource's group on a router as the kernel has it: id, present, members
         (node indexes), buckets held per member, the resilient settings."""
@@ -268,8 +277,7 @@ class Fabric:
         rec = self._group_record(router, gid)
         if rec is None:
             return {"id": gid, "present": False, "members": [], "buckets": {}}
-        node_of = self._node_of(router)
-        per_node = {node_of.get(n, n): 0 for n in (m["id"] for m in rec.get("group", []))}
+        per_node = dict.fromkeys(self._group_members(router, rec), 0)
         for n in self.buckets(router, resource):
             per_node[n] = per_node.get(n, 0) + 1
         return {"id": gid, "present": True, "type": rec.get("type", "mpath"),
