@@ -200,4 +200,17 @@ enum hp_timeout {
 #define HP_RESV_GRACE_NS (2 * HP_NSEC)
 #endif
 
+/* Fleet: a flow's incarnation (struct flow_value) is its generation on the tuple in the
+ * top 8 bits and 24 random bits, never 0. The flow that deletes its closed or expired
+ * predecessor on this node takes the predecessor's generation + 1 (mod 256); one that
+ * found none takes 0. Two incarnations created this close together are ordered by
+ * generation when one is the other's successor, not by their ages, which are off by
+ * the time their records spent in queues. Further apart, ages order them: a closed
+ * predecessor is kept for the TCP closing timeout (10 s by default) after its last
+ * packet, so a flow of generation 0 comes that much later than one it did not see. */
+#define INC_GEN_SHIFT 24
+#ifndef INC_GEN_WINDOW_NS
+#define INC_GEN_WINDOW_NS (5 * HP_NSEC)
+#endif
+
 #endif

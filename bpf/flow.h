@@ -337,7 +337,10 @@ static __always_inline int flow_create(struct pkt *p, struct hp_config *cfg, __b
 	v->flags = FLOW_F_PENDING;
 	v->wscale = WSCALE_NONE;
 	v->tcp_state = p->key.proto == IPPROTO_TCP ? TCP_S_SYN_SENT : TCP_S_NONE;
-	v->incarnation = bpf_get_prandom_u32() | 1; /* never 0 */
+	/* the generation after the predecessor's deleted on the way here, else 0 */
+	__u32 gen = p->prev_incarnation ? (p->prev_incarnation >> INC_GEN_SHIFT) + 1 : 0;
+	v->incarnation = (gen << INC_GEN_SHIFT) |
+			 (bpf_get_prandom_u32() & ((1U << INC_GEN_SHIFT) - 1)) | 1; /* never 0 */
 
 	v->twin = reply;
 	v->kind = kind;

@@ -56,6 +56,7 @@ struct pkt {
 	__u8 wscale;
 	__u8 from_peer;           /* fleet: a peer handed it over (second chance) */
 	__u8 owner_local;         /* fleet: PROG_OWNER found this node the flow's owner */
+	__u32 prev_incarnation;   /* fleet: of the flow on this tuple known_flow deleted (0: none) */
 	int action;               /* the hook's action for a TX verdict */
 };
 
@@ -454,11 +455,14 @@ static __always_inline struct flow_value *known_flow(struct pkt *p, struct hp_co
 		}
 		stat_inc(S_FLOW_EXPIRED);
 		emit_event(EV_FLOW_EXPIRED, &p->key, v, p->now);
+		p->prev_incarnation = v->incarnation;
 		flow_delete(&p->key, v);
 		return 0;
 	}
 	if (v->tcp_state == TCP_S_CLOSED && !is_reply_kind(v->kind) && tcp_opens(p)) {
 		emit_event(EV_FLOW_REMOVED, &p->key, v, p->now);
+		/* the next flow's generation follows this one's (bpf/consts.h INC_GEN_SHIFT) */
+		p->prev_incarnation = v->incarnation;
 		flow_delete(&p->key, v); /* the same 5-tuple opens anew after a close */
 		return 0;
 	}
@@ -597,9 +601,11 @@ static __always_inline int go_slow(HP_CTX *ctx, struct scratch *s, struct pkt *p
 	s->wscale_ready = p->wscale_ready;
 	s->wscale = p->wscale;
 	s->owner_local = p->owner_local;
+	s->prev_incarnation = p->prev_incarnation;
 	progs.call(ctx, prog);
 	s->wscale_ready = 0;
 	s->owner_local = 0;
+	s->prev_incarnation = 0;
 	return V_DROP_MALFORMED;
 }
 
@@ -616,8 +622,10 @@ static __always_inline int begin(HP_CTX *ctx, struct pkt *p, struct scratch **s,
 	p->wscale_ready = (*s)->wscale_ready;
 	p->wscale = (*s)->wscale;
 	p->owner_local = (*s)->owner_local;
+	p->prev_incarnation = (*s)->prev_incarnation;
 	(*s)->wscale_ready = 0;
 	(*s)->owner_local = 0;
+	(*s)->prev_incarnation = 0;
 	int rc = parse_packet(ctx, p, cfg);
 	if (!rc && !*cfg)
 		rc = V_PASS_NO_RESOURCE;

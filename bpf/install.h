@@ -4,8 +4,8 @@
  * the flow this node holds. Merging only moves forward, whatever order records from
  * several nodes arrive in: TCP state and FIN bits never go back, the last packet seen is
  * the latest any node saw. A record of the flow's own incarnation always merges; one of
- * another flow on the same tuple (created after the one held here, by its age) replaces
- * it. Every record is counted (S_REC_*). */
+ * another flow on the same tuple replaces it if newer (by generation or by age, see
+ * inc_follows) and is refused if older. Every record is counted (S_REC_*). */
 #ifndef HP_INSTALL_H
 #define HP_INSTALL_H
 
@@ -29,6 +29,13 @@ static __always_inline void rec_outcome(struct scratch *s, __u32 idx)
 static __always_inline __u8 state_max(__u8 a, __u8 b)
 {
 	return a > b ? a : b;
+}
+
+/* Incarnation a is the one created on its tuple after b deleted it (bpf/consts.h
+ * INC_GEN_SHIFT). */
+static __always_inline int inc_follows(__u32 a, __u32 b)
+{
+	return (__u8)(a >> INC_GEN_SHIFT) == (__u8)((b >> INC_GEN_SHIFT) + 1);
 }
 
 /* Merge record r into the flow held here (v: its original direction's entry). */
@@ -151,9 +158,21 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 			     r->tcp_state != TCP_S_CLOSED && !r->fin_seen &&
 			     created > v->last_seen_ns;
 		int other = moved || differ || reopen;
+		/* Which is newer: by age, unless the two incarnations were created close
+		 * together and one is the other's successor. Ages alone let the late record
+		 * of a closed flow, its age taken before it waited in queues, replace the
+		 * next flow a client opened on the tuple milliseconds later. */
+		int newer = created > v->created_ns;
+		if (differ && created < v->created_ns + INC_GEN_WINDOW_NS &&
+		    v->created_ns < created + INC_GEN_WINDOW_NS) {
+			if (inc_follows(r->incarnation, v->incarnation))
+				newer = 1;
+			else if (inc_follows(v->incarnation, r->incarnation))
+				newer = 0;
+		}
 		/* an older flow's late record, or one incarnation with two translations
 		 * (never made here): refused */
-		if (other && (same || created <= v->created_ns)) {
+		if (other && (same || !newer)) {
 			rec_outcome(s, S_REC_CONFLICT);
 			return;
 		}

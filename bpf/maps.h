@@ -90,6 +90,7 @@ struct scratch {
 	__u32 owner_slot;         /* DO_OWNER: the shard (gateway id, SHARD_LB_BASE + lb id) */
 	__u8 owner_case;          /* DO_OWNER: OWN_* */
 	__u8 owner_local;         /* PROG_OWNER found this node the owner (for PROG_NEW) */
+	__u32 prev_incarnation;   /* the tuple's flow known_flow deleted (for flow_create) */
 	__u32 gw_id;              /* DO_NAT_NEW, DO_NAT_FLOW: the gateway */
 	struct nat_resv_key resv; /* DO_NAT_FLOW: the port PROG_NAT reserved */
 };

@@ -693,6 +693,96 @@ def test_another_incarnation_replaces_if_newer_and_is_refused_if_older(fleet):
     assert flow_table_problems(e.dp) == []
 
 
+def _gen(generation, rand=0x1235):
+    """An incarnation of this generation on its tuple (bpf/consts.h INC_GEN_SHIFT)."""
+    return (generation << 24) | rand
+
+
+# (held record, incoming record, outcome, incarnation left held)
+_GEN_CASES = {
+    # the closed flow's late record, its age taken before it waited in queues: by age it
+    # looks newer than the next flow, opened on the tuple at once; by generation it is
+    # the predecessor, and refused
+    "predecessor-late-close-refused": (
+        dict(incarnation=_gen(6), age_ms=1000),
+        dict(_CLOSED, fin_seen=3, incarnation=_gen(5), age_ms=0),
+        "conflict", _gen(6)),
+    "predecessor-late-confirm-refused": (
+        dict(incarnation=_gen(6), age_ms=1000),
+        dict(incarnation=_gen(5), age_ms=0),
+        "conflict", _gen(6)),
+    # the successor's record, though its age says it was created 0.5 s before the held
+    # flow: replaces it
+    "successor-replaces": (
+        dict(_CLOSED, fin_seen=3, incarnation=_gen(5), age_ms=2500),
+        dict(incarnation=_gen(6), age_ms=3000),
+        "replaced", _gen(6)),
+    # the generation wraps
+    "successor-after-wrap-replaces": (
+        dict(_CLOSED, fin_seen=3, incarnation=_gen(255), age_ms=2500),
+        dict(incarnation=_gen(0), age_ms=3000),
+        "replaced", _gen(0)),
+    "predecessor-before-wrap-refused": (
+        dict(incarnation=_gen(0), age_ms=1000),
+        dict(_CLOSED, fin_seen=3, incarnation=_gen(255), age_ms=0),
+        "conflict", _gen(0)),
+    # neither follows the other: ages decide, as without generations
+    "unrelated-generations-by-age": (
+        dict(incarnation=_gen(0), age_ms=0),
+        dict(incarnation=_gen(3, 0x777), age_ms=2500),
+        "conflict", _gen(0)),
+    # created more than INC_GEN_WINDOW_NS apart (5 s): ages decide. A generation-0 flow
+    # was created by a node that held no predecessor: at least the closing timeout
+    # (10 s) after any it did not see
+    "far-apart-by-age": (
+        dict(_CLOSED, fin_seen=3, incarnation=_gen(1), age_ms=12000),
+        dict(incarnation=_gen(0), age_ms=0),
+        "replaced", _gen(0)),
+}
+
+
+@pytest.mark.parametrize("held, incoming, outcome, left", _GEN_CASES.values(),
+                         ids=_GEN_CASES.keys())
+def test_incarnations_created_close_together_are_ordered_by_generation(
+        fleet, held, incoming, outcome, left):
+    e = fleet.e
+    assert install(e.dp, _rec(**held).pack()).installed == 1
+    result = install(e.dp, _rec(**incoming).pack())
+    assert (getattr(result, outcome), result.total()) == (1, 1), result
+    if outcome == "replaced":
+        assert result.installed == 1, result
+    assert {v.incarnation for v in e.dp.table("flows").values()} == {left}
+    assert flow_table_problems(e.dp) == []
+
+
+@pytest.mark.parametrize("generation", [5, 255])
+def test_a_flow_reopening_a_closed_tuple_takes_the_next_generation(fleet, generation):
+    """The owner deletes the tuple's closed flow at the next SYN; the flow it creates
+    carries the closed one's generation + 1 (mod 256) in its incarnation."""
+    e = fleet.e
+    cport = fleet.cport_owned_by(SELF)
+    closed = _rec(sport=cport, new_sport=fleet.port_in(SELF), tcp_state=TcpState.CLOSED,
+                  fin_seen=3, incarnation=_gen(generation), age_ms=50, idle_ms=10)
+    assert install(e.dp, closed.pack()).installed == 1
+    drain_events(e.dp)
+    syn = from_client(IP(src=CLIENT, dst=INET) / TCP(sport=cport, dport=80, flags="S",
+                                                     seq=77000))
+    assert e.run(syn, "in0")[0] == Verdict.TX_NAT_OUT
+    created = [ev.record for ev in drain_events(e.dp)
+               if ev.type == FlowEventType.FLOW_CREATED]
+    assert len(created) == 1, created
+    assert created[0].incarnation >> 24 == (generation + 1) % 256, hex(created[0].incarnation)
+    assert created[0].incarnation & 0xffffff != 0
+    # a tuple with no flow before: generation 0
+    other = fleet.cport_owned_by(SELF, start=cport + 1)
+    syn = from_client(IP(src=CLIENT, dst=INET) / TCP(sport=other, dport=80, flags="S",
+                                                     seq=1000))
+    assert e.run(syn, "in0")[0] == Verdict.TX_NAT_OUT
+    first = [ev.record for ev in drain_events(e.dp) if ev.type == FlowEventType.FLOW_CREATED]
+    assert [r.incarnation >> 24 for r in first] == [0]
+    assert flow_table_problems(e.dp) == []
+
+
 def test_merge_only_moves_forward(fleet):
     e = fleet.e
     assert install(e.dp, _rec(fin_seen=1).pack()).installed == 1
