@@ -466,16 +466,28 @@ static __always_inline struct flow_value *known_flow(struct pkt *p, struct hp_co
 		flow_delete(&p->key, v); /* the same 5-tuple opens anew after a close */
 		return 0;
 	}
-	/* Fleet: a SYN or FIN in reply to a closed flow here may be the next flow's on the
-	 * same tuple (a client reuses its port at once when the server closed first),
-	 * opened on another node whose records have not arrived: taken for the closed one,
-	 * its FIN changed nothing and was never replicated, and the next flow stayed open
-	 * on every node. As a packet of no flow it goes to the owner, who holds the newest
-	 * (a closed flow's own late FIN too; the owner drops it if it is the owner). */
-	if (v->tcp_state == TCP_S_CLOSED && is_reply_kind(v->kind) && fleet_on(cfg) &&
-	    !p->from_peer && (p->tcp_flags & (TH_SYN | TH_FIN)))
+	/* Fleet: a packet of a closed flow here may be the next flow's on the same tuple (a
+	 * client reuses its port at once when the server closed first), opened through the
+	 * owner whose records have not arrived: taken for the closed one, its FIN changed
+	 * nothing and was never replicated, and the next flow stayed open on every node.
+	 * So it goes to the owner, who holds the newest: from the client any packet (its
+	 * ACK confirms the next flow, its FIN closes it), in reply a SYN or FIN. The owner
+	 * uses the closed flow if it is the newest it has (owned_closed_flow). */
+	if (v->tcp_state == TCP_S_CLOSED && fleet_on(cfg) && !p->from_peer && !p->owner_local &&
+	    (!is_reply_kind(v->kind) || (p->tcp_flags & (TH_SYN | TH_FIN))))
 		return 0;
 	return v;
+}
+
+/* Fleet: a packet known_flow sent to the owner for the closed flow it hit, when this
+ * node is the owner: the closed flow is the tuple's newest, and the packet one of its
+ * last (a FIN sent again, the last ACK). It is forwarded as the closed flow's. */
+static __always_inline struct flow_value *owned_closed_flow(struct pkt *p)
+{
+	if (!p->owner_local || !p->tcp || tcp_opens(p))
+		return 0;
+	struct flow_value *v = flow_find(&p->key);
+	return v && v->tcp_state == TCP_S_CLOSED ? v : 0;
 }
 
 /* Parse a packet into p: Ethernet, IPv4, and the L4 header (none for a later
@@ -677,8 +689,9 @@ int HP_PROG(new)(HP_CTX *ctx)
 	int rc = begin(ctx, &p, &s, &cfg);
 	if (rc || !s || !cfg)
 		return finish(ctx, &p, rc);
-	struct flow_value *v = 0;
-	rc = classify(ctx, &p, cfg, &v);
+	struct flow_value *v = owned_closed_flow(&p);
+	if (!v)
+		rc = classify(ctx, &p, cfg, &v);
 	if (rc == 0 && v)
 		rc = forward_flow(ctx, &p, cfg, v);
 	if (rc == DO_OWNER)

@@ -563,6 +563,40 @@ def test_a_syn_or_fin_answering_a_closed_replica_goes_to_the_owner(fleet, flags,
     if verdict == Verdict.TX_SECOND_CHANCE:
         assert Ether(data).dst == PEER_MAC[SELF], "the port block's owner"
     assert flow_table_problems(e.dp) == []
+    # the owner holds the same closed flow and nothing newer: it translates the packet
+    e.reset()
+    fleet.become(node=SELF)
+    assert install(e.dp, closed.pack()).installed == 1
+    got, _, data = e.run(answer, "out0")
+    assert got == Verdict.TX_NAT_IN
+    assert (Ether(data)[IP].dst, Ether(data)[TCP].dport) == (CLIENT, 41000)
+    assert flow_table_problems(e.dp) == []
+
+
+@pytest.mark.parametrize("flags", ["A", "PA", "FA", "R"])
+def test_a_client_packet_of_a_closed_replica_goes_to_the_owner(fleet, flags):
+    """Node 1 holds a closed flow's replica, and the client opened the next flow on the
+    tuple through the owner (node 2), whose records have not arrived. Every packet from
+    the client (its ACK confirms the next flow, its FIN closes it) goes to the owner; the
+    owner, holding nothing newer, forwards it as the closed flow's."""
+    e = fleet.e
+    cport, port = fleet.cport_owned_by(SELF), fleet.port_in(SELF)
+    closed = _rec(sport=cport, new_sport=port, tcp_state=TcpState.CLOSED, fin_seen=3,
+                  incarnation=7)
+    pkt = from_client(IP(src=CLIENT, dst=INET) / TCP(sport=cport, dport=80, flags=flags,
+                                                     seq=1002, ack=9001))
+    e.reset()
+    fleet.become(node=1)
+    assert install(e.dp, closed.pack()).installed == 1
+    got, _, data = e.run(pkt, "in0")
+    assert got == Verdict.TX_SECOND_CHANCE and Ether(data).dst == PEER_MAC[SELF]
+    e.reset()
+    fleet.become(node=SELF)
+    assert install(e.dp, closed.pack()).installed == 1
+    got, _, data = e.run(pkt, "in0")
+    assert got == Verdict.TX_NAT_OUT
+    assert (Ether(data)[IP].src, Ether(data)[TCP].sport) == (NAT_IP, port)
+    assert flow_table_problems(e.dp) == []
 
 
 def test_record_of_a_real_nlb_flow_makes_another_node_answer_alike(fleet, nlb):

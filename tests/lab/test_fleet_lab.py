@@ -543,9 +543,11 @@ def test_active_counts_go_back_to_zero_on_every_node(fleet):
     reopened by a late record (55 NAT and ~255 NLB flows per node); then 0.5-1 % of the
     NLB flows, whose clients reused the port at once: records of the next flow merged
     into the closed one, and its FIN, seen by a node that took it for the closed one,
-    was never replicated (now incarnations tell the two apart). Measured since: 0 NAT and
-    0-1 NLB flow per node, FIN_WAIT (one FIN never reached that node; not explained);
-    more than RESIDUAL (0.1 %) fails."""
+    was never replicated (now incarnations tell the two apart); then 0-8 NLB flows per
+    node left in FIN_WAIT: the client's FIN for the next flow reached a node still
+    holding the closed one, which forwarded it as the closed flow's and told no one (now
+    such packets go to the owner), or the closed flow's late record replaced the next
+    flow (now generations order the two). More than RESIDUAL (0.1 %) fails."""
     deadline = time.monotonic() + 30
     while True:
         counts = active(fleet)
