@@ -1,6 +1,7 @@
 """Compile the data path with bcc, pin its maps, attach it to interfaces, detach it."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -24,7 +25,9 @@ PROGRAMS = {hook: tuple(f"{hook}_{name}".encode() for name in
 PROG_SLOTS = {0: 2, 1: 0, 2: 1, 3: 3, 4: 4, 5: 5, 6: 6}  # index in PROGRAMS[hook] -> slot in progs (PROG_*)
 # Fleet: installs flow records from peers; never attached, run with BPF_PROG_TEST_RUN.
 INSTALL_PROGRAM = {hook: f"{hook}_hp_install".encode() for hook in HOOKS}
-INSTALLER_PIN = "prog_install"     # the pinned installer (XDP type: it only runs by test_run)
+# The pinned record installer, of the node's first hook's program type (it only runs by
+# test_run): a node attached at tc compiles no XDP build for it.
+INSTALLER_PINS = {"xdp": "prog_install", "tc": "prog_install_tc"}
 # Attach modes: a hook, or "auto" (native XDP where the driver has it, tc elsewhere).
 MODES = ("auto", "xdp", "tc")
 # XDP attach flags, to detach whatever mode an older version attached in.
@@ -212,17 +215,22 @@ class Datapath:
         for i, fn in enumerate(fns):
             progs[ctypes.c_int(PROG_SLOTS[i])] = ctypes.c_int(fn.fd)
         self.fns[hook] = fns[0]
-        if self.pin_dir and hook == "xdp":
-            self._pin_installer(build, bcc)
+        if self.pin_dir and hook == self.hook:
+            self._pin_installer(build, prog_type)
         return fns[0]
 
-    def _pin_installer(self, build, bcc) -> None:
-        """Pin the record installer (bpf/install.h) next to the maps, so a fleet agent that
-        did not load the data path runs it by BPF_PROG_TEST_RUN without compiling (a
-        restarted agent is up in a second). Replaces the pin of an older program."""
+    def _pin_installer(self, build, prog_type) -> None:
+        """Pin the record installer (bpf/install.h) of the first hook next to the maps, so a
+        fleet agent that did not load the data path runs it by BPF_PROG_TEST_RUN without
+        compiling (a restarted agent is up in a second). Replaces the pin of an older
+        program, of either hook."""
         from hyperplane.datapath.pinned import pin_program
-        self.install_fn = build.load_func(INSTALL_PROGRAM["xdp"], bcc.BPF.XDP)
-        pin_program(self.install_fn.fd, os.path.join(self.pin_dir, INSTALLER_PIN))
+        self.install_fn = build.load_func(INSTALL_PROGRAM[self.hook], prog_type)
+        for hook, name in INSTALLER_PINS.items():
+            if hook != self.hook:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.pin_dir, name))
+        pin_program(self.install_fn.fd, os.path.join(self.pin_dir, INSTALLER_PINS[self.hook]))
 
     PINNED = pinned_map_names()  # every HP_MAP of bpf/maps.h
 

@@ -406,6 +406,7 @@ class PinnedNode:
     (open_ring)."""
 
     hook = "xdp"      # the installer's program type (records.install runs it by test_run)
+                      # as pinned: set by install_fd
 
     def __init__(self, pin_dir: str, sizes=None):
         if not os.path.isdir(pin_dir):
@@ -417,13 +418,15 @@ class PinnedNode:
 
     def install_fd(self) -> int:
         if self._install_fd is None:
-            from hyperplane.datapath.loader import INSTALLER_PIN
-            path = os.path.join(self.pin_dir, INSTALLER_PIN)
-            fd = _libbpf().bpf_obj_get(path.encode())
-            if fd < 0:
-                raise NotFound(f"no pinned record installer at {path}: start the node's data "
-                               f"path again with this version (hpctl nat up)")
-            self._install_fd = fd
+            from hyperplane.datapath.loader import INSTALLER_PINS
+            for hook, name in INSTALLER_PINS.items():
+                fd = _libbpf().bpf_obj_get(os.path.join(self.pin_dir, name).encode())
+                if fd >= 0:
+                    self._install_fd, self.hook = fd, hook
+                    break
+            else:
+                raise NotFound(f"no pinned record installer in {self.pin_dir}: start the "
+                               f"node's data path again with this version (hpctl nat up)")
         return self._install_fd
 
     def open_ring(self, name: str, callback) -> PinnedRing:

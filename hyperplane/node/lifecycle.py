@@ -23,7 +23,8 @@ from hyperplane import netns as _netns
 from hyperplane import validate
 from hyperplane.codec import be32_to_ip
 from hyperplane.errors import ConfigError, HyperplaneError, NotFound
-from hyperplane.datapath.loader import PIN_ROOT, Datapath, Sizes, detach, remove_pins, validate_mode
+from hyperplane.datapath.loader import PIN_ROOT, Datapath, Sizes, choose_hook, detach, remove_pins, \
+    validate_mode
 from hyperplane.nat.gateway import GatewayConfig, check_gateways, write_gateways
 from hyperplane.datapath.settings import Timeouts, write_config
 
@@ -208,7 +209,10 @@ def start_nat_node(node: str, ifnames: list[str], gateways: list[GatewayConfig],
     with contextlib.ExitStack() as undo:
         if not os.path.isdir(pin_dir):  # a new node: no pins may stay behind
             undo.callback(_quietly, remove_pins, pin_dir)
-        dp = Datapath(sizes, pin_dir)
+        # compiled for the first interface's hook only (a compile is 10-15 s): the
+        # other hook is compiled when an interface needs it
+        first_hook = _in(netns, choose_hook, ifnames[0], mode or "auto") if ifnames else "xdp"
+        dp = Datapath(sizes, pin_dir, hook=first_hook)
         _refuse_vips(dp, nat_ips)
         undo.callback(_quietly, _restore, dp, _snapshot(dp))
         write_config(dp, timeouts)
