@@ -74,10 +74,18 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _healthy(http: str) -> bool:
+def _healthy(http: str, name: str) -> bool:
+    """etcd answers at http, healthy, and it is the member named `name`: the one this
+    process started, not another test process's etcd that got the port first."""
     try:
         with urllib.request.urlopen(http + "/health", timeout=1) as answer:
-            return json.loads(answer.read()).get("health") == "true"
+            if json.loads(answer.read()).get("health") != "true":
+                return False
+        ask = urllib.request.Request(http + "/v3/cluster/member/list", data=b"{}",
+                                     method="POST")
+        with urllib.request.urlopen(ask, timeout=1) as answer:
+            members = json.loads(answer.read()).get("members", [])
+        return [m.get("name") for m in members] == [name]
     except (OSError, ValueError):
         return False
 
@@ -88,23 +96,24 @@ def start_etcd() -> EtcdServer:
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     for attempt in range(3):  # a free port can be taken before etcd binds it: try again
         data_dir = tempfile.mkdtemp(prefix="hpt-etcd-", dir=base)
+        name = f"hpt-{os.getpid()}-{attempt}"
         client, peer = _free_ports(2)
         log_path = os.path.join(data_dir, "etcd.log")
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
-                [binary, "--name", "t", "--data-dir", os.path.join(data_dir, "data"),
+                [binary, "--name", name, "--data-dir", os.path.join(data_dir, "data"),
                  "--listen-client-urls", f"http://127.0.0.1:{client}",
                  "--advertise-client-urls", f"http://127.0.0.1:{client}",
                  "--listen-peer-urls", f"http://127.0.0.1:{peer}",
                  "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                 "--initial-cluster", f"t=http://127.0.0.1:{peer}", *ETCD_FLAGS],
+                 "--initial-cluster", f"{name}=http://127.0.0.1:{peer}", *ETCD_FLAGS],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True)
         server = EtcdServer(proc, client, data_dir, log_path)
         deadline = time.monotonic() + READY_S
         while proc.poll() is None and time.monotonic() < deadline:
-            if _healthy(server.http):
+            if _healthy(server.http, name):
                 return server
             time.sleep(0.05)
         tail = server.log_tail()

@@ -34,6 +34,9 @@ from hyperplane.datapath.testrun import test_run as bpf_test_run
 from hyperplane.datapath.verdicts import FlowKind, Verdict
 from packets import from_client, from_inet
 
+# two processes pinned to the two CPUs must race: nothing else may run (scripts/test)
+pytestmark = pytest.mark.exclusive
+
 CPUS = (0, 1)
 TUPLES = 500         # new tuples per scenario and CPU
 

@@ -380,14 +380,14 @@ def test_a_file_store_in_a_place_it_cannot_write_is_a_store_error(tmp_path):
 
 # --- the etcd backend --------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_etcd_is_a_store_error_at_once():
-    store = open_store(f"etcd://127.0.0.1:{_free_port()}", timeout_s=1)
+    with socket.socket() as bound:    # bound, never listening: connections are refused, and
+        bound.bind(("127.0.0.1", 0))  # no other process (another test's etcd) can take it
+        _store_errors_at_once(open_store(f"etcd://127.0.0.1:{bound.getsockname()[1]}",
+                                         timeout_s=1))
+
+
+def _store_errors_at_once(store):
     for call in (lambda: store.get("/k"), lambda: store.put("/k", 1), store.revision,
                  lambda: store.lease(5), lambda: store.watch("/")):
         t0 = time.monotonic()
