@@ -405,8 +405,9 @@ class PinnedNode:
     for a fleet agent also the pinned record installer (install_fd) and event ring
     (open_ring)."""
 
-    hook = "xdp"      # the installer's program type (records.install runs it by test_run)
-                      # as pinned: set by install_fd
+    # the pinned installer's program type, which records.install's test_run needs: set by
+    # install_fd (the node's first hook pinned its own)
+    hook = "xdp"
 
     def __init__(self, pin_dir: str, sizes=None):
         if not os.path.isdir(pin_dir):
