@@ -166,12 +166,11 @@ def run_gen(args) -> None:
 
     dp = Datapath(Sizes(), args.pin_a)
     write_config(dp, Timeouts(), hash_seed=0x5EED)
+    from hyperplane.datapath.settings import F_EVENT_WAKEUP, F_PEER_EVENTS, set_flags
     if args.wakeup:      # as a fleet member's data path (FleetDataplane.set_identity)
-        from hyperplane.datapath.settings import F_EVENT_WAKEUP
-        cfg = dp.table("config")
-        leaf = cfg[cfg.Key(0)]
-        leaf.flags |= F_EVENT_WAKEUP
-        cfg[cfg.Key(0)] = leaf
+        set_flags(dp, F_EVENT_WAKEUP, True)
+    if not args.all_events:  # as a fleet member's event hub with no follower (EventHub)
+        set_flags(dp, F_PEER_EVENTS, True)
     apply_gateway(dp, GatewayConfig("gw-bench", GW_ID, [NAT_IP], ["10.10.0.0/24"]))
     ifin, ifout = socket.if_nametoindex("in0"), socket.if_nametoindex("out0")
     r_in = trkit.Runner(dp.prog_fd, ifin, "xdp")
@@ -660,6 +659,10 @@ def main() -> None:
     ap.add_argument("--no-wakeup", dest="wakeup", action="store_false",
                     help="the data path does not wake the reader (the agent finds events "
                          "only at its next poll_s tick; before 2026-11-30 it was so)")
+    ap.add_argument("--all-events", action="store_true",
+                    help="the data path writes an unconfirmed flow's events too (as with a "
+                         "follower of every event); default: as a fleet member alone "
+                         "(HP_F_PEER_EVENTS), one event per new flow")
     ap.add_argument("--rt-priority", type=int, default=None, metavar="0-99",
                     help="the agents' SCHED_FIFO priority (member FleetConfig."
                          "sync_rt_priority, whose default this is; 0: normal scheduling)")
@@ -697,6 +700,7 @@ def main() -> None:
         base = [sys.executable, os.path.abspath(__file__), "--pin-a", pins[0], "--pin-b",
                 pins[1], "--poll-s", str(args.poll_s),
                 *([] if args.wakeup else ["--no-wakeup"]),
+                *(["--all-events"] if args.all_events else []),
                 *([] if args.rt_priority is None else ["--rt-priority", str(args.rt_priority)])]
         gen = Proc("gen", base + ["--role", "gen"])
         procs.append(gen)

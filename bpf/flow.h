@@ -160,12 +160,19 @@ static __always_inline void record_of(struct flow_record *r, struct flow_key *k,
 static __always_inline void emit_event(__u32 type, struct flow_key *k, struct flow_value *v,
 				       __u64 now)
 {
+	struct hp_config *cfg = get_config();
+	/* A fleet node's reader replicates confirmed flows only: an unconfirmed flow's
+	 * creation and changes (a new TCP flow's first two of three events, every spoofed
+	 * SYN's one) are not written while no reader wants them (HP_F_PEER_EVENTS). type is
+	 * a constant where this is inlined. */
+	if ((type == EV_FLOW_CREATED || type == EV_FLOW_CHANGED) && (v->flags & FLOW_F_PENDING) &&
+	    cfg && (cfg->flags & HP_F_PEER_EVENTS))
+		return;
 	struct flow_event *e = flow_events.ringbuf_reserve(sizeof(struct flow_event));
 	if (!e) {
 		stat_inc(S_EVENT_LOST);
 		return;
 	}
-	struct hp_config *cfg = get_config();
 	e->type = type;
 	e->ts_ns = now;
 	record_of(&e->rec, k, v, now, cfg ? cfg->node_id : 0);

@@ -139,6 +139,8 @@ struct hp_config {
 #define HP_F_LOOSE_INGRESS 2  /* skip the strict reverse-path check (asymmetric routing) */
 #define HP_F_FLEET 4          /* one of many nodes: port blocks, owners, second chance */
 #define HP_F_EVENT_WAKEUP 8   /* a reader sleeps on flow_events: wake it (bpf/flow.h) */
+#define HP_F_PEER_EVENTS 16   /* every reader wants only what peers and flow logs use: no
+				* event of an unconfirmed flow's creation or change (bpf/flow.h) */
 
 /* Per-gateway metrics, per CPU; AWS NAT gateway names (REFERENCE.md). */
 struct gw_metrics {

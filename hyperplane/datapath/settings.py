@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import asdict, dataclass
 
 from hyperplane.errors import ConfigError
@@ -10,6 +11,29 @@ from hyperplane.datapath.verdicts import ConfigFlag, Timeout
 F_RST_ON_NO_FLOW = 1  # bpf/structs.h HP_F_RST_ON_NO_FLOW (keep in sync)
 F_FLEET = int(ConfigFlag.FLEET)  # set by hyperplane.fleet.dataplane
 F_EVENT_WAKEUP = int(ConfigFlag.EVENT_WAKEUP)   # ditto: its sync task sleeps on the ring
+F_PEER_EVENTS = int(ConfigFlag.PEER_EVENTS)     # set by hyperplane.observe.events.EventHub
+# flags other modules own: write_config keeps them
+_KEPT_FLAGS = F_FLEET | F_EVENT_WAKEUP | F_PEER_EVENTS
+# An agent's tasks each change a part of the one config entry: one read-modify-write at a
+# time, so none undoes another's.
+_config_lock = threading.Lock()
+
+
+def update_config(dp, change) -> None:
+    """change(leaf) on the config entry, written back (under the process's config lock)."""
+    with _config_lock:
+        table = dp.table("config")
+        key = table.Key(0)
+        leaf = table[key]
+        change(leaf)
+        table[key] = leaf
+
+
+def set_flags(dp, flags: int, on: bool) -> None:
+    """Set or clear HP_F_* flags, leaving the rest of the config as it is."""
+    def change(leaf):
+        leaf.flags = (leaf.flags | flags) if on else (leaf.flags & ~flags)
+    update_config(dp, change)
 
 
 @dataclass(frozen=True)
@@ -53,15 +77,13 @@ def write_config(dp, timeouts: Timeouts | None = None, *, rst_on_no_flow: bool =
     restarted node keeps choosing the same ports and targets, and the fleet identity
     (hyperplane.fleet.dataplane writes it)."""
     timeouts = timeouts or Timeouts()
-    table = dp.table("config")
-    key = table.Key(0)
-    leaf = table[key]
-    for i, value in enumerate(timeouts.by_index()):
-        leaf.timeout_s[i] = value
-    leaf.flags = (leaf.flags & (F_FLEET | F_EVENT_WAKEUP)) | \
-        (F_RST_ON_NO_FLOW if rst_on_no_flow else 0)
-    if hash_seed is not None:
-        leaf.hash_seed = hash_seed
-    elif leaf.hash_seed == 0:
-        leaf.hash_seed = int.from_bytes(os.urandom(4), "little") or 1
-    table[key] = leaf
+
+    def change(leaf):
+        for i, value in enumerate(timeouts.by_index()):
+            leaf.timeout_s[i] = value
+        leaf.flags = (leaf.flags & _KEPT_FLAGS) | (F_RST_ON_NO_FLOW if rst_on_no_flow else 0)
+        if hash_seed is not None:
+            leaf.hash_seed = hash_seed
+        elif leaf.hash_seed == 0:
+            leaf.hash_seed = int.from_bytes(os.urandom(4), "little") or 1
+    update_config(dp, change)

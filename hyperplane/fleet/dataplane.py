@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hyperplane.datapath import cheaders
-from hyperplane.datapath.settings import F_EVENT_WAKEUP, F_FLEET
+from hyperplane.datapath.settings import F_EVENT_WAKEUP, F_FLEET, F_PEER_EVENTS, set_flags, \
+    update_config
 from hyperplane.errors import ConfigError
 from hyperplane.fleet.owner import block_owners, block_size, blocks_in_range
 from hyperplane.nat.gateway import write_blocks
@@ -51,19 +52,15 @@ class FleetDataplane:
         wakeups of the member's sync task, which sleeps on the event ring."""
         if not 0 <= node_id < MAX_NODES:
             raise ConfigError(f"node id {node_id} is outside 0..{MAX_NODES - 1}")
-        table = self.dp.table("config")
-        leaf = table[table.Key(0)]
-        leaf.node_id = node_id
-        leaf.sync_ifindex = sync_ifindex
-        leaf.flags |= F_FLEET | F_EVENT_WAKEUP
-        table[table.Key(0)] = leaf
+        def change(leaf):
+            leaf.node_id = node_id
+            leaf.sync_ifindex = sync_ifindex
+            leaf.flags |= F_FLEET | F_EVENT_WAKEUP
+        update_config(self.dp, change)
 
     def leave(self) -> None:
-        """Fleet mode off (one node again)."""
-        table = self.dp.table("config")
-        leaf = table[table.Key(0)]
-        leaf.flags &= ~(F_FLEET | F_EVENT_WAKEUP)
-        table[table.Key(0)] = leaf
+        """Fleet mode off (one node again): every event is written again too."""
+        set_flags(self.dp, F_FLEET | F_EVENT_WAKEUP | F_PEER_EVENTS, False)
 
     def set_peers(self, macs: dict[int, str], live: set[int]) -> None:
         """Every node's MAC on the sync network (this node's too); `live` ones are sent

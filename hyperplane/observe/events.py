@@ -122,6 +122,19 @@ def open_records(dp, callback, whole: bool = False):
     return dp.bpf.ring_buffer_consume, table.map_fd
 
 
+# The events of an unconfirmed flow (its creation, its changes). While every subscriber of
+# a hub does without them, its data path does not write them (HP_F_PEER_EVENTS).
+_PENDING_EVENTS = frozenset({int(FlowEventType.FLOW_CREATED), int(FlowEventType.FLOW_CHANGED)})
+
+
+def peer_events_only(record_subscribers: int, event_types) -> bool:
+    """Whether a hub's data path may skip an unconfirmed flow's events: it has a record
+    subscriber (the fleet member, which replicates confirmed flows only) and none of its
+    event subscribers (their `types`: a set, or None for every type) wants them."""
+    return record_subscribers > 0 and not any(
+        types is None or types & _PENDING_EVENTS for types in event_types)
+
+
 class EventHub:
     """The one reader of a node's event ring (a BPF ring buffer has one consumer
     position), fanning each event out to its subscribers: the fleet member's replication
@@ -145,10 +158,16 @@ class EventHub:
         self.rounds = 0
         self.events = 0
         self.subscriber_errors = 0
+        self._dp = dp
+        self._filter_lock = threading.Lock()
+        self.peer_events_only: bool | None = None   # what the data path was last told
+        self._set_filter()
 
     def subscribe_records(self, callback):
-        """callback(event type, record bytes) per event; returns consume (the driver's)."""
+        """callback(event type, record bytes) per event; returns consume (the driver's).
+        A record subscriber (the fleet member) replicates confirmed flows only."""
         self._record_subs.append(callback)
+        self._set_filter()
         return self.consume
 
     def subscribe_events(self, callback, types=None) -> None:
@@ -156,9 +175,22 @@ class EventHub:
         event type numbers, when given), in the driving thread: keep it cheap (queue the
         bytes). The filter runs here, so an event nobody wants costs a set lookup."""
         self._event_subs = (*self._event_subs, (callback, types))
+        self._set_filter()
 
     def unsubscribe_events(self, callback) -> None:
         self._event_subs = tuple(s for s in self._event_subs if s[0] != callback)
+        self._set_filter()
+
+    def _set_filter(self) -> None:
+        """Tell the data path to skip an unconfirmed flow's events while only record
+        subscribers and event subscribers without them read here (a fleet node: a new TCP
+        flow then costs one event, not three); a follower of every event turns it off."""
+        from hyperplane.datapath.settings import F_PEER_EVENTS, set_flags
+        with self._filter_lock:
+            only = peer_events_only(len(self._record_subs), (t for _, t in self._event_subs))
+            if only != self.peer_events_only:
+                set_flags(self._dp, F_PEER_EVENTS, only)
+                self.peer_events_only = only
 
     def _on_raw(self, raw: bytes) -> None:
         self.events += 1

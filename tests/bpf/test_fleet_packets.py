@@ -540,6 +540,29 @@ def test_record_of_a_real_nat_flow_makes_another_node_translate_alike(fleet):
     assert len(e.dp.table("nat_resv")) == 1, "the replica holds its NAT port"
 
 
+def test_a_fleet_member_alone_on_the_ring_gets_one_event_per_new_flow(fleet):
+    """HP_F_PEER_EVENTS (set by the event hub while only the fleet member and readers like
+    it subscribe): an unconfirmed flow's creation and change are not written, its
+    confirmation and close are. Without it, every event."""
+    from hyperplane.datapath.settings import F_PEER_EVENTS, set_flags
+    e = fleet.e
+    first = fleet.cport_owned_by(SELF)
+    set_flags(e.dp, F_PEER_EVENTS, True)
+    try:
+        _nat_handshake(e, first)
+        assert [ev.type for ev in drain_events(e.dp)] == [FlowEventType.FLOW_CONFIRMED]
+        spoofed = from_client(IP(src=CLIENT, dst=INET) /
+                              TCP(sport=fleet.cport_owned_by(SELF, start=first + 1), dport=81,
+                                  flags="S"))
+        assert e.run(spoofed, "in0")[0] == Verdict.TX_NAT_OUT
+        assert drain_events(e.dp) == [], "a SYN that is never answered writes no event"
+    finally:
+        set_flags(e.dp, F_PEER_EVENTS, False)
+    _nat_handshake(e, fleet.cport_owned_by(SELF, start=first + 1))
+    assert [ev.type for ev in drain_events(e.dp)] == [
+        FlowEventType.FLOW_CREATED, FlowEventType.FLOW_CHANGED, FlowEventType.FLOW_CONFIRMED]
+
+
 @pytest.mark.parametrize("flags, verdict", [
     ("A", Verdict.TX_NAT_IN),            # the closed flow's last ACK: translated here
     ("FA", Verdict.TX_SECOND_CHANCE),    # maybe the next flow's FIN: to the owner
