@@ -160,7 +160,6 @@ class EventHub:
         self.subscriber_errors = 0
         self._dp = dp
         self._filter_lock = threading.Lock()
-        self.peer_events_only: bool | None = None   # what the data path was last told
         self._set_filter()
 
     def subscribe_records(self, callback):
@@ -187,10 +186,10 @@ class EventHub:
         flow then costs one event, not three); a follower of every event turns it off."""
         from hyperplane.datapath.settings import F_PEER_EVENTS, set_flags
         with self._filter_lock:
-            only = peer_events_only(len(self._record_subs), (t for _, t in self._event_subs))
-            if only != self.peer_events_only:
-                set_flags(self._dp, F_PEER_EVENTS, only)
-                self.peer_events_only = only
+            # written at every (rare) change of subscribers, not compared with a copy: the
+            # flag also goes off when the node leaves the fleet (FleetDataplane.leave)
+            set_flags(self._dp, F_PEER_EVENTS,
+                      peer_events_only(len(self._record_subs), (t for _, t in self._event_subs)))
 
     def _on_raw(self, raw: bytes) -> None:
         self.events += 1
