@@ -563,6 +563,13 @@ def test_a_fleet_member_alone_on_the_ring_gets_one_event_per_new_flow(fleet):
         FlowEventType.FLOW_CREATED, FlowEventType.FLOW_CHANGED, FlowEventType.FLOW_CONFIRMED]
 
 
+def _hold_only(fleet, node, rec: FlowRecord) -> None:
+    """Become `node`, holding nothing but the flow of `rec` (installed from it)."""
+    fleet.e.reset()
+    fleet.become(node=node)
+    assert install(fleet.e.dp, rec.pack()).installed == 1
+
+
 @pytest.mark.parametrize("flags, verdict", [
     ("A", Verdict.TX_NAT_IN),            # the closed flow's last ACK: translated here
     ("FA", Verdict.TX_SECOND_CHANCE),    # maybe the next flow's FIN: to the owner
@@ -576,9 +583,7 @@ def test_a_syn_or_fin_answering_a_closed_replica_goes_to_the_owner(fleet, flags,
     e = fleet.e
     port = fleet.port_in(SELF)
     closed = _rec(new_sport=port, tcp_state=TcpState.CLOSED, fin_seen=3, incarnation=7)
-    e.reset()
-    fleet.become(node=1)
-    assert install(e.dp, closed.pack()).installed == 1
+    _hold_only(fleet, 1, closed)
     answer = from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=port, flags=flags,
                                                       seq=9000, ack=1002))
     got, _, data = e.run(answer, "out0")
@@ -587,9 +592,7 @@ def test_a_syn_or_fin_answering_a_closed_replica_goes_to_the_owner(fleet, flags,
         assert Ether(data).dst == PEER_MAC[SELF], "the port block's owner"
     assert flow_table_problems(e.dp) == []
     # the owner holds the same closed flow and nothing newer: it translates the packet
-    e.reset()
-    fleet.become(node=SELF)
-    assert install(e.dp, closed.pack()).installed == 1
+    _hold_only(fleet, SELF, closed)
     got, _, data = e.run(answer, "out0")
     assert got == Verdict.TX_NAT_IN
     assert (Ether(data)[IP].dst, Ether(data)[TCP].dport) == (CLIENT, 41000)
@@ -608,14 +611,10 @@ def test_a_client_packet_of_a_closed_replica_goes_to_the_owner(fleet, flags):
                   incarnation=7)
     pkt = from_client(IP(src=CLIENT, dst=INET) / TCP(sport=cport, dport=80, flags=flags,
                                                      seq=1002, ack=9001))
-    e.reset()
-    fleet.become(node=1)
-    assert install(e.dp, closed.pack()).installed == 1
+    _hold_only(fleet, 1, closed)
     got, _, data = e.run(pkt, "in0")
     assert got == Verdict.TX_SECOND_CHANCE and Ether(data).dst == PEER_MAC[SELF]
-    e.reset()
-    fleet.become(node=SELF)
-    assert install(e.dp, closed.pack()).installed == 1
+    _hold_only(fleet, SELF, closed)
     got, _, data = e.run(pkt, "in0")
     assert got == Verdict.TX_NAT_OUT
     assert (Ether(data)[IP].src, Ether(data)[TCP].sport) == (NAT_IP, port)

@@ -236,25 +236,26 @@ def test_test_script_runs_exactly_the_readme_command():
     assert "scripts/test" in (ROOT / "README.md").read_text()
 
 
+def _collect(phase: str, *paths: str) -> subprocess.CompletedProcess:
+    """pytest --collect-only of paths with HP_TEST_PHASE=phase."""
+    return subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p",
+                           "no:cacheprovider", *paths], cwd=ROOT,
+                          env={**os.environ, "HP_TEST_PHASE": phase}, capture_output=True,
+                          text=True, timeout=120)
+
+
 @pytest.mark.parametrize("phase, want", [("shared", {"unit"}), ("exclusive", {"lab"}),
                                          ("", {"unit", "lab"})])
 def test_each_phase_of_scripts_test_collects_its_own_tests(phase, want):
     """HP_TEST_PHASE (tests/conftest.py): the two phases of scripts/test split the tests
     between them, every test in exactly one."""
-    env = {**os.environ, "HP_TEST_PHASE": phase}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p",
-                           "no:cacheprovider", "tests/unit/test_cli_lazy.py",
-                           "tests/lab/test_nftlb_lab.py"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = _collect(phase, "tests/unit/test_cli_lazy.py", "tests/lab/test_nftlb_lab.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ids = [line for line in proc.stdout.splitlines() if "::" in line]
     assert {i.split("/")[1] for i in ids} == want, ids
 
 
 def test_an_unknown_test_phase_is_a_usage_error():
-    env = {**os.environ, "HP_TEST_PHASE": "both"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p",
-                           "no:cacheprovider", "tests/unit/test_cli_lazy.py"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = _collect("both", "tests/unit/test_cli_lazy.py")
     assert proc.returncode == 4 and "HP_TEST_PHASE must be shared or exclusive" in \
         proc.stdout + proc.stderr, proc.stdout + proc.stderr
