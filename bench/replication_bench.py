@@ -164,7 +164,7 @@ def run_gen(args) -> None:
     from hyperplane.datapath.sandbox import NAT_IP
     from hyperplane.observe.metrics import stat_counts, verdict_counts
 
-    dp = Datapath(Sizes(), args.pin_a)
+    dp = Datapath(Sizes(ringbuf_pages=args.ring_pages), args.pin_a)
     write_config(dp, Timeouts(), hash_seed=0x5EED)
     from hyperplane.datapath.settings import F_EVENT_WAKEUP, F_PEER_EVENTS, set_flags
     if args.wakeup:      # as a fleet member's data path (FleetDataplane.set_identity)
@@ -276,7 +276,7 @@ def run_agent(args) -> None:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
     peer = B_ID if me == A_ID else A_ID
     pin = args.pin_a if me == A_ID else args.pin_b
-    dp = Datapath(Sizes(), pin, load_program=False)     # as the agent opens it
+    dp = Datapath(Sizes(ringbuf_pages=args.ring_pages), pin, load_program=False)  # as the agent
     if me == B_ID:
         # node B's own configuration (node up would have written it): the gateway, so
         # the installer knows the NAT IP
@@ -290,7 +290,6 @@ def run_agent(args) -> None:
     ctl = Control()
     poll_s = args.poll_s
     events = bytearray()
-    side_log = bytearray()                  # A: ts_ns + key per replicated record
     delivered: list[tuple[bytes, int, int]] = []   # B: (blob, ns after install, ns before)
     monotonic_ns = time.monotonic_ns
     counts = {"events_read": 0, "events_replicated": 0, "installed": 0, "merged": 0,
@@ -331,26 +330,46 @@ def run_agent(args) -> None:
     targets = {("nat", GW_ID): [peer]}
 
     if me == A_ID:
-        # member._on_event (subscribe_records) plus the side log of (ts, key)
-        from hyperplane.observe.events import subscribe_records  # noqa: F401  (same path)
+        # member._on_batch (EventHub.subscribe_batches) plus the side log of
+        # (event ts, read ns, type, key), kept a batch at a time and laid out per record
+        # only when a phase is collected (outside the measured CPU time)
+        from collections import Counter
+        from hyperplane.fleet.member import replicated_mask
+        from hyperplane.observe.events import EventRing
+        event_ring = EventRing(dp)
+        side_batches: list[tuple[int, bytes, bytes, bytes]] = []
 
-        def on_event(_ctx, data, _size):
-            raw = ctypes.string_at(data, REC_OFFSET + records.RECORD_SIZE)
-            etype = int.from_bytes(raw[:4], "little")
-            counts["events_read"] += 1
-            by_type[etype] = by_type.get(etype, 0) + 1
-            rec = raw[REC_OFFSET:]
-            if replicated(etype, rec):
-                events.extend(rec)
-                side_log.extend(raw[8:16])
-                side_log.extend(monotonic_ns().to_bytes(8, "little"))
-                side_log.extend(etype.to_bytes(8, "little"))
-                side_log.extend(rec[:16])
+        def read_events() -> int:                  # EventHub.consume
+            n = 0
+            for _ in range(8):
+                batch = event_ring.read()
+                if not batch.count:
+                    break
+                n += batch.count
+                counts["events_read"] += batch.count
+                by_type.update(batch.column(0))
+                keep, kept = replicated_mask(batch)
+                if kept:
+                    events.extend(batch.fields(REC_OFFSET, records.RECORD_SIZE, keep))
+                    side_batches.append((monotonic_ns(), batch.fields(8, 8, keep),
+                                         batch.fields(0, 1, keep),
+                                         batch.fields(REC_OFFSET, 16, keep)))
+            return n
 
-        ring = dp.table("flow_events")
-        ring.open_ring_buffer(on_event)
+        def side_log() -> bytes:
+            out = bytearray()
+            for read_ns, ts, types, keys in side_batches:
+                for i, etype in enumerate(types):
+                    out += LOG_REC.pack(int.from_bytes(ts[i * 8:i * 8 + 8], "little"),
+                                        read_ns, etype, keys[i * 16:i * 16 + 16])
+            side_batches.clear()
+            return bytes(out)
+
         # the member polls the ring's fd too: the data path wakes it (HP_F_EVENT_WAKEUP)
-        ring_fd = ring.map_fd
+        ring_fd = event_ring.fd
+        by_type = Counter()
+    holding = False          # A: not reading the ring (the drain phase's backlog builds)
+    released_ns = 0
 
     def replicate(blob: bytes) -> None:          # member._replicate
         for res, group in records.group_by_resource(blob, {}).items():
@@ -374,13 +393,14 @@ def run_agent(args) -> None:
     ready_sent = False
     hard_stop = time.monotonic() + args.agent_limit_s
     while time.monotonic() < hard_stop:
-        readable, _, _ = select.select([sock, ctl.fd] + ([ring_fd] if me == A_ID else []),
+        reading = me == A_ID and not holding
+        readable, _, _ = select.select([sock, ctl.fd] + ([ring_fd] if reading else []),
                                        [], [], poll_s)
         if sock in readable:
             receive()
             install_inbox()
-        if me == A_ID:
-            dp.bpf.ring_buffer_consume()
+        if reading:
+            read_events()
             if events:
                 replicate(bytes(events))
                 events.clear()
@@ -403,6 +423,11 @@ def run_agent(args) -> None:
                 if cmd["cmd"] == "install_bench":
                     reply(install_bench(dp, records, cmd, last_blobs))
                     continue
+                if cmd["cmd"] in ("hold", "release"):     # A: the drain phase
+                    holding = cmd["cmd"] == "hold"
+                    released_ns = 0 if holding else monotonic_ns()
+                    reply({"holding": holding, "pending_bytes": event_ring.pending_bytes()})
+                    continue
                 waiting = dict(cmd, deadline=time.monotonic() + cmd["timeout_s"])
         if waiting is not None:
             # collect: A when it has replicated `expect` records and B acked them all;
@@ -415,12 +440,14 @@ def run_agent(args) -> None:
             if done or time.monotonic() >= waiting["deadline"]:
                 out = {"complete": bool(done), "cpu_s": cpu_s() - mark["cpu"]}
                 if me == A_ID:
+                    log_bytes = side_log()
                     with open(waiting["log"], "wb") as f:
-                        f.write(side_log)
-                    out["records"] = len(side_log) // LOG_REC.size
+                        f.write(log_bytes)
+                    out["records"] = len(log_bytes) // LOG_REC.size
                     out["events_by_type"] = {str(k): v - mark["by_type"].get(k, 0)
                                              for k, v in by_type.items()}
-                    side_log.clear()
+                    out["released_ns"] = released_ns
+                    out["mapped_reader"] = event_ring.mapped
                 else:
                     out.update(analyse_b(dp, records, delivered, waiting["log"]))
                     last_blobs[:] = [d[0] for d in delivered]
@@ -515,6 +542,7 @@ def analyse_b(dp, records, delivered, log_path: str) -> dict:
                     "stages_us": {n: {"p50": pct(v, 0.5) / 1e3, "p99": pct(v, 0.99) / 1e3}
                                   for n, v in stages.items()},
                     "span_s": (last - first) / 1e9,
+                    "first_install_ns": delivered[0][2], "last_install_ns": last,
                     "flows_per_s": len(installed_at) / ((last - first) / 1e9),
                     "install_calls": len(delivered),
                     "records_per_install": sum(len(d[0]) for d in delivered) / RS /
@@ -606,11 +634,18 @@ class Proc:
 
 
 def phase(gen: Proc, a: Proc, b: Proc, name: str, count: int, rate: float | None,
-          limit_s: float, base: int, workdir: str) -> dict:
+          limit_s: float, base: int, workdir: str, drain: bool = False) -> dict:
+    """One phase: the gen makes `count` flows (at `rate`, or as fast as it can) while the
+    agents replicate them. drain: agent A holds off reading the ring until the gen is
+    done, then reads the backlog: the pipeline (ring read, sync, install on B) measured
+    alone, from A's release to B's last install."""
     log = os.path.join(workdir, f"{name}.log")
     gen.ask({"cmd": "clear"}, 120)
+    held = a.ask({"cmd": "hold"}, 30) if drain else None
     g = gen.ask({"cmd": "phase", "count": count, "rate": rate, "limit_s": limit_s,
                  "dport_base": base, "log": log + ".gen"}, limit_s + 60)
+    if drain:
+        held = a.ask({"cmd": "release"}, 30)
     ra = a.ask({"cmd": "collect", "expect": g["confirmed_ok"], "timeout_s": 30, "log": log},
                60)
     rb = b.ask({"cmd": "collect", "expect": ra["records"], "timeout_s": 30, "log": log}, 180)
@@ -622,6 +657,10 @@ def phase(gen: Proc, a: Proc, b: Proc, name: str, count: int, rate: float | None
     res["cpu_us_per_flow"] = {"gen": g["cpu_s"] / max(g["attempted"], 1) * 1e6,
                               "agent_a": ra["cpu_s"] / n * 1e6,
                               "agent_b": rb["cpu_s"] / n * 1e6}
+    if drain and rb.get("last_install_ns"):
+        span = (rb["last_install_ns"] - ra["released_ns"]) / 1e9
+        res["pipeline"] = {"backlog_bytes": held["pending_bytes"], "span_s": span,
+                           "flows_per_s": rb["received"] / span if span > 0 else None}
     return res
 
 
@@ -639,6 +678,11 @@ def show(res: dict) -> None:
         print("  stages us p50/p99: " + ", ".join(f"{n} {v['p50']:,.0f}/{v['p99']:,.0f}"
                                                   for n, v in b["stages_us"].items()))
     print(f"  CPU us per flow: {', '.join(f'{k} {v:.1f}' for k, v in res['cpu_us_per_flow'].items())}")
+    if res.get("pipeline"):
+        p = res["pipeline"]
+        print(f"  pipeline alone (A released a backlog of {p['backlog_bytes']:,} bytes): "
+              f"{b['received']:,} flows in {p['span_s'] * 1e3:,.1f} ms = "
+              f"{p['flows_per_s']:,.0f} flows/s (the lag above includes the hold)")
     print(f"  A events by type {res['agent_a']['events_by_type']}; B counts "
           f"{ {k: v for k, v in b['counts'].items() if v} }")
 
@@ -650,6 +694,12 @@ def main() -> None:
     ap.add_argument("--paced-s", type=float, default=5.0, help="seconds per paced phase")
     ap.add_argument("--flows", type=int, default=100_000,
                     help="flows of the as-fast-as-possible phase (0: none)")
+    ap.add_argument("--drain", type=int, default=100_000,
+                    help="flows of the drain phase (0: none): made while agent A holds off "
+                         "reading, then replicated from the ring's backlog (the pipeline alone)")
+    ap.add_argument("--ring-pages", type=int, default=4096,
+                    help="the event ring's size in pages (the drain's backlog must fit: "
+                         "~112 bytes a flow)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--limit-s", type=float, default=120.0, help="most seconds per phase")
     ap.add_argument("--install-sizes", type=int, nargs="*",
@@ -698,7 +748,7 @@ def main() -> None:
         netns.remove(NS)
         sandbox.build(NS)
         base = [sys.executable, os.path.abspath(__file__), "--pin-a", pins[0], "--pin-b",
-                pins[1], "--poll-s", str(args.poll_s),
+                pins[1], "--poll-s", str(args.poll_s), "--ring-pages", str(args.ring_pages),
                 *([] if args.wakeup else ["--no-wakeup"]),
                 *(["--all-events"] if args.all_events else []),
                 *([] if args.rt_priority is None else ["--rt-priority", str(args.rt_priority)])]
@@ -715,10 +765,13 @@ def main() -> None:
             plan = [(f"paced-{int(r)}", int(r * args.paced_s), r) for r in args.rates]
             if args.flows:
                 plan.append(("max", args.flows, None))
+            if args.drain:
+                plan.append(("drain", args.drain, None))
             for name, count, rate in plan:
                 if time.monotonic() > total_limit:
                     break
-                res = phase(gen, a, b, name, count, rate, args.limit_s, port_base, workdir)
+                res = phase(gen, a, b, name, count, rate, args.limit_s, port_base, workdir,
+                            drain=name == "drain")
                 port_base += 10
                 res["round"] = rnd
                 results["phases"].append(res)

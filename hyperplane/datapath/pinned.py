@@ -109,6 +109,11 @@ def _info(fd: int, info):
     return info
 
 
+def map_info(fd: int):
+    """struct bpf_map_info of any map fd (type, key/value sizes, max_entries, ...)."""
+    return _info(fd, _MapInfo())
+
+
 _btf_cache: dict[int, btf.Types] = {}
 
 
@@ -403,7 +408,7 @@ class PinnedRing:
 class PinnedNode:
     """The pinned maps of one node (opened on first use), with Datapath's table(name);
     for a fleet agent also the pinned record installer (install_fd) and event ring
-    (open_ring)."""
+    (ring_fd for the mapped reader, open_ring for libbpf's)."""
 
     # the pinned installer's program type, which records.install's test_run needs: set by
     # install_fd (the node's first hook pinned its own)
@@ -416,6 +421,7 @@ class PinnedNode:
         self._maps: dict[str, PinnedMap] = {}
         self._install_fd: int | None = None
         self._rings: list[PinnedRing] = []
+        self._ring_fds: dict[str, int] = {}
 
     def install_fd(self) -> int:
         if self._install_fd is None:
@@ -429,6 +435,14 @@ class PinnedNode:
                 raise NotFound(f"no pinned record installer in {self.pin_dir}: start the "
                                f"node's data path again with this version (hpctl nat up)")
         return self._install_fd
+
+    def ring_fd(self, name: str) -> int:
+        """The fd of the pinned ring buffer `name` (kept open until close)."""
+        if name not in self._ring_fds:
+            path = os.path.join(self.pin_dir, name)
+            self._ring_fds[name] = _check(_libbpf().bpf_obj_get(path.encode()),
+                                          f"bpf_obj_get({path})")
+        return self._ring_fds[name]
 
     def open_ring(self, name: str, callback) -> PinnedRing:
         ring = PinnedRing(os.path.join(self.pin_dir, name), callback)
@@ -447,6 +461,9 @@ class PinnedNode:
         for ring in self._rings:
             ring.close()
         self._rings.clear()
+        for fd in self._ring_fds.values():
+            os.close(fd)
+        self._ring_fds.clear()
         if self._install_fd is not None:
             os.close(self._install_fd)
             self._install_fd = None

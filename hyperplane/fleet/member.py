@@ -39,7 +39,7 @@ from hyperplane.fleet.dataplane import FleetDataplane, GatewayBlocks, lb_slot
 from hyperplane.fleet.owner import block_owners, block_size, shard_owner
 from hyperplane.fleet.store import LeaseExpired, Store, StoreError, WatchCompacted
 from hyperplane.fleet.sync import SyncNode
-from hyperplane.observe.events import EventHub
+from hyperplane.observe.events import REC_OFFSET, EventHub
 
 log = logging.getLogger("hyperplane.fleet.member")
 
@@ -61,6 +61,35 @@ def replicated(etype: int, rec: bytes) -> bool:
     replicated (a flood's SYNs stay here), so neither is its change to SYN-received: a
     new TCP flow costs one record, its CONFIRMED one."""
     return etype in REPLICATED and bool(rec[_FLAGS_OFF] & records.REC_F_CONFIRMED)
+
+
+# replicated() a column at a time: bytes.translate maps each event's type byte, and each
+# record's flags byte, to 1 (wanted) or 0
+_TYPE_WANTED = bytes(1 if t in REPLICATED else 0 for t in range(256))
+_FLAG_WANTED = bytes(1 if f & records.REC_F_CONFIRMED else 0 for f in range(256))
+
+
+def replicated_mask(batch) -> tuple[bytes | None, int]:
+    """Which events of a RingBatch of flow events go to the peers (replicated() of each,
+    computed on whole columns: no Python per event): (a byte per event, 1 to keep, or
+    None when all are kept; how many are kept)."""
+    n = batch.count
+    if not n:
+        return None, 0
+    keep = (int.from_bytes(batch.column(0).translate(_TYPE_WANTED), "little") &
+            int.from_bytes(batch.column(REC_OFFSET + _FLAGS_OFF).translate(_FLAG_WANTED),
+                           "little")).to_bytes(n, "little")
+    kept = keep.count(1)
+    return (None if kept == n else keep), kept
+
+
+def replicated_records(batch) -> tuple[bytes, int]:
+    """The records of a RingBatch's events that go to the peers, concatenated, and how
+    many."""
+    keep, kept = replicated_mask(batch)
+    if not kept:
+        return b"", 0
+    return batch.fields(REC_OFFSET, records.RECORD_SIZE, keep), kept
 
 
 @dataclass
@@ -382,7 +411,7 @@ class FleetMember:
         self._sync = node
         if self._consume_events is None:     # once: a restarted task keeps its subscription
             self.events = self.events or EventHub(self.dp)
-            self._consume_events = self.events.subscribe_records(self._on_event)
+            self._consume_events = self.events.subscribe_batches(self._on_batch)
         consume_events = self._consume_events
         self._lb_of_listener = self._listener_lbs()
         next_lbs = time.monotonic() + 1.0
@@ -492,10 +521,10 @@ class FleetMember:
                 continue
             node.on_datagram(data, addr, time.monotonic())
 
-    def _on_event(self, etype: int, rec: bytes) -> None:
-        self.counts["events_read"] += 1
-        if replicated(etype, rec):
-            self._events += rec
+    def _on_batch(self, batch) -> None:
+        self.counts["events_read"] += batch.count
+        recs, _ = replicated_records(batch)
+        self._events += recs
 
     def _queue_by_resource(self, node: SyncNode, blob: bytes,
                            only: list[int] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 from dataclasses import dataclass
 
 from hyperplane.datapath import cheaders
@@ -143,8 +144,25 @@ def group_by_resource(blob: bytes, lb_of_listener: dict[int, int]) -> dict[tuple
     id (the cluster's name for it). Records of a listener this node no longer has are
     dropped."""
     out: dict[tuple[str, int], bytearray] = {}
-    rec = bytearray(RECORD_SIZE)
     res_off = _RESOURCE_OFF
+    # the usual blob (a read of the event ring) is one resource's: tell a column at a time
+    n = len(blob) // RECORD_SIZE
+    if len(blob) != n * RECORD_SIZE:
+        blob = blob[:n * RECORD_SIZE]          # a cut record at the end is not one
+    kinds = blob[_KIND_OFF::RECORD_SIZE]
+    lo, hi = blob[res_off::RECORD_SIZE], blob[res_off + 1::RECORD_SIZE]
+    if n and kinds.count(kinds[0]) == n and lo.count(lo[0]) == n and hi.count(hi[0]) == n:
+        resource = lo[0] | hi[0] << 8
+        if kinds[0] == FlowKind.NAT_OUT:
+            return {("nat", resource): bytearray(blob)}
+        lb = lb_of_listener.get(resource)
+        if lb is None:
+            return {}
+        group = bytearray(blob)
+        group[res_off::RECORD_SIZE] = bytes([lb & 0xFF]) * n
+        group[res_off + 1::RECORD_SIZE] = bytes([lb >> 8]) * n
+        return {("lb", lb): group}
+    rec = bytearray(RECORD_SIZE)
     for i in range(0, len(blob) - RECORD_SIZE + 1, RECORD_SIZE):
         kind = blob[i + _KIND_OFF]
         resource = int.from_bytes(blob[i + res_off:i + res_off + 2], "little")
@@ -183,19 +201,31 @@ _OUTCOME_AT = {name: int(stat) - int(Stat.REC_INSTALLED) for name, stat in (
 assert max(_OUTCOME_AT.values()) < INSTALL_HDR // 2
 
 
+_runners = threading.local()     # per thread and hook: the installer's test_run buffers
+
+
+def _install_runner(hook: str):
+    runner = getattr(_runners, hook, None)
+    if runner is None:
+        from hyperplane.datapath.testrun import Runner
+        runner = Runner(INSTALL_HDR + INSTALL_BATCH * RECORD_SIZE, hook)
+        setattr(_runners, hook, runner)
+    return runner
+
+
 def install(dp, blob: bytes) -> InstallResult:
     """Install (or merge) every whole record of blob into dp's maps through the data
     path's installer (bpf/install.h), INSTALL_BATCH records per run. Returns what became
     of them, as each run reported it (exact whoever else installs at the same time)."""
-    from hyperplane.datapath.testrun import test_run
     fd = dp.install_fd()
+    runner = _install_runner(dp.hook)
     header = bytes(INSTALL_HDR)
     step = INSTALL_BATCH * RECORD_SIZE
     usable = len(blob) - len(blob) % RECORD_SIZE
     totals = [0] * (INSTALL_HDR // 2)
     for i in range(0, usable, step):
-        out = test_run(fd, header + blob[i:min(i + step, usable)], hook=dp.hook).data
-        for j, n in enumerate(_OUTCOMES.unpack_from(out)):
+        runner.run(fd, header, blob[i:min(i + step, usable)])
+        for j, n in enumerate(_OUTCOMES.unpack_from(runner.out)):
             totals[j] += n
     return InstallResult(**{name: totals[at] for name, at in _OUTCOME_AT.items()})
 

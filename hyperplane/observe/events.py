@@ -14,6 +14,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
+from hyperplane.datapath import ring
 from hyperplane.datapath.verdicts import FlowEventType
 from hyperplane.fleet.records import FIELDS, RECORD, RECORD_SIZE, FlowRecord
 
@@ -95,31 +96,63 @@ def subscribe(dp, callback) -> None:
     dp.table("flow_events").open_ring_buffer(on_event)
 
 
-def subscribe_records(dp, callback, whole: bool = False):
-    """The fast path for replication: callback(event type, record bytes) per event (with
-    whole: callback(event bytes)). Returns the function that reads what is there (call it
-    on a timer). dp is a Datapath (bcc) or a PinnedNode (the pinned ring, read without
-    compiling anything)."""
-    return open_records(dp, callback, whole)[0]
+EVENT_SIZE = ctypes.sizeof(RawFlowEvent)
 
 
-def open_records(dp, callback, whole: bool = False):
-    """subscribe_records, returning (consume, the ring map's fd): poll() the fd to sleep
-    until there are events (a fleet node's data path wakes a sleeping reader)."""
-    if whole:
+class EventRing:
+    """The one reader of a data path's event ring (a BPF ring buffer has one consumer
+    position): read() returns the events there as a RingBatch of whole events
+    (hyperplane.datapath.ring), or an empty batch. dp is a Datapath (bcc) or a PinnedNode
+    (the pinned ring, read without compiling anything). `fd` is the ring's, for poll(): a
+    fleet node's data path wakes a sleeping reader.
+
+    The ring is mapped and read a run of events at a time (ring.MappedRing) where the
+    machine's memory ordering allows it (x86-64), else through libbpf's reader, one
+    callback per event, collected into the same kind of batch."""
+
+    def __init__(self, dp, mapped: bool | None = None):
+        self.mapped = ring.mapped_reading() if mapped is None else mapped
+        if self.mapped:
+            self.fd = dp.ring_fd("flow_events") if hasattr(dp, "ring_fd") else \
+                dp.table("flow_events").map_fd
+            self._ring = ring.MappedRing(self.fd, EVENT_SIZE)
+            self.read = self._ring.read
+            return
+        self._buf = bytearray()
+        self._count = 0
+        header = EVENT_SIZE.to_bytes(4, "little") + bytes(4)
+        pad = ring.stride_of(EVENT_SIZE) - ring.HDR_SIZE
+
         def on_raw(data, size):   # a program older than these headers: shorter events
-            callback(ctypes.string_at(data, size))
-    else:
-        def on_raw(data, _size):
-            raw = ctypes.string_at(data, REC_OFFSET + RECORD_SIZE)
-            callback(int.from_bytes(raw[:4], "little"), raw[REC_OFFSET:])
+            self._buf += header + ctypes.string_at(data, min(size, EVENT_SIZE)).ljust(pad, b"\0")
+            self._count += 1
 
-    if hasattr(dp, "open_ring"):
-        ring = dp.open_ring("flow_events", on_raw)
-        return ring.consume, ring.fd
-    table = dp.table("flow_events")
-    table.open_ring_buffer(lambda _ctx, data, size: on_raw(data, size))
-    return dp.bpf.ring_buffer_consume, table.map_fd
+        if hasattr(dp, "open_ring"):
+            libbpf_ring = dp.open_ring("flow_events", on_raw)
+            self._consume, self.fd = libbpf_ring.consume, libbpf_ring.fd
+        else:
+            table = dp.table("flow_events")
+            table.open_ring_buffer(lambda _ctx, data, size: on_raw(data, size))
+            self._consume, self.fd = dp.bpf.ring_buffer_consume, table.map_fd
+
+    def read(self, limit: int = ring.MAX_BATCH) -> ring.RingBatch:
+        """(libbpf's reader; the mapped reader's read replaces this method)"""
+        self._consume()
+        if not self._count:
+            return ring.EMPTY
+        batch = ring.RingBatch(bytes(self._buf), ring.HDR_SIZE, ring.stride_of(EVENT_SIZE),
+                               self._count, EVENT_SIZE)
+        self._buf.clear()
+        self._count = 0
+        return batch
+
+    def pending_bytes(self) -> int | None:
+        """Bytes written and not read yet (the mapped reader only; else None)."""
+        return self._ring.pending_bytes() if self.mapped else None
+
+    def close(self) -> None:
+        if self.mapped:
+            self._ring.close()
 
 
 # The events of an unconfirmed flow (its creation, its changes). While every subscriber of
@@ -136,24 +169,28 @@ def peer_events_only(record_subscribers: int, event_types) -> bool:
 
 
 class EventHub:
-    """The one reader of a node's event ring (a BPF ring buffer has one consumer
-    position), fanning each event out to its subscribers: the fleet member's replication
-    (subscribe_records: event type and record bytes, its fast path), and whole events as
-    bytes (subscribe_events: flow logs, followers), which those subscribers decode in
-    their own threads.
+    """The one reader of a node's event ring, fanning each read's events out to its
+    subscribers: the fleet member's replication (subscribe_batches: the whole RingBatch,
+    from which it takes the columns it needs, its fast path), and whole events as bytes
+    (subscribe_events: flow logs, followers), which those subscribers decode in their own
+    threads.
 
     One thread drives it: the fleet member's sync task (which polls at 1 ms while busy),
     or on a node outside a fleet the agent's event task. `rounds` counts finished reads,
     so another thread can wait until every event submitted before it asked has been
     delivered (wait_round)."""
 
-    def __init__(self, dp):
-        self._record_subs: list = []
+    # batches per consume(): bounds one call (8,192 events a batch) when the ring is full
+    MAX_READS = 8
+
+    def __init__(self, dp, ring_reader: EventRing | None = None):
+        self._batch_subs: list = []
         # (callback, event types or None for all); replaced, never changed in place, so
         # other threads may subscribe while the driving thread delivers
         self._event_subs: tuple = ()
-        # fd: the ring, for poll(); a fleet node's data path wakes a sleeping reader
-        self._consume, self.fd = open_records(dp, self._on_raw, whole=True)
+        self._wanted_types: bytes | None = None
+        self._ring = ring_reader or EventRing(dp)
+        self.fd = self._ring.fd
         self._cond = threading.Condition()
         self.rounds = 0
         self.events = 0
@@ -162,10 +199,10 @@ class EventHub:
         self._filter_lock = threading.Lock()
         self._set_filter()
 
-    def subscribe_records(self, callback):
-        """callback(event type, record bytes) per event; returns consume (the driver's).
-        A record subscriber (the fleet member) replicates confirmed flows only."""
-        self._record_subs.append(callback)
+    def subscribe_batches(self, callback):
+        """callback(RingBatch of whole events) per read; returns consume (the driver's).
+        A batch subscriber (the fleet member) replicates confirmed flows only."""
+        self._batch_subs.append(callback)
         self._set_filter()
         return self.consume
 
@@ -181,35 +218,59 @@ class EventHub:
         self._set_filter()
 
     def _set_filter(self) -> None:
-        """Tell the data path to skip an unconfirmed flow's events while only record
+        """Tell the data path to skip an unconfirmed flow's events while only batch
         subscribers and event subscribers without them read here (a fleet node: a new TCP
         flow then costs one event, not three); a follower of every event turns it off."""
         from hyperplane.datapath.settings import F_PEER_EVENTS, set_flags
+        subs = self._event_subs
+        # a byte per event type, 1 if an event subscriber wants it (None: one wants all)
+        self._wanted_types = None if any(t is None for _, t in subs) else \
+            bytes(1 if any(t in types for _, types in subs) else 0 for t in range(256))
         with self._filter_lock:
             # written at every (rare) change of subscribers, not compared with a copy: the
             # flag also goes off when the node leaves the fleet (FleetDataplane.leave)
             set_flags(self._dp, F_PEER_EVENTS,
-                      peer_events_only(len(self._record_subs), (t for _, t in self._event_subs)))
+                      peer_events_only(len(self._batch_subs), (t for _, t in self._event_subs)))
 
-    def _on_raw(self, raw: bytes) -> None:
-        self.events += 1
-        etype = int.from_bytes(raw[:4], "little")
-        if self._record_subs:
-            rec = raw[REC_OFFSET:REC_OFFSET + RECORD_SIZE]
-            for cb in self._record_subs:
-                cb(etype, rec)
-        for cb, types in self._event_subs:
-            if types is not None and etype not in types:
-                continue
-            try:
-                cb(raw)
-            except Exception:  # noqa: BLE001 - one subscriber's bug stops no other
-                self.subscriber_errors += 1
-                log.exception("an event subscriber failed")
+    def deliver(self, batch: ring.RingBatch) -> None:
+        """Hand one read's events to every subscriber."""
+        self.events += batch.count
+        for cb in self._batch_subs:
+            cb(batch)
+        subs, table = self._event_subs, self._wanted_types
+        if not subs:
+            return
+        types = batch.column(0)     # event types are < 256 (held by a unit test)
+        if table is None:           # someone wants every event
+            at = range(batch.count)
+        else:                       # only the events someone wants, found in C
+            wanted = types.translate(table)
+            at, i = [], wanted.find(1)
+            while i >= 0:
+                at.append(i)
+                i = wanted.find(1, i + 1)
+        data, size, stride, first = batch.data, batch.size, batch.stride, batch.first
+        for i in at:
+            etype = types[i]
+            raw = data[first + i * stride:first + i * stride + size]
+            for cb, want in subs:
+                if want is not None and etype not in want:
+                    continue
+                try:
+                    cb(raw)
+                except Exception:  # noqa: BLE001 - one subscriber's bug stops no other
+                    self.subscriber_errors += 1
+                    log.exception("an event subscriber failed")
 
     def consume(self) -> int:
         """Read what the ring holds (the driving thread only). Returns the events read."""
-        n = self._consume()
+        n = 0
+        for _ in range(self.MAX_READS):
+            batch = self._ring.read()
+            if not batch.count:
+                break
+            n += batch.count
+            self.deliver(batch)
         with self._cond:
             self.rounds += 1
             self._cond.notify_all()

@@ -273,3 +273,30 @@ def test_pinned_map_reads_and_writes_agree_with_bcc(node, monkeypatch):
         frags.clear()
         packets.clear()
         maps.close()
+
+
+def test_events_read_from_the_pinned_ring(node):
+    """The agent reads a node's events from the pinned ring (PinnedNode.ring_fd): the
+    mapped reader finds the fixture's confirmed connections, then libbpf's reader the
+    next flow's creation, and neither hands on an event twice."""
+    from hyperplane.datapath.verdicts import FlowEventType, FlowKind
+    from hyperplane.observe.events import EventRing, decode
+    with PinnedNode(PIN_DIR) as pinned:
+        mapped = EventRing(pinned, mapped=True)
+        try:
+            got = [decode(raw) for raw in mapped.read().records()]
+            assert not mapped.read().count
+        finally:
+            mapped.close()
+        confirmed = sorted((ev.record.kind, ev.record.sport) for ev in got
+                           if ev.type == FlowEventType.FLOW_CONFIRMED)
+        assert confirmed == sorted([(FlowKind.NAT_OUT, 42000 + i) for i in range(NAT_CLIENTS)]
+                                   + [(FlowKind.NLB_IN, 43000)]), got
+        libbpf = EventRing(pinned, mapped=False)
+        syn = Ether(src=CLIENT_MAC, dst=MAC["in0"]) / IP(src=CLIENT, dst=INET) / \
+            TCP(sport=44000, dport=80, flags="S", seq=100)
+        assert node.send(syn, "in0")[0] == Verdict.TX_NAT_OUT
+        got = [decode(raw) for raw in libbpf.read().records()]
+        assert [(ev.type, ev.record.sport) for ev in got] == \
+            [(FlowEventType.FLOW_CREATED, 44000)], got
+        assert not libbpf.read().count
