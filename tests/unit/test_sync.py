@@ -417,6 +417,70 @@ def test_queue_overflow_drops_oldest_and_asks_for_resync() -> None:
     assert [r[1] for r in cluster.delivered[2][1]] == list(range(50, 150))
 
 
+def _cut_between(side: set[int]):
+    """A drop_if that loses every datagram between the nodes of `side` and the others."""
+    def drop(addr, data) -> bool:
+        h, _ = wire.peek(data)
+        return (h.sender in side) != (int(addr[0].rsplit(".", 1)[1]) in side)
+    return drop
+
+
+@pytest.mark.parametrize("overflow", [False, True], ids=["queued", "overflowed"])
+def test_a_partition_heals_and_every_holder_converges(overflow: bool) -> None:
+    """Node 1 is cut off from nodes 2 and 3 on the sync network for 30 s while all three
+    change flows; they stay members (the store still sees them). Within each side the
+    streams go on. After the heal every node holds every origin's latest state: what was
+    queued is resent, and where a queue overflowed during the cut (max_pending) the
+    origin was told to resync, and its full copy of its flows (what the member sends,
+    records.dump: each flow's current state) brings the peer up to date."""
+    clock = Clock()
+    net = Net(clock, seed=3)
+    # a window of 16 datagrams holds ~450 records in flight; the rest wait in pending
+    cluster = Cluster(3, net, clock, window=16, max_pending=1_000 if overflow else 100_000)
+    cluster.run(cluster.connected, max_steps=200)
+    sent = {i: make_updates(i, 3_000, 400, seed=i) for i in cluster.ids}
+    net.drop_if = _cut_between({1})
+    for i in cluster.ids:
+        queue_in_batches(cluster, i, sent[i], seed=i)
+    for _ in range(3_000):                         # 30 s cut
+        cluster.step(0.01)
+    check_latest_state(cluster.delivered[2][3], sent[3])     # each side kept going
+    check_latest_state(cluster.delivered[3][2], sent[2])
+    assert not cluster.delivered[2][1] and not cluster.delivered[1][2]
+    net.drop_if = None
+    dumps = {}
+    for i, node in cluster.nodes.items():          # the member's anti-entropy: a full copy
+        peers = node.take_resync()
+        if peers:
+            latest = {}
+            for rec in sent[i]:
+                latest[records(rec)[0][1]] = rec
+            dumps[i] = peers
+            node.queue(peers, b"".join(latest.values()))
+    if overflow:
+        assert dumps == {1: [2, 3], 2: [1], 3: [1]}, dumps
+    else:
+        assert dumps == {}
+    cluster.run(cluster.idle, max_steps=20_000)
+    for receiver in cluster.ids:
+        for origin in cluster.ids:
+            if origin == receiver:
+                continue
+            got = cluster.delivered[receiver][origin]
+            if origin in dumps and receiver in dumps[origin]:
+                # the full copy repeats a flow's latest state after what came before
+                latest = {}
+                for o, flow, version, order in got:
+                    assert version >= latest.get(flow, 0)
+                    latest[flow] = version
+                want = {}
+                for rec in sent[origin]:
+                    want[records(rec)[0][1]] = records(rec)[0][2]
+                assert latest == want
+            else:
+                check_latest_state(got, sent[origin])
+
+
 # --- rejections ----------------------------------------------------------------------------
 
 def test_every_bad_datagram_is_rejected_by_reason_and_changes_nothing() -> None:
