@@ -12,12 +12,15 @@ end):
   gen      node A's traffic: loads A's data path (program + pinned maps) and runs, per
            flow, a client SYN, the server's SYN-ACK and the client's ACK through it with
            BPF_PROG_TEST_RUN (fleet mode off: the ACK confirms the flow and the data path
-           emits FLOW_CONFIRMED carrying the 48-byte flow record). Paced (--rates) or as
-           fast as it can (--flows).
+           emits FLOW_CONFIRMED carrying the 48-byte flow record). Paced (--rates), as
+           fast as it can (--flows), or as fast as it can while agent A does not read
+           (--drain: the backlog then measures the pipeline alone, from A's release to
+           B's last install).
   agent A  node A's agent sync task: opens A's pinned maps (load_program=False, as the
-           agent does), reads the event ring (ring_buffer_consume), keeps the records of confirmed
-           flows' CONFIRMED / CHANGED / CLOSED events (member.replicated: one record per
-           new TCP flow), groups them by resource
+           agent does), reads the event ring in batches (observe.events.EventRing, as
+           the agent's EventHub), keeps the records of confirmed flows' CONFIRMED /
+           CHANGED / CLOSED events (member.replicated_mask: one record per new TCP
+           flow), groups them by resource
            (records.group_by_resource) and queues them to B in a SyncNode over UDP.
   agent B  node B's agent sync task: a SyncNode whose delivered blobs go to
            records.install(dp_b, blob) (bpf/install.h: both keys and the NAT reservation).
@@ -25,15 +28,15 @@ end):
 The agents' loop is hyperplane/fleet/member.py FleetMember._sync_task's: select() on the
 socket and (A) the event ring, which the data path wakes (HP_F_EVENT_WAKEUP, adaptive:
 only when the reader had caught up; --no-wakeup: off), with poll_s = 1 ms, up to 1024
-datagrams read per round, ring_buffer_consume, the
+datagrams read per round, up to 8 ring reads of 8,192 events, the
 read records queued in one blob per round, tick, flush; SyncNode defaults (max_datagram
 1400 = 28 records, window 512, plain sendto); install() once per receive round (every
 blob delivered in it, as member._install_inbox); SCHED_FIFO at the member's
 sync_rt_priority (--rt-priority). Differences from the product: the peers talk over the namespace's
 loopback (127.0.0.1), not a sync NIC; the loop also selects on its stdin for the driver's
 commands (a wakeup only when a command arrives); no store, membership, refresh or dump
-(nothing of them runs per flow); A's ring callback also logs (ts_ns, key) per replicated
-record to a side file, which is how B learns each flow's creation time; B keeps (blob,
+(nothing of them runs per flow); A also keeps (ts_ns, read time, type, key) of each
+replicated record, a batch at a time, written to a side file when the phase ends, which is how B learns each flow's creation time; B keeps (blob,
 install time) per deliver for the analysis after the phase.
 
 Lag per flow = time.monotonic_ns() right after the install() that held the flow's last
