@@ -191,6 +191,14 @@ class MappedRing:
         # wrapped record contiguous); a record cut by `span` is read next time
         chunk = ctypes.string_at(self._data_addr + (cons & self._mask), span)
         batch, used = parse(chunk, self.size, limit)
+        if not used and avail > span:
+            # the first record is longer than the span (no program of ours writes one):
+            # read it alone, so that it cannot hold the ring up
+            word = int.from_bytes(chunk[:4], "little")
+            if not word & BUSY:
+                step = stride_of(word & ~(BUSY | DISCARD))
+                chunk = ctypes.string_at(self._data_addr + (cons & self._mask), step)
+                batch, used = parse(chunk, self.size, 1)
         if used:
             self._cons.value = cons + used     # one aligned 8-byte store
         return batch

@@ -151,3 +151,20 @@ def test_a_full_ring_read_in_bounded_batches(writer):
         assert reader.pending_bytes() == 0
     finally:
         reader.close()
+
+
+def test_a_record_longer_than_a_reads_span_does_not_hold_the_ring_up(writer):
+    """A read copies at most `limit` records' worth; a longer record at the consumer
+    position is read alone (cut to the reader's size) instead of being waited for."""
+    bpf, prog_fd = writer
+    from hyperplane.datapath.ring import MappedRing
+    reader = MappedRing(bpf["flow_events"].map_fd, EVENT_SIZE)
+    try:
+        sent = [_write(prog_fd, 127, 1), _write(prog_fd, EVENT_SIZE, 2), _write(prog_fd, 127, 3)]
+        got = []
+        for _ in range(5):
+            got += reader.read(limit=1).records()
+        assert got == [s[:EVENT_SIZE] for s in sent]
+        assert reader.pending_bytes() == 0
+    finally:
+        reader.close()
