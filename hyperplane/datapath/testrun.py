@@ -160,7 +160,7 @@ class Runner:
 
     def run(self, prog_fd: int, head: bytes, body: bytes = b"") -> int:
         """Run on the packet head + body; returns the program's return value (the packet
-        it left is in self.out, self.size_out bytes)."""
+        it left is in self.out)."""
         n = len(head) + len(body)
         if n > self.max_size:
             raise ValueError(f"a {n}-byte packet is over this runner's {self.max_size}")
@@ -173,7 +173,3 @@ class Runner:
             err = ctypes.get_errno()
             raise OSError(err, f"BPF_PROG_TEST_RUN failed: {os.strerror(err)}")
         return o.retval
-
-    @property
-    def size_out(self) -> int:
-        return self._opts.data_size_out
