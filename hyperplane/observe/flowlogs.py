@@ -527,9 +527,35 @@ def log_files(path: str) -> list[str]:
 
 
 def read_lines(path: str) -> Iterator[str]:
-    for f in log_files(path):
-        with open(f, encoding="utf-8") as fh:
+    """Every line of the node's flow log files, oldest first, while the agent may rotate
+    them. Every file is opened before any is read (an open file survives being renamed or
+    deleted), newest first, and the files are listed again until a listing shows none
+    not opened yet (by inode): a rotation neither fails the read (a name that vanished is
+    passed over) nor skips a file whose name moved. What a rotation deletes is gone by
+    design (the backup count)."""
+    opened: dict[int, object] = {}
+    try:
+        for _ in range(10):          # each pass that finds a new file follows a rotation
+            found = False
+            for f in reversed(log_files(path)):
+                try:
+                    fh = open(f, encoding="utf-8")
+                except FileNotFoundError:
+                    continue
+                inode = os.fstat(fh.fileno()).st_ino
+                if inode in opened:
+                    fh.close()
+                    continue
+                opened[inode] = fh
+                found = True
+            if not found:
+                break
+        # oldest first: files are written one after another, so by their last write
+        for fh in sorted(opened.values(), key=lambda fh: os.fstat(fh.fileno()).st_mtime_ns):
             yield from fh
+    finally:
+        for fh in opened.values():
+            fh.close()
 
 
 def follow_lines(path: str, stop: threading.Event | None = None, poll_s: float = 0.2,

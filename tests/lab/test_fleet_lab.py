@@ -556,10 +556,26 @@ def test_active_counts_go_back_to_zero_on_every_node(fleet):
         assert time.monotonic() < deadline, \
             (f"active (NAT, NLB) per node: {counts}; flows held: {held_states(fleet)}; "
              f"some of them on every node: {held_samples(fleet)}; "
-             f"records per node: {record_counts(fleet)}")
+             f"records per node: {record_counts(fleet)}; losses: {replication_losses(fleet)}")
         time.sleep(0.5)
     print(f"\nactive (NAT, NLB) per node after the connections closed: {counts}")
     print(f"some flows held: {held_samples(fleet)}; records per node: {record_counts(fleet)}")
+    print(f"where replication could have lost a record, per node: {replication_losses(fleet)}")
+
+
+def replication_losses(fleet) -> dict:
+    """Node -> every counter that says a flow's change may not have reached a peer: events
+    lost on the ring, records queued for no peer, dropped when a queue overflowed or a
+    peer left, datagrams rejected by reason (replays are resent duplicates, harmless):
+    what a flow left open on its replicas may point to."""
+    out = {}
+    for i, counts in stats(fleet).items():
+        sync = (fleet.agent_status(i).get("fleet") or {}).get("sync") or {}
+        out[i] = {"EVENT_LOST": counts.get("EVENT_LOST", 0),
+                  **{k: sync.get(k) for k in ("queued_unknown_peer", "overflow_dropped",
+                                              "left_dropped")},
+                  "rejected": {k: v for k, v in (sync.get("rejected") or {}).items() if v}}
+    return out
 
 
 def record_counts(fleet) -> dict:
@@ -570,7 +586,7 @@ def record_counts(fleet) -> dict:
 
 def held_samples(fleet, n: int = 4) -> dict:
     """A few flows still open on some node -> what each node holds of their entries:
-    (node, kind, TCP state, fin_seen, flags, packets, idle s)."""
+    (node, kind, TCP state, fin_seen, flags, packets, idle s, incarnation)."""
     from hyperplane.datapath.flows import flow_entries, decode, flow_timeouts, now_ns
     entries = {}
     for i, maps in node_maps(fleet):
@@ -578,7 +594,8 @@ def held_samples(fleet, n: int = 4) -> dict:
         for k, v in flow_entries(maps):
             f = decode(k, v, timeouts, now)
             entries.setdefault((f.proto, f.src, f.sport, f.dst, f.dport), []).append(
-                (i, f.kind, f.tcp_state, v.fin_seen, v.flags, f.packets, round(f.idle_s, 1)))
+                (i, f.kind, f.tcp_state, v.fin_seen, v.flags, f.packets, round(f.idle_s, 1),
+                 f"{v.incarnation:08x}"))
     held = [t for t, es in entries.items() if any(e[2] != "CLOSED" for e in es)]
     return {t: entries[t] for t in held[:n]}
 

@@ -298,6 +298,82 @@ def test_rotation_keeps_every_record_in_order(tmp_path):
     assert [parse_line(line) for line in read_lines(path)] == records
 
 
+def _rotate(path: str, backups: int, new_text: str) -> None:
+    """What RotatingFileHandler.doRollover does: the oldest backup deleted, each backup
+    renamed one older, the current file to .1, a new current file."""
+    if os.path.exists(f"{path}.{backups}"):
+        os.remove(f"{path}.{backups}")
+    for i in range(backups - 1, 0, -1):
+        if os.path.exists(f"{path}.{i}"):
+            os.rename(f"{path}.{i}", f"{path}.{i + 1}")
+    os.rename(path, path + ".1")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new_text)
+
+
+@pytest.mark.parametrize("backups, after", [(3, 1), (3, 2), (3, 3), (9, 1), (9, 3)])
+def test_a_rotation_while_the_files_are_read_fails_nothing_and_skips_nothing(
+        tmp_path, monkeypatch, backups, after):
+    """`hpctl flowlogs` reads every file while the agent may rotate them. A rotation
+    between listing the files and opening the `after`-th (newest first) used to end the
+    read with FileNotFoundError (CI, 2026-11-30: flow.log.4 deleted) or could skip the
+    file whose name moved. Every line of every file that still exists afterwards is read
+    once, oldest first; the one the rotation deletes (the backup count's oldest) may be
+    read or not."""
+    path = str(tmp_path / "flow.log")
+    names = [f"{path}.{i}" for i in range(3, 0, -1)] + [path]     # .3 .2 .1 current
+    for n, name in enumerate(names):
+        with open(name, "w", encoding="utf-8") as f:
+            f.write(f"line {n}\n")
+            os.utime(name, ns=(n * 10**9, n * 10**9))   # written one after another
+    import builtins
+    real_open, opens = builtins.open, []
+
+    def open_then_rotate(f, *a, **kw):
+        opens.append(f)
+        if len(opens) == after:
+            _rotate(path, backups, "line 4\n")
+        return real_open(f, *a, **kw)
+    monkeypatch.setattr(builtins, "open", open_then_rotate)
+    got = list(read_lines(path))
+    monkeypatch.undo()
+    deleted = {"line 0\n"} if backups == 3 else set()     # .3 was the oldest backup kept
+    want = [f"line {n}\n" for n in range(5)]
+    assert [line for line in got if line not in deleted] == \
+        [line for line in want if line not in deleted]
+    assert len(got) == len(set(got))
+
+
+def test_a_listed_file_that_a_rotation_deletes_is_passed_over(tmp_path, monkeypatch):
+    """Backups .3 and .1 (no .2) and the current file; a rotation (3 backups) before the
+    first open deletes .3 and moves the others: the read passes over the vanished name
+    (it used to raise FileNotFoundError) and reads every file left, once, oldest first."""
+    path = str(tmp_path / "flow.log")
+    for n, name in enumerate([path + ".3", path + ".1", path]):
+        with open(name, "w", encoding="utf-8") as f:
+            f.write(f"line {n}\n")
+        os.utime(name, ns=(n * 10**9, n * 10**9))
+    real_log_files, rotated = flowlogs.log_files, []
+
+    def list_then_rotate(p):
+        files = real_log_files(p)
+        if not rotated:
+            rotated.append(True)
+            _rotate(path, 3, "line 3\n")
+        return files
+    monkeypatch.setattr(flowlogs, "log_files", list_then_rotate)
+    assert list(read_lines(path)) == ["line 1\n", "line 2\n", "line 3\n"]
+
+
+def test_reading_files_that_are_not_rotated_reads_each_once(tmp_path):
+    path = str(tmp_path / "flow.log")
+    for n, name in enumerate([path + ".2", path + ".1", path]):
+        with open(name, "w", encoding="utf-8") as f:
+            f.write(f"a{n}\nb{n}\n")
+        os.utime(name, ns=(n * 10**9, n * 10**9))
+    assert list(read_lines(path)) == ["a0\n", "b0\n", "a1\n", "b1\n", "a2\n", "b2\n"]
+
+
 def test_a_follower_sees_every_record_across_rotations(tmp_path):
     cfg = FlowLogConfig(dir=str(tmp_path), max_bytes=4096, backups=100, format="json")
     path = flowlogs.log_path(cfg.dir, "n1")
