@@ -339,7 +339,7 @@ def run_agent(args) -> None:
         from collections import Counter
         from hyperplane.fleet.member import replicated_mask
         from hyperplane.observe.events import EventRing
-        event_ring = EventRing(dp)
+        event_ring = EventRing(dp, mapped=False if args.libbpf_reader else None)
         side_batches: list[tuple[int, bytes, bytes, bytes]] = []
 
         def read_events() -> int:                  # EventHub.consume
@@ -683,7 +683,8 @@ def show(res: dict) -> None:
     print(f"  CPU us per flow: {', '.join(f'{k} {v:.1f}' for k, v in res['cpu_us_per_flow'].items())}")
     if res.get("pipeline"):
         p = res["pipeline"]
-        print(f"  pipeline alone (A released a backlog of {p['backlog_bytes']:,} bytes): "
+        backlog = "" if p["backlog_bytes"] is None else f" of {p['backlog_bytes']:,} bytes"
+        print(f"  pipeline alone (A released a backlog{backlog}): "
               f"{b['received']:,} flows in {p['span_s'] * 1e3:,.1f} ms = "
               f"{p['flows_per_s']:,.0f} flows/s (the lag above includes the hold)")
     print(f"  A events by type {res['agent_a']['events_by_type']}; B counts "
@@ -712,6 +713,9 @@ def main() -> None:
     ap.add_argument("--no-wakeup", dest="wakeup", action="store_false",
                     help="the data path does not wake the reader (the agent finds events "
                          "only at its next poll_s tick; before 2026-11-30 it was so)")
+    ap.add_argument("--libbpf-reader", action="store_true",
+                    help="agent A reads the ring through libbpf's reader (one callback per "
+                         "event, the reader before 2026-11-30 evening) instead of mapping it")
     ap.add_argument("--all-events", action="store_true",
                     help="the data path writes an unconfirmed flow's events too (as with a "
                          "follower of every event); default: as a fleet member alone "
@@ -754,6 +758,7 @@ def main() -> None:
                 pins[1], "--poll-s", str(args.poll_s), "--ring-pages", str(args.ring_pages),
                 *([] if args.wakeup else ["--no-wakeup"]),
                 *(["--all-events"] if args.all_events else []),
+                *(["--libbpf-reader"] if args.libbpf_reader else []),
                 *([] if args.rt_priority is None else ["--rt-priority", str(args.rt_priority)])]
         gen = Proc("gen", base + ["--role", "gen"])
         procs.append(gen)
