@@ -531,18 +531,21 @@ def read_lines(path: str) -> Iterator[str]:
     them. Every file is opened before any is read (an open file survives being renamed or
     deleted), newest first, and the files are listed again until a listing shows none
     not opened yet (by inode): a rotation neither fails the read (a name that vanished is
-    passed over) nor skips a file whose name moved. What a rotation deletes is gone by
-    design (the backup count)."""
+    passed over) nor skips a file whose name moved. The files are read in the order of
+    that last listing; one a rotation deleted meanwhile (the backup count's oldest) comes
+    first. What a rotation deletes is gone by design."""
     opened: dict[int, object] = {}
+    listed: list[int] = []            # the last listing's inodes, newest first
     try:
         for _ in range(10):          # each pass that finds a new file follows a rotation
-            found = False
+            found, listed = False, []
             for f in reversed(log_files(path)):
                 try:
                     fh = open(f, encoding="utf-8")
                 except FileNotFoundError:
                     continue
                 inode = os.fstat(fh.fileno()).st_ino
+                listed.append(inode)
                 if inode in opened:
                     fh.close()
                     continue
@@ -550,8 +553,10 @@ def read_lines(path: str) -> Iterator[str]:
                 found = True
             if not found:
                 break
-        # oldest first: files are written one after another, so by their last write
-        for fh in sorted(opened.values(), key=lambda fh: os.fstat(fh.fileno()).st_mtime_ns):
+        age = {inode: -i for i, inode in enumerate(listed)}     # oldest: the lowest
+        first = -len(listed)
+        for _, fh in sorted(opened.items(), key=lambda kv: (
+                age.get(kv[0], first), os.fstat(kv[1].fileno()).st_mtime_ns)):
             yield from fh
     finally:
         for fh in opened.values():

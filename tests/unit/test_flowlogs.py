@@ -365,12 +365,17 @@ def test_a_listed_file_that_a_rotation_deletes_is_passed_over(tmp_path, monkeypa
     assert list(read_lines(path)) == ["line 1\n", "line 2\n", "line 3\n"]
 
 
-def test_reading_files_that_are_not_rotated_reads_each_once(tmp_path):
+@pytest.mark.parametrize("same_mtime", [False, True], ids=["mtimes", "one-mtime"])
+def test_reading_files_that_are_not_rotated_reads_each_once_oldest_first(tmp_path,
+                                                                          same_mtime):
+    """Oldest first by the files' names, also when their timestamps cannot tell (files
+    rotated within one tick of a coarse clock)."""
     path = str(tmp_path / "flow.log")
     for n, name in enumerate([path + ".2", path + ".1", path]):
         with open(name, "w", encoding="utf-8") as f:
             f.write(f"a{n}\nb{n}\n")
-        os.utime(name, ns=(n * 10**9, n * 10**9))
+        t = 10**9 if same_mtime else n * 10**9
+        os.utime(name, ns=(t, t))
     assert list(read_lines(path)) == ["a0\n", "b0\n", "a1\n", "b1\n", "a2\n", "b2\n"]
 
 
