@@ -188,7 +188,9 @@ class EventHub:
         # (callback, event types or None for all); replaced, never changed in place, so
         # other threads may subscribe while the driving thread delivers
         self._event_subs: tuple = ()
-        self._wanted_types: bytes | None = None
+        # what deliver() reads, swapped whole: (the event subscribers, a byte per event
+        # type, 1 if one of them wants it, or None when one wants every type)
+        self._fanout: tuple = ((), None)
         self._ring = ring_reader or EventRing(dp)
         self.fd = self._ring.fd
         self._cond = threading.Condition()
@@ -196,7 +198,7 @@ class EventHub:
         self.events = 0
         self.subscriber_errors = 0
         self._dp = dp
-        self._filter_lock = threading.Lock()
+        self._filter_lock = threading.RLock()   # subscriber changes and what they set
         self._set_filter()
 
     def subscribe_batches(self, callback):
@@ -209,24 +211,25 @@ class EventHub:
     def subscribe_events(self, callback, types=None) -> None:
         """callback(event bytes: struct flow_event) per event (of `types` only, a set of
         event type numbers, when given), in the driving thread: keep it cheap (queue the
-        bytes). The filter runs here, so an event nobody wants costs a set lookup."""
-        self._event_subs = (*self._event_subs, (callback, types))
-        self._set_filter()
+        bytes). The hub finds the events someone wants by their type, in C."""
+        with self._filter_lock:
+            self._event_subs = (*self._event_subs, (callback, types))
+            self._set_filter()
 
     def unsubscribe_events(self, callback) -> None:
-        self._event_subs = tuple(s for s in self._event_subs if s[0] != callback)
-        self._set_filter()
+        with self._filter_lock:
+            self._event_subs = tuple(s for s in self._event_subs if s[0] != callback)
+            self._set_filter()
 
     def _set_filter(self) -> None:
         """Tell the data path to skip an unconfirmed flow's events while only batch
         subscribers and event subscribers without them read here (a fleet node: a new TCP
         flow then costs one event, not three); a follower of every event turns it off."""
         from hyperplane.datapath.settings import F_PEER_EVENTS, set_flags
-        subs = self._event_subs
-        # a byte per event type, 1 if an event subscriber wants it (None: one wants all)
-        self._wanted_types = None if any(t is None for _, t in subs) else \
-            bytes(1 if any(t in types for _, types in subs) else 0 for t in range(256))
         with self._filter_lock:
+            subs = self._event_subs
+            self._fanout = (subs, None if any(t is None for _, t in subs) else bytes(
+                1 if any(t in types for _, types in subs) else 0 for t in range(256)))
             # written at every (rare) change of subscribers, not compared with a copy: the
             # flag also goes off when the node leaves the fleet (FleetDataplane.leave)
             set_flags(self._dp, F_PEER_EVENTS,
@@ -237,7 +240,7 @@ class EventHub:
         self.events += batch.count
         for cb in self._batch_subs:
             cb(batch)
-        subs, table = self._event_subs, self._wanted_types
+        subs, table = self._fanout
         if not subs:
             return
         types = batch.column(0)     # event types are < 256 (held by a unit test)
