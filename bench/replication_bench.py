@@ -169,11 +169,10 @@ def run_gen(args) -> None:
 
     dp = Datapath(Sizes(ringbuf_pages=args.ring_pages), args.pin_a)
     write_config(dp, Timeouts(), hash_seed=0x5EED)
-    from hyperplane.datapath.settings import F_EVENT_WAKEUP, F_PEER_EVENTS, set_flags
+    from hyperplane.datapath.settings import F_EVENT_WAKEUP, set_flags
     if args.wakeup:      # as a fleet member's data path (FleetDataplane.set_identity)
         set_flags(dp, F_EVENT_WAKEUP, True)
-    if not args.all_events:  # as a fleet member's event hub with no follower (EventHub)
-        set_flags(dp, F_PEER_EVENTS, True)
+    # HP_F_PEER_EVENTS: agent A's EventHub sets it from its subscribers, as on a node
     apply_gateway(dp, GatewayConfig("gw-bench", GW_ID, [NAT_IP], ["10.10.0.0/24"]))
     ifin, ifout = socket.if_nametoindex("in0"), socket.if_nametoindex("out0")
     r_in = trkit.Runner(dp.prog_fd, ifin, "xdp")
@@ -333,31 +332,29 @@ def run_agent(args) -> None:
     targets = {("nat", GW_ID): [peer]}
 
     if me == A_ID:
-        # member._on_batch (EventHub.subscribe_batches) plus the side log of
-        # (event ts, read ns, type, key), kept a batch at a time and laid out per record
-        # only when a phase is collected (outside the measured CPU time)
+        # the agent's EventHub driving member._on_batch, plus the side log of (event ts,
+        # read ns, type, key), kept a batch at a time and laid out per record only when a
+        # phase is collected (outside the measured CPU time)
         from collections import Counter
         from hyperplane.fleet.member import replicated_mask
-        from hyperplane.observe.events import EventRing
+        from hyperplane.observe.events import EventHub, EventRing
         event_ring = EventRing(dp, mapped=False if args.libbpf_reader else None)
+        hub = EventHub(dp, ring_reader=event_ring)
+        if args.all_events:       # a follower of every event: the data path writes them all
+            hub.subscribe_events(lambda raw: None)
         side_batches: list[tuple[int, bytes, bytes, bytes]] = []
 
-        def read_events() -> int:                  # EventHub.consume
-            n = 0
-            for _ in range(8):
-                batch = event_ring.read()
-                if not batch.count:
-                    break
-                n += batch.count
-                counts["events_read"] += batch.count
-                by_type.update(batch.column(0))
-                keep, kept = replicated_mask(batch)
-                if kept:
-                    events.extend(batch.fields(REC_OFFSET, records.RECORD_SIZE, keep))
-                    side_batches.append((monotonic_ns(), batch.fields(8, 8, keep),
-                                         batch.fields(0, 1, keep),
-                                         batch.fields(REC_OFFSET, 16, keep)))
-            return n
+        def on_batch(batch) -> None:               # member._on_batch
+            counts["events_read"] += batch.count
+            by_type.update(batch.column(0))
+            keep, kept = replicated_mask(batch)
+            if kept:
+                events.extend(batch.fields(REC_OFFSET, records.RECORD_SIZE, keep))
+                side_batches.append((monotonic_ns(), batch.fields(8, 8, keep),
+                                     batch.fields(0, 1, keep),
+                                     batch.fields(REC_OFFSET, 16, keep)))
+
+        read_events = hub.subscribe_batches(on_batch)    # EventHub.consume
 
         def side_log() -> bytes:
             out = bytearray()
@@ -717,8 +714,9 @@ def main() -> None:
                     help="agent A reads the ring through libbpf's reader (one callback per "
                          "event, the reader before 2026-11-30 evening) instead of mapping it")
     ap.add_argument("--all-events", action="store_true",
-                    help="the data path writes an unconfirmed flow's events too (as with a "
-                         "follower of every event); default: as a fleet member alone "
+                    help="agent A's event hub also has a follower of every event (which "
+                         "does nothing with them), so the data path writes an unconfirmed "
+                         "flow's events too; default: as a fleet member alone "
                          "(HP_F_PEER_EVENTS), one event per new flow")
     ap.add_argument("--rt-priority", type=int, default=None, metavar="0-99",
                     help="the agents' SCHED_FIFO priority (member FleetConfig."
