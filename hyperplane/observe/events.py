@@ -233,7 +233,7 @@ class EventHub:
             # written at every (rare) change of subscribers, not compared with a copy: the
             # flag also goes off when the node leaves the fleet (FleetDataplane.leave)
             set_flags(self._dp, F_PEER_EVENTS,
-                      peer_events_only(len(self._batch_subs), (t for _, t in self._event_subs)))
+                      peer_events_only(len(self._batch_subs), (t for _, t in subs)))
 
     def deliver(self, batch: ring.RingBatch) -> None:
         """Hand one read's events to every subscriber."""
