@@ -6,7 +6,7 @@ import click
 from hyperplane.fleet.store import DEFAULT_STORE
 
 from .flowlogs import flow_log_options
-from .options import node_option, resolve_node, sync_rt_priority_option
+from .options import fleet_tuning_options, node_option, resolve_node
 
 command = click.Group("agent", help="The node agent.")
 
@@ -22,7 +22,7 @@ command = click.Group("agent", help="The node agent.")
 @click.option("--sync-dev", default=None, metavar="IFNAME",
               help="The node's interface on the fleet's sync network: join the fleet "
                    "(replication, second chance, shards, port blocks).")
-@sync_rt_priority_option
+@fleet_tuning_options
 @click.option("--if", "ifnames", multiple=True,
               help="Load and attach the data path on this interface (repeat) unless the "
                    "node already runs there; the node then runs the NAT gateways the store "
@@ -33,11 +33,11 @@ command = click.Group("agent", help="The node agent.")
 @click.option("--metrics-addr", default=None, metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics, in the node's "
                    "network namespace (e.g. 0.0.0.0:9477; default: none).")
-def run(flow_log_argv, metrics_addr, node, store_url, tick, sync_dev, sync_rt_priority, ifnames,
-        netns, mode, outside_if):
+def run(flow_log_argv, metrics_addr, node, store_url, tick, sync_dev, sync_rt_priority, refresh_s,
+        sweep_s, ifnames, netns, mode, outside_if):
     """Run until SIGTERM / Ctrl-C."""
     from hyperplane.node import agent
-    from hyperplane.node.agent import load_args
+    from hyperplane.node.agent import fleet_args, load_args
     if not ifnames and (netns or mode or outside_if):
         raise click.UsageError("--netns, --mode and --outside-if go with --if")
     load = {"ifnames": list(ifnames), "netns": netns, "mode": mode,
@@ -46,6 +46,5 @@ def run(flow_log_argv, metrics_addr, node, store_url, tick, sync_dev, sync_rt_pr
                                  "--node", resolve_node(node), "--store", store_url,
                                  "--tick", str(tick),
                                  *(["--sync-dev", sync_dev] if sync_dev else []),
-                                 *([] if sync_rt_priority is None else
-                                   ["--sync-rt-priority", str(sync_rt_priority)]),
+                                 *fleet_args(sync_rt_priority, refresh_s, sweep_s),
                                  *load_args(load)]))

@@ -7,7 +7,7 @@ import click
 from hyperplane.errors import NotFound
 from hyperplane.fleet.store import DEFAULT_STORE
 
-from .options import node_option, resolve_node, sync_rt_priority_option
+from .options import fleet_tuning_options, node_option, resolve_node
 
 command = click.Group(
     "node", help="A node run from the cluster store (its agent loads the data path). Needs root.",
@@ -33,7 +33,7 @@ LOAD_TIMEOUT_S = 120.0
                    "network holds them, else the one of the default route).")
 @click.option("--sync-dev", default=None, metavar="IFNAME",
               help="The node's interface on the fleet's sync network: join the fleet.")
-@sync_rt_priority_option
+@fleet_tuning_options
 @click.option("--store", "store_url", default=DEFAULT_STORE, show_default=True,
               envvar="HPCTL_STORE",
               help="The cluster store: a file (PATH or file:PATH) or etcd://HOST:PORT.")
@@ -41,8 +41,8 @@ LOAD_TIMEOUT_S = 120.0
               show_default=True, metavar="SECONDS",
               help="How long the agent may take to load the data path and report (the C "
                    "compile: far longer on an emulated CPU, e.g. the Vagrant lab's VMs).")
-def up_cmd(node, ifnames, netns, mode, outside_if, sync_dev, sync_rt_priority, store_url,
-           start_timeout):
+def up_cmd(node, ifnames, netns, mode, outside_if, sync_dev, sync_rt_priority, refresh_s, sweep_s,
+           store_url, start_timeout):
     """Start the node's agent, which loads and attaches the data path (unless it already
     runs there: flows are kept) and then runs the NAT gateways of the store (/nat) whose
     shard names this node, and the store's load balancers. No gateway is needed: a node
@@ -50,7 +50,7 @@ def up_cmd(node, ifnames, netns, mode, outside_if, sync_dev, sync_rt_priority, s
     from hyperplane.node.agent import spawn_agent, stop_agent
     stop_agent(node)   # a re-run replaces the agent
     pid = spawn_agent(node, store_url, timeout_s=start_timeout, sync_dev=sync_dev,
-                      sync_rt_priority=sync_rt_priority,
+                      sync_rt_priority=sync_rt_priority, refresh_s=refresh_s, sweep_s=sweep_s,
                       load={"ifnames": list(ifnames), "netns": netns, "mode": mode,
                             "outside_if": outside_if})
     click.echo(f"node {node}: data path on {', '.join(ifnames)}, agent running (pid {pid}); "

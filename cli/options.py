@@ -46,6 +46,8 @@ def resolve_node(node: str | None) -> str:
 # FleetConfig.sync_rt_priority's default, said here without importing the fleet (a unit
 # test keeps the two equal)
 SYNC_RT_PRIORITY_DEFAULT = 0
+REFRESH_S_DEFAULT = 10.0
+SWEEP_S_DEFAULT = 60.0
 
 
 def sync_rt_priority_option(f):
@@ -54,3 +56,17 @@ def sync_rt_priority_option(f):
         help="Run the fleet's sync task under SCHED_FIFO at this priority, so replication "
              "starts as soon as a flow event or datagram arrives; it then also preempts "
              f"ksoftirqd (default {SYNC_RT_PRIORITY_DEFAULT}: normal scheduling).")(f)
+
+
+def fleet_tuning_options(f):
+    """--sync-rt-priority, --refresh-s and --sweep-s: the agent's fleet settings."""
+    f = click.option(
+        "--sweep-s", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+        help="Anti-entropy: every flow this node owns, idle ones too, goes to its replicas "
+             f"once in this period, a slice per refresh (default {SWEEP_S_DEFAULT:g}; "
+             "0: off).")(f)
+    f = click.option(
+        "--refresh-s", type=click.FloatRange(0.1, 3600), default=None, metavar="SECONDS",
+        help="How often the flows that saw a packet lately go to their replicas again, so "
+             f"they never expire there while the flow lives (default {REFRESH_S_DEFAULT:g}).")(f)
+    return sync_rt_priority_option(f)

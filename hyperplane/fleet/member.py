@@ -10,7 +10,8 @@ sync        one UDP socket on the sync network driving a SyncNode (hyperplane.fl
             flow's shard; records from peers are installed (hyperplane.fleet.records);
             a peer that says HELLO (it restarted or joined) gets every flow of the shards
             it shares with this node; flows that saw traffic lately are sent again every
-            refresh_s so replicas never expire while the flow lives.
+            refresh_s so replicas never expire while the flow lives, and every flow this
+            node owns, idle ones too, once per sweep_s (anti-entropy: fleet.sweep).
 
 Either task catches and logs its errors and starts over after a pause: a store that is
 down or a bad record stops nothing else. A node is "ready" (the routers may send it
@@ -33,7 +34,7 @@ from typing import Any, Callable
 from hyperplane import netns as _netns
 from hyperplane.datapath.verdicts import FlowEventType, FlowKind
 from hyperplane.errors import HyperplaneError
-from hyperplane.fleet import cluster, records
+from hyperplane.fleet import cluster, records, sweep
 from hyperplane.fleet.cluster import Member
 from hyperplane.fleet.dataplane import FleetDataplane, GatewayBlocks, lb_slot
 from hyperplane.fleet.owner import block_owners, block_size, shard_owner
@@ -97,6 +98,7 @@ class FleetConfig:
     sync_dev: str = "sync0"
     lease_s: float = 2.0          # a dead node leaves the routers after at most this
     refresh_s: float = 10.0       # owners resend their live flows this often
+    sweep_s: float = 60.0         # ... and every flow they own, idle too, over this (0: off)
     hold_down_s: float = 2.0      # before using port blocks gained from a live node
     poll_s: float = 0.001         # sync task: how often the ring buffer is read when busy
     idle_poll_s: float = 0.008    # ... and at most this long apart when idle
@@ -156,10 +158,11 @@ class FleetMember:
         self._lb_of_listener: dict[int, int] = {}
         self._last_delivery = 0.0
         self._last_refresh = time.monotonic()
+        self._sweep_round = 0
         self.counts = {"events_read": 0, "events_replicated": 0, "records_sent": 0,
                        "installed": 0, "merged": 0, "rejected": 0, "conflict": 0, "full": 0,
-                       "replaced": 0, "dumps_sent": 0, "refreshed": 0, "handed_over": 0,
-                       "stale_removed": 0}
+                       "replaced": 0, "dumps_sent": 0, "refreshed": 0, "swept": 0,
+                       "handed_over": 0, "stale_removed": 0}
         self._sync_stats: dict = {}
         # port blocks: (gw_id, block) -> (owner, since) for the hold-down
         self._block_owner: dict[tuple[int, tuple[int, int]], int] = {}
@@ -457,9 +460,7 @@ class FleetMember:
                 next_lbs = now + 1.0
             if now - self._last_refresh >= cfg.refresh_s:
                 self._last_refresh = now
-                blob = records.dump(self.dp, self.node_id,
-                                    idle_below_ms=int(cfg.refresh_s * 1000) + 1000)
-                self.counts["refreshed"] += self._queue_by_resource(node, blob)
+                self._refresh(node)
             with self.lock:
                 due, self._handover_due = self._handover_due, False
             if due:
@@ -553,6 +554,25 @@ class FleetMember:
             self.counts["dumps_sent"] += self._queue_by_resource(self._sync, blob,
                                                                  only=peer_sync_ids)
 
+    def _refresh(self, node: SyncNode) -> None:
+        """One refresh round: the flows that saw a packet lately, and this round's slice
+        of the idle flows this node owns (fleet.sweep)."""
+        cfg = self.config
+        blob = records.dump(self.dp, self.node_id)
+        n_rounds = sweep.rounds(cfg.refresh_s, cfg.sweep_s)
+        nat_ip_idx = self._nat_ip_index() if n_rounds else {}
+        me = self.node_id
+        fresh, swept = sweep.select(
+            blob, idle_below_ms=int(cfg.refresh_s * 1000) + 1000, round_no=self._sweep_round,
+            n_rounds=n_rounds, owned=lambda rec: self._owner_of(rec, nat_ip_idx) == me)
+        self._sweep_round += 1
+        self.counts["refreshed"] += self._queue_by_resource(node, fresh)
+        self.counts["swept"] += self._queue_by_resource(node, swept)
+
+    def _nat_ip_index(self) -> dict[bytes, int]:
+        """NAT IP (its 4 bytes) -> its index in its gateway, as the data path holds them."""
+        return {bytes(k): int(v.ip_idx) for k, v in self.dp.table("nat_ips").items()}
+
     def _hand_over(self, node: SyncNode) -> None:
         """After a membership change: every unconfirmed flow here whose owner is now
         another node goes to that node. Unconfirmed flows are not replicated, and the
@@ -562,7 +582,7 @@ class FleetMember:
         blob = records.dump(self.dp, self.node_id, tables=("pending",))
         if not blob:
             return
-        nat_ip_idx = {bytes(k): int(v.ip_idx) for k, v in self.dp.table("nat_ips").items()}
+        nat_ip_idx = self._nat_ip_index()
         me = self.node_id
         out: dict[int, bytearray] = {}
         for rec in records.split(blob):
@@ -691,7 +711,8 @@ class FleetMember:
                                               "full", "replaced")},
                 "events": {"read": c["events_read"], "replicated": c["events_replicated"],
                            "records_sent": c["records_sent"], "dumped": c["dumps_sent"],
-                           "refreshed": c["refreshed"], "handed_over": c["handed_over"],
+                           "refreshed": c["refreshed"], "swept": c["swept"],
+                           "handed_over": c["handed_over"],
                            "stale_removed": c["stale_removed"]},
                 "held_blocks": len(self._held), "sync_scheduling": self.sync_scheduling}
 

@@ -426,11 +426,14 @@ class Agent:
 
 def spawn_agent(node: str, store_url: str = DEFAULT_STORE, timeout_s: float = 30.0,
                 sync_dev: str | None = None, metrics_addr: str | None = None,
-                load: dict | None = None, sync_rt_priority: int | None = None) -> int:
+                load: dict | None = None, sync_rt_priority: int | None = None,
+                refresh_s: float | None = None, sweep_s: float | None = None) -> int:
     """Start an agent process for the node; return once it has written its first status.
     sync_dev (the node's interface on the sync network) makes it a fleet member. load
     ({"ifnames": [...], "netns", "mode", "outside_if"}: hpctl node up): the agent loads the
-    data path there itself and runs the NAT gateways the store assigns the node."""
+    data path there itself and runs the NAT gateways the store assigns the node.
+    sync_rt_priority, refresh_s, sweep_s: the fleet member's (FleetConfig; None: its
+    default)."""
     if load is None:
         node_state(node)  # fail early and clearly if the node is not running
     else:
@@ -445,8 +448,7 @@ def spawn_agent(node: str, store_url: str = DEFAULT_STORE, timeout_s: float = 30
                              *(["--metrics-addr", metrics_addr] if metrics_addr else []),
                              "--node", node,
                              "--store", store_url, *(["--sync-dev", sync_dev] if sync_dev else []),
-                             *([] if sync_rt_priority is None else
-                               ["--sync-rt-priority", str(sync_rt_priority)]),
+                             *fleet_args(sync_rt_priority, refresh_s, sweep_s),
                              *load_args(load)],
                             stdout=log_file, stderr=log_file,
                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -473,6 +475,17 @@ def _last_line(path: str) -> str:
     except OSError:
         return "no log"
     return lines[-1] if lines else "nothing logged"
+
+
+def fleet_args(sync_rt_priority: int | None = None, refresh_s: float | None = None,
+               sweep_s: float | None = None) -> list[str]:
+    """The agent's command-line arguments for the fleet settings given (None: default)."""
+    out = []
+    for flag, value in (("--sync-rt-priority", sync_rt_priority), ("--refresh-s", refresh_s),
+                        ("--sweep-s", sweep_s)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
 
 
 def load_args(load: dict | None) -> list[str]:
@@ -545,6 +558,13 @@ def main(argv=None) -> int:
     ap.add_argument("--sync-rt-priority", type=int, default=FleetConfig.sync_rt_priority,
                     metavar="0-99", help="SCHED_FIFO priority of the fleet's sync task "
                     "(default 0: normal scheduling)")
+    ap.add_argument("--refresh-s", type=float, default=FleetConfig.refresh_s, metavar="SECONDS",
+                    help="how often the flows that saw a packet lately are sent to their "
+                         "replicas again (default %(default)s)")
+    ap.add_argument("--sweep-s", type=float, default=FleetConfig.sweep_s, metavar="SECONDS",
+                    help="anti-entropy: every flow this node owns, idle ones too, is sent to "
+                         "its replicas once in this period, a slice per refresh (default "
+                         "%(default)s; 0: off)")
     flow_log_arguments(ap)
     ap.add_argument("--metrics-addr", default=None, metavar="HOST:PORT",
                     help="serve Prometheus metrics there (in the node's network namespace)")
@@ -560,12 +580,19 @@ def main(argv=None) -> int:
         if not 0 <= args.sync_rt_priority <= 99:
             raise ConfigError(f"--sync-rt-priority {args.sync_rt_priority}: a SCHED_FIFO "
                               "priority is 1-99, or 0 for normal scheduling")
+        if not 0.1 <= args.refresh_s <= 3600:
+            raise ConfigError(f"--refresh-s {args.refresh_s}: 0.1-3600 seconds")
+        if args.sweep_s != 0 and not args.refresh_s <= args.sweep_s <= 86400:
+            raise ConfigError(f"--sweep-s {args.sweep_s}: 0 (off) or from --refresh-s "
+                              f"({args.refresh_s}) to 86400 seconds")
         agent = Agent(AgentConfig(args.node, args.store, args.tick, metrics_addr=args.metrics_addr,
                                   sync_dev=args.sync_dev,
                                   ifnames=args.ifnames, netns=args.netns, mode=args.mode,
                                   outside_if=args.outside_if))  # a bad --store URL
         agent.config.flow_logs = flow_log_config(args)
         agent.config.fleet.sync_rt_priority = args.sync_rt_priority
+        agent.config.fleet.refresh_s = args.refresh_s
+        agent.config.fleet.sweep_s = args.sweep_s
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: agent.stop.set())
         agent.run()

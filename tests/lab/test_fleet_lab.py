@@ -634,6 +634,102 @@ def wait_every_shard_steered(fleet, within_s: float, after: str) -> dict:
                 f"{fleet_build._log_tail(ctl.get('log') or '', 20)}{logs}")
 
 
+def flow_entries(maps, originals: set[bytes] | None = None, client_ports=()) -> dict:
+    """Original key bytes -> [(key, value) of its two entries] in a node's flows table, for
+    the NAT flows of CLIENT from client_ports (or those whose original key is in
+    originals)."""
+    from hyperplane.fleet import records
+    ports = {p.to_bytes(2, "big") for p in client_ports}
+    src = socket.inet_aton(CLIENT)
+    o = records.OFFSETS
+    out: dict[bytes, list] = {}
+    for k, v in maps.table("flows").items():
+        kb, twin = bytes(k), bytes(v.twin)
+        for orig in (kb, twin):
+            if (orig in originals) if originals is not None else (
+                    orig[o["key.src_ip"]:o["key.src_ip"] + 4] == src
+                    and orig[o["key.src_port"]:o["key.src_port"] + 2] in ports):
+                out.setdefault(orig, []).append((k, v))
+    return out
+
+
+def test_an_owner_sends_idle_flows_a_replica_lost_back_to_it(streams):
+    """Anti-entropy: node X of the NAT gateway's shard loses its replicas of 60 idle
+    connections (the entries of the flows it does not own, deleted from its maps, as a
+    record lost in a way the sync protocol did not see would leave it). Owner O's agent runs
+    with --refresh-s 1 --sweep-s 2, so its sweep comes every 2 s instead of every 60 s. The
+    flows are idle past every node's refresh window (11 s at the default), so only O's
+    sweep sends them. X holds O's flows again, both keys, and every connection still works
+    (the third owner's flows, still missing on X, by second chance)."""
+    fleet = streams
+    from hyperplane.fleet.cluster import CLUSTER_KEY
+    from hyperplane.fleet.owner import shard_owner
+    from hyperplane.fleet.store import open_store
+    from hyperplane.node.agent import spawn_agent, stop_agent
+    from hyperplane.node.lifecycle import open_node
+    topo = fleet_plan.fleet_topology(fleet.cfg)
+    shard = fleet.store_shards()[NAT]
+    owner_i, lost_i = shard[0], shard[1]
+
+    def restart(**settings):
+        stop_agent(fleet.names[owner_i])
+        spawn_agent(fleet.names[owner_i], topo["fleet"]["store"], sync_dev="sync0", **settings)
+        wait_every_shard_steered(fleet, 30, f"node {owner_i}'s agent restart")
+
+    restart(refresh_s=1.0, sweep_s=2.0)
+    socks = []
+    try:
+        ids = {i: fleet.agent_status(i)["fleet"]["node_id"] for i in shard}
+        with open_store(lab.store_url(fleet.cfg)) as store:
+            seed = store.get(CLUSTER_KEY).value["seed"]
+        socks = open_idle(fleet.ns["client"], (INET, STREAM_PORT), 60, CLIENT)
+        assert use(socks) == 60
+        last_use = time.monotonic()
+        owner_of = {s.getsockname()[1]: shard_owner(ids.values(), CLIENT, s.getsockname()[1],
+                                                    socket.IPPROTO_TCP, seed) for s in socks}
+        owned = {p for p, o in owner_of.items() if o == ids[owner_i]}
+        replicas = {p for p, o in owner_of.items() if o != ids[lost_i]}
+        assert len(owned) >= 5, f"only {len(owned)} of 60 connections are node {owner_i}'s"
+        with open_node(fleet.names[owner_i]) as maps:
+            held = flow_entries(maps, client_ports=owned)
+        assert len(held) == len(owned) and all(len(e) == 2 for e in held.values()), held
+        # idle past the refresh window of every node (the default 10 s + 1 s): from here
+        # on no refresh sends them, only O's sweep does
+        wait_s = last_use + 11.5 - time.monotonic()
+        if wait_s > 0:
+            time.sleep(wait_s)
+        with open_node(fleet.names[lost_i]) as maps:
+            from hyperplane.datapath.flows import delete_flow_entries
+            mine = flow_entries(maps, client_ports=replicas)
+            doomed = [e for entries in mine.values() for e in entries]
+            assert len(mine) == len(replicas) and len(doomed) == 2 * len(replicas), \
+                f"node {lost_i} held {len(mine)} of its {len(replicas)} replicas"
+            swept0 = fleet.agent_status(owner_i)["fleet"]["events"]["swept"]
+            assert len(delete_flow_entries(maps, "flows", doomed)) == len(doomed)
+            deleted_at = time.monotonic()
+            deadline = deleted_at + 15
+            while True:
+                back = flow_entries(maps, originals=set(held))
+                if len(back) == len(held) and all(len(e) == 2 for e in back.values()):
+                    break
+                assert time.monotonic() < deadline, (
+                    f"15 s after node {lost_i} lost them, it holds {len(back)} of node "
+                    f"{owner_i}'s {len(held)} idle flows again")
+                time.sleep(0.2)
+            took = time.monotonic() - deleted_at
+        swept = fleet.agent_status(owner_i)["fleet"]["events"]["swept"] - swept0
+        assert swept >= len(held), f"node {owner_i} swept {swept} records"
+        bad = broken(socks)
+        assert not bad, {p: (owner_of[p], where(fleet, p))
+                         for p in (s.getsockname()[1] for s in bad[:3])}
+        print(f"\nnode {lost_i} held node {owner_i}'s {len(held)} idle flows again "
+              f"{took:.1f} s after losing them (sweep every 2 s)")
+    finally:
+        for s in socks:
+            s.close()
+        restart()
+
+
 def test_agent_restart_and_program_reload_mid_transfer(streams):
     fleet = streams
     from hyperplane.node.agent import spawn_agent, stop_agent

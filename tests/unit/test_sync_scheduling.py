@@ -60,8 +60,31 @@ def test_a_refusal_is_logged_once_and_the_task_runs_normally(monkeypatch, caplog
 
 
 def test_the_cli_says_the_agents_default():
-    from hpctl.options import SYNC_RT_PRIORITY_DEFAULT
-    assert SYNC_RT_PRIORITY_DEFAULT == FleetConfig().sync_rt_priority
+    from hpctl.options import REFRESH_S_DEFAULT, SWEEP_S_DEFAULT, SYNC_RT_PRIORITY_DEFAULT
+    cfg = FleetConfig()
+    assert (SYNC_RT_PRIORITY_DEFAULT, REFRESH_S_DEFAULT, SWEEP_S_DEFAULT) == \
+        (cfg.sync_rt_priority, cfg.refresh_s, cfg.sweep_s)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--refresh-s", "0"], "--refresh-s 0.0: 0.1-3600 seconds"),
+    (["--sweep-s", "5"], "--sweep-s 5.0: 0 (off) or from --refresh-s (10.0) to 86400"),
+    (["--refresh-s", "2", "--sweep-s", "1"], "--sweep-s 1.0: 0 (off) or from --refresh-s"),
+])
+def test_the_agent_refuses_refresh_and_sweep_periods_out_of_range(args, says, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hyperplane.node.agent", "--node", "n1",
+                           "--store", str(tmp_path / "store.json"), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert says in proc.stderr
+
+
+def test_the_cli_passes_the_fleet_settings_to_the_agent():
+    from hyperplane.node.agent import fleet_args
+    assert fleet_args() == []
+    assert fleet_args(5, 1.0, 2.5) == ["--sync-rt-priority", "5", "--refresh-s", "1.0",
+                                       "--sweep-s", "2.5"]
+    assert fleet_args(sweep_s=0.0) == ["--sweep-s", "0.0"]
 
 
 @pytest.mark.parametrize("value", ["100", "-1"])
