@@ -636,19 +636,24 @@ def wait_every_shard_steered(fleet, within_s: float, after: str) -> dict:
 
 def flow_entries(maps, originals: set[bytes] | None = None, client_ports=()) -> dict:
     """Original key bytes -> [(key, value) of its two entries] in a node's flows table, for
-    the NAT flows of CLIENT from client_ports (or those whose original key is in
-    originals)."""
+    the NAT flows from CLIENT's client_ports to the stream server (or those whose
+    original key is in originals)."""
     from hyperplane.fleet import records
-    ports = {p.to_bytes(2, "big") for p in client_ports}
-    src = socket.inet_aton(CLIENT)
     o = records.OFFSETS
+
+    def field(key: bytes, name: str, size: int) -> bytes:
+        return key[o[name]:o[name] + size]
+
+    ports = {p.to_bytes(2, "big") for p in client_ports}
+    ends = (socket.inet_aton(CLIENT), socket.inet_aton(INET), STREAM_PORT.to_bytes(2, "big"))
     out: dict[bytes, list] = {}
     for k, v in maps.table("flows").items():
         kb, twin = bytes(k), bytes(v.twin)
         for orig in (kb, twin):
             if (orig in originals) if originals is not None else (
-                    orig[o["key.src_ip"]:o["key.src_ip"] + 4] == src
-                    and orig[o["key.src_port"]:o["key.src_port"] + 2] in ports):
+                    field(orig, "key.src_port", 2) in ports
+                    and (field(orig, "key.src_ip", 4), field(orig, "key.dst_ip", 4),
+                         field(orig, "key.dst_port", 2)) == ends):
                 out.setdefault(orig, []).append((k, v))
     return out
 
@@ -717,7 +722,11 @@ def test_an_owner_sends_idle_flows_a_replica_lost_back_to_it(streams):
                     f"{owner_i}'s {len(held)} idle flows again")
                 time.sleep(0.2)
             took = time.monotonic() - deleted_at
-        swept = fleet.agent_status(owner_i)["fleet"]["events"]["swept"] - swept0
+        # the agent writes its status file every tick: it may not say so yet
+        deadline = time.monotonic() + 5
+        while (swept := fleet.agent_status(owner_i)["fleet"]["events"]["swept"] - swept0) \
+                < len(held) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert swept >= len(held), f"node {owner_i} swept {swept} records"
         bad = broken(socks)
         assert not bad, {p: (owner_of[p], where(fleet, p))
