@@ -7,6 +7,7 @@ there is connected to anything."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -34,6 +35,14 @@ MIN_IPV4_FRAME = {"xdp": 14, "tc": 34}
 # bounced back out of its interface is a redirect too.
 RETVALS = {"xdp": {"XDP_REDIRECT": 4, "XDP_TX": 3, "XDP_PASS": 2, "XDP_DROP": 1},
            "tc": {"XDP_REDIRECT": 7, "XDP_TX": 7, "XDP_PASS": 0, "XDP_DROP": 2}}
+
+
+# Every state map the data path declares (bpf/maps.h): wiped when the env passes from one
+# test module to the next (Env.wipe). Parsed, so a new map is never forgotten.
+_MAPS_H = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bpf", "maps.h")
+with open(_MAPS_H) as _f:
+    STATE_MAPS = re.findall(r'^HP_MAP\("\w+",[^,]+,[^,]+,\s*(\w+),', _f.read(), re.M)
+assert "flows" in STATE_MAPS and "port_owner" in STATE_MAPS, STATE_MAPS
 
 
 def require_root():
@@ -73,6 +82,25 @@ class Env:
                      "lb_stats", "target_packets", "icmp_budget", "user_ends"):
             self.dp.table(name).clear()
 
+    def wipe(self):
+        """Every state map empty or zeroed, and the event ring read to its end: the data
+        path as a new one (a module gets it after another module's tests)."""
+        from hyperplane.datapath.ring import MappedRing
+        from hyperplane.observe.events import EVENT_SIZE
+        for name in STATE_MAPS:
+            table = self.dp.table(name)
+            for key in list(table.keys()):   # bcc's LpmTrie.clear() does nothing
+                del table[key]
+        ring = MappedRing(self.dp.table("flow_events").map_fd, EVENT_SIZE)
+        try:
+            for _ in range(10_000):       # bounded: nothing writes to it meanwhile
+                if not ring.pending_bytes():
+                    break
+                ring.read()
+            assert not ring.pending_bytes(), "the event ring could not be read to its end"
+        finally:
+            ring.close()
+
     def set_timeouts(self, **kw):
         write_config(self.dp, Timeouts(**kw))
 
@@ -91,17 +119,30 @@ def sandbox_ns():
         netns.remove(NS)
 
 
-@pytest.fixture(scope="session", params=HOOKS)
-def env(request, sandbox_ns):
-    dp = None
+@pytest.fixture(scope="session")
+def _datapaths(sandbox_ns):
+    """One data path per hook for the whole session (per xdist worker), compiled when
+    first asked for: a compile takes ~10 s, and a session-scoped parametrized fixture
+    was set up anew for every module (each runs its xdp tests, then its tc ones)."""
+    built: dict[str, Env] = {}
     try:
-        dp = Datapath(SIZES, hook=request.param)
-        write_config(dp, Timeouts(), hash_seed=0x12345678)
-        apply_gateway(dp, GatewayConfig("gw-test", 0, [NAT_IP], ["10.10.0.0/24"]))
-        yield Env(dp, sandbox_ns, request.param)
+        yield built
     finally:
-        if dp is not None:
-            dp.close()
+        for env in built.values():
+            env.dp.close()
+
+
+@pytest.fixture(scope="module", params=HOOKS)
+def env(request, _datapaths, sandbox_ns):
+    """The hook's data path, wiped, with the default config and gateway, for one module."""
+    hook = request.param
+    if hook not in _datapaths:
+        _datapaths[hook] = Env(Datapath(SIZES, hook=hook), sandbox_ns, hook)
+    built = _datapaths[hook]
+    built.wipe()
+    write_config(built.dp, Timeouts(), hash_seed=0x12345678)
+    apply_gateway(built.dp, GatewayConfig("gw-test", 0, [NAT_IP], ["10.10.0.0/24"]))
+    return built
 
 
 @pytest.fixture
