@@ -54,6 +54,6 @@ def select(blob: bytes, *, idle_below_ms: int, round_no: int, n_rounds: int,
         rec = view[at:at + rs]
         if int.from_bytes(rec[_IDLE], "little") < idle_below_ms:
             fresh += rec
-        elif want >= 0 and zlib.crc32(rec[:ks]) % n_rounds == want and owned(bytes(rec)):
+        elif want >= 0 and slice_of(rec[:ks], n_rounds) == want and owned(bytes(rec)):
             swept += rec
     return bytes(fresh), bytes(swept)
