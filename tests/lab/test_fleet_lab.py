@@ -560,6 +560,20 @@ def test_active_counts_go_back_to_zero_on_every_node(fleet):
         time.sleep(0.5)
     print(f"\nactive (NAT, NLB) per node after the connections closed: {counts}")
     print(f"some flows held: {held_samples(fleet)}; records per node: {record_counts(fleet)}")
+    # diagnostics: a flow still open may only wait for a record in flight; say whether
+    # it closes within 5 s or stays (what a leftover in FIN_WAIT has done)
+    t0 = time.monotonic()
+
+    def some_open():
+        return any(n for pair in counts.values() for n in pair)
+
+    while some_open() and time.monotonic() - t0 < 5:
+        time.sleep(0.5)
+        counts = active(fleet)
+    if some_open():
+        print(f"still active 5 s later: {counts}; held: {held_samples(fleet)}")
+    elif time.monotonic() - t0 > 0.1:
+        print(f"all closed {time.monotonic() - t0:.1f} s later")
     print(f"where replication could have lost a record, per node: {replication_losses(fleet)}")
 
 
