@@ -319,7 +319,9 @@ def stop_node(node: str, ifnames: list[str] | None = None, *, netns: str | None 
         except (HyperplaneError, OSError) as exc:
             warnings.append(f"could not remove the addresses node {node!r} added: {exc}")
     remove_pins(os.path.join(pin_root, node))
-    for suffix in (".json", ".agent.json", ".agent.log", ".agent.vips.json"):
+    # .events.sock: a killed agent (SIGKILL: a node killed in the fleet lab) leaves its
+    # flow-event socket behind
+    for suffix in (".json", ".agent.json", ".agent.log", ".agent.vips.json", ".events.sock"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(state_path(node, suffix))
     return warnings
