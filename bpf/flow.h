@@ -338,6 +338,7 @@ static __always_inline int flow_create(struct pkt *p, struct hp_config *cfg, __b
 	struct flow_value *v = &s->flow;
 	__builtin_memset(v, 0, sizeof(*v));
 	v->created_ns = p->now;
+	v->created_here = 1;
 	v->last_seen_ns = p->now;
 	v->resource = resource;
 	v->target = target;

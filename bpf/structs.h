@@ -53,7 +53,9 @@ struct flow_value {
 	__u32 win;                /* its last window, scaled */
 	__u32 syn_next;           /* its SYN's sequence number + 1 */
 	__u8 wscale;              /* window scale from its SYN, WSCALE_NONE if absent */
-	__u8 pad2[3];
+	__u8 created_here;        /* 1: this node created the flow from a packet; 0: from a
+				   * peer's record (diagnostics: which node made it) */
+	__u8 pad2[2];
 	/* Fleet: which flow on this tuple this is, random and never 0, drawn by the node
 	 * that created it and carried by its records: a peer's record of the same
 	 * incarnation always merges, however late it comes (ages cannot tell a delayed

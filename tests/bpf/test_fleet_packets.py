@@ -511,6 +511,8 @@ def test_record_of_a_real_nat_flow_makes_another_node_translate_alike(fleet):
         {rec.incarnation}, "every record of the flow names its incarnation"
     created = next(ev.record for ev in events if ev.type == FlowEventType.FLOW_CREATED)
     assert not created.confirmed and created.tcp_state == TcpState.SYN_SENT
+    assert [v.created_here for v in e.dp.table("flows").values()] == [1, 1], \
+        "both entries say this node made the flow"
 
     # node B (node 1): no flow yet, so the server's next packet goes to node 2 (the port's
     # block owner); with the record installed it is translated here, exactly like on A
@@ -523,6 +525,8 @@ def test_record_of_a_real_nat_flow_makes_another_node_translate_alike(fleet):
     result = install(e.dp, rec.pack())
     assert (result.installed, result.total()) == (1, 1), result
     assert table_len(e.dp, "flows") == 2 and table_len(e.dp, "pending") == 0
+    assert [v.created_here for v in e.dp.table("flows").values()] == [0, 0], \
+        "a replica installed from a record"
     verdict, _, data = e.run(data_pkt, "out0")
     assert verdict == Verdict.TX_NAT_IN
     assert_checksums(data)

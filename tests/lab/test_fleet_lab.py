@@ -600,7 +600,8 @@ def record_counts(fleet) -> dict:
 
 def held_samples(fleet, n: int = 4) -> dict:
     """A few flows still open on some node -> what each node holds of their entries:
-    (node, kind, TCP state, fin_seen, flags, packets, idle s, incarnation)."""
+    (node, kind, TCP state, fin_seen, flags, packets, idle s, incarnation, "made here"
+    when that node created the flow from a packet, else "from a record")."""
     from hyperplane.datapath.flows import flow_entries, decode, flow_timeouts, now_ns
     entries = {}
     for i, maps in node_maps(fleet):
@@ -609,7 +610,7 @@ def held_samples(fleet, n: int = 4) -> dict:
             f = decode(k, v, timeouts, now)
             entries.setdefault((f.proto, f.src, f.sport, f.dst, f.dport), []).append(
                 (i, f.kind, f.tcp_state, v.fin_seen, v.flags, f.packets, round(f.idle_s, 1),
-                 f"{v.incarnation:08x}"))
+                 f"{v.incarnation:08x}", "made here" if v.created_here else "from a record"))
     held = [t for t, es in entries.items() if any(e[2] != "CLOSED" for e in es)]
     return {t: entries[t] for t in held[:n]}
 
