@@ -649,7 +649,8 @@ def wait_every_shard_steered(fleet, within_s: float, after: str) -> dict:
                 f"{fleet_build._log_tail(ctl.get('log') or '', 20)}{logs}")
 
 
-def flow_entries(maps, originals: set[bytes] | None = None, client_ports=()) -> dict:
+def stream_flow_entries(maps, originals: set[bytes] | None = None,
+                        client_ports=()) -> dict:
     """Original key bytes -> [(key, value) of its two entries] in a node's flows table, for
     the NAT flows from CLIENT's client_ports to the stream server (or those whose
     original key is in originals)."""
@@ -711,7 +712,7 @@ def test_an_owner_sends_idle_flows_a_replica_lost_back_to_it(streams):
         replicas = {p for p, o in owner_of.items() if o != ids[lost_i]}
         assert len(owned) >= 5, f"only {len(owned)} of 60 connections are node {owner_i}'s"
         with open_node(fleet.names[owner_i]) as maps:
-            held = flow_entries(maps, client_ports=owned)
+            held = stream_flow_entries(maps, client_ports=owned)
         assert len(held) == len(owned) and all(len(e) == 2 for e in held.values()), held
         # idle past the refresh window of every node (the default 10 s + 1 s): from here
         # on no refresh sends them, only O's sweep does
@@ -720,7 +721,7 @@ def test_an_owner_sends_idle_flows_a_replica_lost_back_to_it(streams):
             time.sleep(wait_s)
         with open_node(fleet.names[lost_i]) as maps:
             from hyperplane.datapath.flows import delete_flow_entries
-            mine = flow_entries(maps, client_ports=replicas)
+            mine = stream_flow_entries(maps, client_ports=replicas)
             doomed = [e for entries in mine.values() for e in entries]
             assert len(mine) == len(replicas) and len(doomed) == 2 * len(replicas), \
                 f"node {lost_i} held {len(mine)} of its {len(replicas)} replicas"
@@ -729,7 +730,7 @@ def test_an_owner_sends_idle_flows_a_replica_lost_back_to_it(streams):
             deleted_at = time.monotonic()
             deadline = deleted_at + 15
             while True:
-                back = flow_entries(maps, originals=set(held))
+                back = stream_flow_entries(maps, originals=set(held))
                 if len(back) == len(held) and all(len(e) == 2 for e in back.values()):
                     break
                 assert time.monotonic() < deadline, (
