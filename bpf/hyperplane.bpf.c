@@ -429,6 +429,24 @@ static __always_inline int classify(HP_CTX *ctx, struct pkt *p, struct hp_config
 	return DO_NAT_NEW;
 }
 
+/* Fleet: a packet of a closing flow here (a FIN seen, or closed) may be the next flow's
+ * on the same tuple: a client reuses its port at once when the server closed first, and
+ * the next flow is opened through the owner, whose records have not arrived. Taken for
+ * the old flow here, its FIN changed nothing of the next one, which stayed open on every
+ * node (the fleet lab saw it: the server's SYN-ACK, answer and FIN all met a replica of
+ * the old flow still in FIN_WAIT). So it goes to the owner, who holds the newest: from
+ * the client any packet (its ACK confirms the next flow, its FIN closes it; a NAT flow's
+ * next one may have another port), in reply a SYN, FIN or RST (a reply's other packets
+ * are translated alike by either flow: a half-closed download stays on this node). The
+ * owner uses the closing flow if it is the newest it has (owned_closing_flow). */
+static __always_inline int closing_goes_to_owner(struct pkt *p, struct hp_config *cfg,
+						 struct flow_value *v)
+{
+	if (v->tcp_state < TCP_S_FIN_WAIT || !fleet_on(cfg) || p->from_peer || p->owner_local)
+		return 0;
+	return !is_reply_kind(v->kind) || (p->tcp_flags & (TH_SYN | TH_FIN | TH_RST));
+}
+
 /* The flow a parsed packet belongs to, or 0. Deletes an expired one on the way (then the
  * packet is a new flow), and a closed one that the same 5-tuple opens again. */
 static __always_inline struct flow_value *known_flow(struct pkt *p, struct hp_config *cfg)
@@ -459,35 +477,33 @@ static __always_inline struct flow_value *known_flow(struct pkt *p, struct hp_co
 		flow_delete(&p->key, v);
 		return 0;
 	}
-	if (v->tcp_state == TCP_S_CLOSED && !is_reply_kind(v->kind) && tcp_opens(p)) {
+	/* A client's SYN on a closed flow opens the tuple anew. In a fleet on a half-closed
+	 * one too: the other FIN may be in a record still on its way, and the client, whose
+	 * socket is gone, has no other use for the SYN (one node saw every FIN itself and
+	 * lets the half-closed flow carry it, as conntrack ignores it). */
+	if (!is_reply_kind(v->kind) && tcp_opens(p) &&
+	    (v->tcp_state == TCP_S_CLOSED ||
+	     (v->tcp_state == TCP_S_FIN_WAIT && fleet_on(cfg)))) {
 		emit_event(EV_FLOW_REMOVED, &p->key, v, p->now);
 		/* the next flow's generation follows this one's (bpf/consts.h INC_GEN_SHIFT) */
 		p->prev_incarnation = v->incarnation;
 		flow_delete(&p->key, v); /* the same 5-tuple opens anew after a close */
 		return 0;
 	}
-	/* Fleet: a packet of a closed flow here may be the next flow's on the same tuple (a
-	 * client reuses its port at once when the server closed first), opened through the
-	 * owner whose records have not arrived: taken for the closed one, its FIN changed
-	 * nothing and was never replicated, and the next flow stayed open on every node.
-	 * So it goes to the owner, who holds the newest: from the client any packet (its
-	 * ACK confirms the next flow, its FIN closes it), in reply a SYN or FIN. The owner
-	 * uses the closed flow if it is the newest it has (owned_closed_flow). */
-	if (v->tcp_state == TCP_S_CLOSED && fleet_on(cfg) && !p->from_peer && !p->owner_local &&
-	    (!is_reply_kind(v->kind) || (p->tcp_flags & (TH_SYN | TH_FIN))))
+	if (closing_goes_to_owner(p, cfg, v))
 		return 0;
 	return v;
 }
 
-/* Fleet: a packet known_flow sent to the owner for the closed flow it hit, when this
- * node is the owner: the closed flow is the tuple's newest, and the packet one of its
- * last (a FIN sent again, the last ACK). It is forwarded as the closed flow's. */
-static __always_inline struct flow_value *owned_closed_flow(struct pkt *p)
+/* Fleet: a packet known_flow sent to the owner for the closing flow it hit, when this
+ * node is the owner: the closing flow is the tuple's newest, and the packet one of its
+ * last (a FIN, the last ACK). It is forwarded as the closing flow's. */
+static __always_inline struct flow_value *owned_closing_flow(struct pkt *p)
 {
 	if (!p->owner_local || !p->tcp || tcp_opens(p))
 		return 0;
 	struct flow_value *v = flow_find(&p->key);
-	return v && v->tcp_state == TCP_S_CLOSED ? v : 0;
+	return v && v->tcp_state >= TCP_S_FIN_WAIT ? v : 0;
 }
 
 /* Parse a packet into p: Ethernet, IPv4, and the L4 header (none for a later
@@ -689,7 +705,7 @@ int HP_PROG(new)(HP_CTX *ctx)
 	int rc = begin(ctx, &p, &s, &cfg);
 	if (rc || !s || !cfg)
 		return finish(ctx, &p, rc);
-	struct flow_value *v = owned_closed_flow(&p);
+	struct flow_value *v = owned_closing_flow(&p);
 	if (!v)
 		rc = classify(ctx, &p, cfg, &v);
 	if (rc == 0 && v)

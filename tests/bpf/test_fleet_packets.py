@@ -21,9 +21,10 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from bpf_env import CLIENT, CLIENT2, INET, INET2, MAC, NAT_IP, NAT_IP2, TARGETS, VIP, Env
-from flowkit import (drain_events, flow_table_problems, from_target, nat_port_of, nlb,  # noqa: F401
+from flowkit import (ISN_CLIENT, ISN_SERVER, client_tcp, drain_events,  # noqa: F401
+                     flow_table_problems, from_target, nat_handshake, nat_port_of, nlb,
                      table_len)
-from hyperplane.datapath.flows import list_flows
+from hyperplane.datapath.flows import flow_entries, list_flows
 from hyperplane.datapath.sandbox import PEER_MACS, SYNC_IF
 from hyperplane.datapath.verdicts import FlowEventType, FlowKind, TcpState, Verdict
 from hyperplane.fleet.dataplane import FleetDataplane, GatewayBlocks, lb_slot
@@ -574,20 +575,32 @@ def _hold_only(fleet, node, rec: FlowRecord) -> None:
     assert install(fleet.e.dp, rec.pack()).installed == 1
 
 
+# a flow whose close has begun or ended: the replica may be of the tuple's previous flow
+_CLOSING = {
+    "closed": dict(tcp_state=TcpState.CLOSED, fin_seen=3),
+    "client-fin": dict(tcp_state=TcpState.FIN_WAIT, fin_seen=1),
+    "server-fin": dict(tcp_state=TcpState.FIN_WAIT, fin_seen=2),
+}
+
+
+@pytest.mark.parametrize("state", list(_CLOSING))
 @pytest.mark.parametrize("flags, verdict", [
-    ("A", Verdict.TX_NAT_IN),            # the closed flow's last ACK: translated here
+    ("A", Verdict.TX_NAT_IN),            # the old flow's last ACK: translated here
+    ("PA", Verdict.TX_NAT_IN),           # a half-closed flow's download: translated here
     ("FA", Verdict.TX_SECOND_CHANCE),    # maybe the next flow's FIN: to the owner
     ("SA", Verdict.TX_SECOND_CHANCE),    # the next flow's SYN-ACK: to the owner
+    ("R", Verdict.TX_SECOND_CHANCE),     # maybe the next flow's RST: to the owner
 ])
-def test_a_syn_or_fin_answering_a_closed_replica_goes_to_the_owner(fleet, flags, verdict):
-    """Node 1 holds a closed flow's replica. The client may already use the tuple again
-    through the owner (node 2), whose records have not arrived: a SYN or FIN from the
-    server is then the next flow's, and taken for the closed one here its FIN changed
-    nothing and was never replicated. It goes to the owner; a plain ACK stays here."""
+def test_a_syn_fin_or_rst_answering_a_closing_replica_goes_to_the_owner(
+        fleet, state, flags, verdict):
+    """Node 1 holds a closing flow's replica. The client may already use the tuple again
+    through the owner (node 2), whose records have not arrived: a SYN, FIN or RST from
+    the server is then the next flow's, and taken for the old one here it changed nothing
+    of the next. It goes to the owner; a plain ACK or data stays here."""
     e = fleet.e
     port = fleet.port_in(SELF)
-    closed = _rec(new_sport=port, tcp_state=TcpState.CLOSED, fin_seen=3, incarnation=7)
-    _hold_only(fleet, 1, closed)
+    closing = _rec(new_sport=port, incarnation=7, **_CLOSING[state])
+    _hold_only(fleet, 1, closing)
     answer = from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=port, flags=flags,
                                                       seq=9000, ack=1002))
     got, _, data = e.run(answer, "out0")
@@ -595,34 +608,92 @@ def test_a_syn_or_fin_answering_a_closed_replica_goes_to_the_owner(fleet, flags,
     if verdict == Verdict.TX_SECOND_CHANCE:
         assert Ether(data).dst == PEER_MAC[SELF], "the port block's owner"
     assert flow_table_problems(e.dp) == []
-    # the owner holds the same closed flow and nothing newer: it translates the packet
-    _hold_only(fleet, SELF, closed)
+    # the owner holds the same closing flow and nothing newer: it translates the packet
+    _hold_only(fleet, SELF, closing)
     got, _, data = e.run(answer, "out0")
     assert got == Verdict.TX_NAT_IN
     assert (Ether(data)[IP].dst, Ether(data)[TCP].dport) == (CLIENT, 41000)
     assert flow_table_problems(e.dp) == []
 
 
+@pytest.mark.parametrize("state", list(_CLOSING))
 @pytest.mark.parametrize("flags", ["A", "PA", "FA", "R"])
-def test_a_client_packet_of_a_closed_replica_goes_to_the_owner(fleet, flags):
-    """Node 1 holds a closed flow's replica, and the client opened the next flow on the
+def test_a_client_packet_of_a_closing_replica_goes_to_the_owner(fleet, state, flags):
+    """Node 1 holds a closing flow's replica, and the client opened the next flow on the
     tuple through the owner (node 2), whose records have not arrived. Every packet from
-    the client (its ACK confirms the next flow, its FIN closes it) goes to the owner; the
-    owner, holding nothing newer, forwards it as the closed flow's."""
+    the client (its ACK confirms the next flow, its FIN closes it, and the next NAT flow
+    may have another port) goes to the owner; the owner, holding nothing newer, forwards
+    it as the closing flow's."""
     e = fleet.e
     cport, port = fleet.cport_owned_by(SELF), fleet.port_in(SELF)
-    closed = _rec(sport=cport, new_sport=port, tcp_state=TcpState.CLOSED, fin_seen=3,
-                  incarnation=7)
+    closing = _rec(sport=cport, new_sport=port, incarnation=7, **_CLOSING[state])
     pkt = from_client(IP(src=CLIENT, dst=INET) / TCP(sport=cport, dport=80, flags=flags,
                                                      seq=1002, ack=9001))
-    _hold_only(fleet, 1, closed)
+    _hold_only(fleet, 1, closing)
     got, _, data = e.run(pkt, "in0")
     assert got == Verdict.TX_SECOND_CHANCE and Ether(data).dst == PEER_MAC[SELF]
-    _hold_only(fleet, SELF, closed)
+    _hold_only(fleet, SELF, closing)
     got, _, data = e.run(pkt, "in0")
     assert got == Verdict.TX_NAT_OUT
     assert (Ether(data)[IP].src, Ether(data)[TCP].sport) == (NAT_IP, port)
     assert flow_table_problems(e.dp) == []
+
+
+def test_the_next_nlb_flows_syn_ack_at_a_half_closed_replica_goes_to_the_owner(fleet, nlb):
+    """What the fleet lab caught: the target closed first, the client reused its port at
+    once, the owner made the next flow, and the target's SYN-ACK reached a node still
+    holding the old flow in FIN_WAIT. Forwarded there as the old flow's, none of the
+    target's packets met the next flow, which stayed in FIN_WAIT on every node. Now it
+    goes to the owner, whose client SYN opened the tuple anew, and meets the next flow."""
+    e = fleet.e
+    cport = fleet.cport_owned_by(SELF, ip=INET, proto=TCP_P)
+
+    def client(flags, seq, ack=0):
+        return from_inet(IP(src=INET, dst=VIP) / TCP(sport=cport, dport=80, flags=flags,
+                                                     seq=seq, ack=ack))
+
+    verdict, _, data = e.run(client("S", 1000), "out0")
+    assert verdict == Verdict.TX_NLB_IN
+    target = Ether(data)[IP].dst
+
+    def answer(flags, seq, ack):
+        return from_target(target, TCP(sport=8080, dport=cport, flags=flags, seq=seq,
+                                       ack=ack), dst=INET)
+
+    assert e.run(answer("SA", 5000, 1001), "tg0")[0] == Verdict.TX_NLB_OUT
+    assert e.run(client("A", 1001, 5001), "out0")[0] == Verdict.TX_NLB_IN
+    assert e.run(answer("FA", 5001, 1001), "tg0")[0] == Verdict.TX_NLB_OUT  # target closes
+    changed = [ev.record for ev in drain_events(e.dp) if ev.type == FlowEventType.FLOW_CHANGED]
+    old = changed[-1]
+    assert (old.kind, old.tcp_state) == (FlowKind.NLB_IN, TcpState.FIN_WAIT), changed
+    next_syn_ack = answer("SA", 7000, 2001)
+
+    _hold_only(fleet, 1, old)
+    verdict, _, data = e.run(next_syn_ack, "tg0")
+    assert verdict == Verdict.TX_SECOND_CHANCE and Ether(data).dst == PEER_MAC[SELF]
+    assert data[12:] == bytes(next_syn_ack)[12:], "handed over untranslated"
+
+    _hold_only(fleet, SELF, old)
+    assert e.run(client("S", 2000), "out0")[0] == Verdict.TX_NLB_IN   # opens the tuple anew
+    assert e.run(next_syn_ack, "tg0")[0] == Verdict.TX_NLB_OUT
+    held = {(FlowKind(v.kind), TcpState(v.tcp_state), v.incarnation >> 24)
+            for _, v in flow_entries(e.dp)}
+    assert held == {(FlowKind.NLB_IN, TcpState.ESTABLISHED, 1),
+                    (FlowKind.NLB_OUT, TcpState.ESTABLISHED, 1)}, \
+        f"want the next flow (generation 1) alone, established by the SYN-ACK: {held}"
+    assert flow_table_problems(e.dp) == []
+
+
+def test_one_node_lets_a_half_closed_flow_carry_a_syn(e):
+    """Out of a fleet a node saw every FIN itself: a SYN on a half-closed flow is carried
+    by it (conntrack ignores one too), not taken for a new flow."""
+    port = nat_handshake(e, cport=40123, data=False)
+    fin = client_tcp(40123, "FA", ISN_CLIENT + 1, ISN_SERVER + 1)
+    assert e.run(fin, "in0")[0] == Verdict.TX_NAT_OUT
+    verdict, _, data = e.run(client_tcp(40123, "S", 55000), "in0")
+    assert verdict == Verdict.TX_NAT_OUT and Ether(data)[TCP].sport == port
+    states = {TcpState(v.tcp_state) for _, v in flow_entries(e.dp)}
+    assert states == {TcpState.FIN_WAIT}, states
 
 
 def test_record_of_a_real_nlb_flow_makes_another_node_answer_alike(fleet, nlb):
