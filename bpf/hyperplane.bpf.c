@@ -429,22 +429,25 @@ static __always_inline int classify(HP_CTX *ctx, struct pkt *p, struct hp_config
 	return DO_NAT_NEW;
 }
 
-/* Fleet: a packet of a closing flow here (a FIN seen, or closed) may be the next flow's
- * on the same tuple: a client reuses its port at once when the server closed first, and
- * the next flow is opened through the owner, whose records have not arrived. Taken for
- * the old flow here, its FIN changed nothing of the next one, which stayed open on every
- * node (the fleet lab saw it: the server's SYN-ACK, answer and FIN all met a replica of
- * the old flow still in FIN_WAIT). So it goes to the owner, who holds the newest: from
- * the client any packet (its ACK confirms the next flow, its FIN closes it; a NAT flow's
- * next one may have another port), in reply a SYN, FIN or RST (a reply's other packets
- * are translated alike by either flow: a half-closed download stays on this node). The
- * owner uses the closing flow if it is the newest it has (owned_closing_flow). */
-static __always_inline int closing_goes_to_owner(struct pkt *p, struct hp_config *cfg,
-						 struct flow_value *v)
+/* Fleet: does this packet of a flow held here go to the flow's owner instead? A
+ * node other than the owner may hold the tuple's previous flow: a client reuses its port
+ * at once when the server closed first, and the owner makes the next flow, whose records
+ * have not arrived. Taken for the old flow here, the next flow's packets changed nothing
+ * of it, and it stayed open on every node (the fleet lab saw it: the server's SYN-ACK,
+ * answer and FIN met replicas of the old flow, in FIN_WAIT or still established, and
+ * were forwarded as its). So the owner, which holds the newest flow, sees every SYN, FIN
+ * and RST of its flows, and every packet from the client of a closing flow (a FIN seen,
+ * or closed: its ACK confirms the next flow, and a NAT flow's next one may have another
+ * port). Other packets are translated alike by either flow and stay where they land. The
+ * owner uses the flow it holds (owned_flow). */
+static __always_inline int goes_to_owner(struct pkt *p, struct hp_config *cfg,
+					 struct flow_value *v)
 {
-	if (v->tcp_state < TCP_S_FIN_WAIT || !fleet_on(cfg) || p->from_peer || p->owner_local)
+	if (!p->tcp || !fleet_on(cfg) || p->from_peer || p->owner_local)
 		return 0;
-	return !is_reply_kind(v->kind) || (p->tcp_flags & (TH_SYN | TH_FIN | TH_RST));
+	if (p->tcp_flags & (TH_SYN | TH_FIN | TH_RST))
+		return 1;
+	return v->tcp_state >= TCP_S_FIN_WAIT && !is_reply_kind(v->kind);
 }
 
 /* The flow a parsed packet belongs to, or 0. Deletes an expired one on the way (then the
@@ -490,20 +493,18 @@ static __always_inline struct flow_value *known_flow(struct pkt *p, struct hp_co
 		flow_delete(&p->key, v); /* the same 5-tuple opens anew after a close */
 		return 0;
 	}
-	if (closing_goes_to_owner(p, cfg, v))
+	if (goes_to_owner(p, cfg, v))
 		return 0;
 	return v;
 }
 
-/* Fleet: a packet known_flow sent to the owner for the closing flow it hit, when this
- * node is the owner: the closing flow is the tuple's newest, and the packet one of its
- * last (a FIN, the last ACK). It is forwarded as the closing flow's. */
-static __always_inline struct flow_value *owned_closing_flow(struct pkt *p)
+/* Fleet: a packet known_flow sent to the owner (goes_to_owner), when this node is the
+ * owner: the flow it holds is the tuple's newest, and the packet is forwarded as its. */
+static __always_inline struct flow_value *owned_flow(struct pkt *p)
 {
-	if (!p->owner_local || !p->tcp || tcp_opens(p))
+	if (!p->owner_local || !p->tcp)
 		return 0;
-	struct flow_value *v = flow_find(&p->key);
-	return v && v->tcp_state >= TCP_S_FIN_WAIT ? v : 0;
+	return flow_find(&p->key);
 }
 
 /* Parse a packet into p: Ethernet, IPv4, and the L4 header (none for a later
@@ -705,7 +706,7 @@ int HP_PROG(new)(HP_CTX *ctx)
 	int rc = begin(ctx, &p, &s, &cfg);
 	if (rc || !s || !cfg)
 		return finish(ctx, &p, rc);
-	struct flow_value *v = owned_closing_flow(&p);
+	struct flow_value *v = owned_flow(&p);
 	if (!v)
 		rc = classify(ctx, &p, cfg, &v);
 	if (rc == 0 && v)

@@ -575,32 +575,33 @@ def _hold_only(fleet, node, rec: FlowRecord) -> None:
     assert install(fleet.e.dp, rec.pack()).installed == 1
 
 
-# a flow whose close has begun or ended: the replica may be of the tuple's previous flow
-_CLOSING = {
+# a replica's state: established, or a close begun or ended (then it may be the tuple's
+# previous flow whatever the packet)
+_STATES = {
+    "established": dict(tcp_state=TcpState.ESTABLISHED, fin_seen=0),
     "closed": dict(tcp_state=TcpState.CLOSED, fin_seen=3),
     "client-fin": dict(tcp_state=TcpState.FIN_WAIT, fin_seen=1),
     "server-fin": dict(tcp_state=TcpState.FIN_WAIT, fin_seen=2),
 }
 
 
-@pytest.mark.parametrize("state", list(_CLOSING))
+@pytest.mark.parametrize("state", list(_STATES))
 @pytest.mark.parametrize("flags, verdict", [
-    ("A", Verdict.TX_NAT_IN),            # the old flow's last ACK: translated here
-    ("PA", Verdict.TX_NAT_IN),           # a half-closed flow's download: translated here
+    ("A", Verdict.TX_NAT_IN),            # an ACK (the old flow's last): translated here
+    ("PA", Verdict.TX_NAT_IN),           # data (a half-closed flow's download): here
     ("FA", Verdict.TX_SECOND_CHANCE),    # maybe the next flow's FIN: to the owner
-    ("SA", Verdict.TX_SECOND_CHANCE),    # the next flow's SYN-ACK: to the owner
+    ("SA", Verdict.TX_SECOND_CHANCE),    # maybe the next flow's SYN-ACK: to the owner
     ("R", Verdict.TX_SECOND_CHANCE),     # maybe the next flow's RST: to the owner
 ])
-def test_a_syn_fin_or_rst_answering_a_closing_replica_goes_to_the_owner(
-        fleet, state, flags, verdict):
-    """Node 1 holds a closing flow's replica. The client may already use the tuple again
-    through the owner (node 2), whose records have not arrived: a SYN, FIN or RST from
-    the server is then the next flow's, and taken for the old one here it changed nothing
-    of the next. It goes to the owner; a plain ACK or data stays here."""
+def test_a_syn_fin_or_rst_answering_a_replica_goes_to_the_owner(fleet, state, flags, verdict):
+    """Node 1 holds a replica. The client may already use the tuple again through the
+    owner (node 2), whose records have not arrived: a SYN, FIN or RST from the server is
+    then the next flow's, and taken for the old one here it changed nothing of the next.
+    It goes to the owner; a plain ACK or data stays here."""
     e = fleet.e
     port = fleet.port_in(SELF)
-    closing = _rec(new_sport=port, incarnation=7, **_CLOSING[state])
-    _hold_only(fleet, 1, closing)
+    held = _rec(new_sport=port, incarnation=7, **_STATES[state])
+    _hold_only(fleet, 1, held)
     answer = from_inet(IP(src=INET, dst=NAT_IP) / TCP(sport=80, dport=port, flags=flags,
                                                       seq=9000, ack=1002))
     got, _, data = e.run(answer, "out0")
@@ -608,34 +609,47 @@ def test_a_syn_fin_or_rst_answering_a_closing_replica_goes_to_the_owner(
     if verdict == Verdict.TX_SECOND_CHANCE:
         assert Ether(data).dst == PEER_MAC[SELF], "the port block's owner"
     assert flow_table_problems(e.dp) == []
-    # the owner holds the same closing flow and nothing newer: it translates the packet
-    _hold_only(fleet, SELF, closing)
+    # the owner holds the same flow and nothing newer: it translates the packet
+    _hold_only(fleet, SELF, held)
     got, _, data = e.run(answer, "out0")
     assert got == Verdict.TX_NAT_IN
     assert (Ether(data)[IP].dst, Ether(data)[TCP].dport) == (CLIENT, 41000)
     assert flow_table_problems(e.dp) == []
 
 
-@pytest.mark.parametrize("state", list(_CLOSING))
-@pytest.mark.parametrize("flags", ["A", "PA", "FA", "R"])
+@pytest.mark.parametrize("state", list(_STATES))
+@pytest.mark.parametrize("flags", ["A", "PA", "FA", "R", "S"])
 def test_a_client_packet_of_a_closing_replica_goes_to_the_owner(fleet, state, flags):
-    """Node 1 holds a closing flow's replica, and the client opened the next flow on the
-    tuple through the owner (node 2), whose records have not arrived. Every packet from
-    the client (its ACK confirms the next flow, its FIN closes it, and the next NAT flow
-    may have another port) goes to the owner; the owner, holding nothing newer, forwards
-    it as the closing flow's."""
+    """Node 1 holds a replica, and the client may have opened the next flow on the tuple
+    through the owner (node 2), whose records have not arrived. From the client a SYN, FIN
+    or RST goes to the owner, and of a closing flow every packet (its ACK confirms the next
+    flow, and the next NAT flow may have another port); an established flow's ACK or data
+    stays here. The owner, holding nothing newer, forwards it as the held flow's (a SYN
+    opens a closing tuple anew: a new flow, with its own port)."""
     e = fleet.e
     cport, port = fleet.cport_owned_by(SELF), fleet.port_in(SELF)
-    closing = _rec(sport=cport, new_sport=port, incarnation=7, **_CLOSING[state])
+    held = _rec(sport=cport, new_sport=port, incarnation=7, **_STATES[state])
+    seq, ack = (5000, 0) if flags == "S" else (1002, 9001)
     pkt = from_client(IP(src=CLIENT, dst=INET) / TCP(sport=cport, dport=80, flags=flags,
-                                                     seq=1002, ack=9001))
-    _hold_only(fleet, 1, closing)
+                                                     seq=seq, ack=ack))
+    _hold_only(fleet, 1, held)
     got, _, data = e.run(pkt, "in0")
-    assert got == Verdict.TX_SECOND_CHANCE and Ether(data).dst == PEER_MAC[SELF]
-    _hold_only(fleet, SELF, closing)
+    stays = state == "established" and flags in ("A", "PA")
+    if stays:
+        assert got == Verdict.TX_NAT_OUT
+        assert (Ether(data)[IP].src, Ether(data)[TCP].sport) == (NAT_IP, port)
+    else:
+        assert got == Verdict.TX_SECOND_CHANCE and Ether(data).dst == PEER_MAC[SELF]
+    _hold_only(fleet, SELF, held)
     got, _, data = e.run(pkt, "in0")
     assert got == Verdict.TX_NAT_OUT
-    assert (Ether(data)[IP].src, Ether(data)[TCP].sport) == (NAT_IP, port)
+    reopens = flags == "S" and state != "established"
+    assert Ether(data)[IP].src == NAT_IP
+    incarnations = {v.incarnation for _, v in flow_entries(e.dp)}
+    if reopens:
+        assert [i >> 24 for i in incarnations] == [1], "a SYN opens a closing tuple anew"
+    else:
+        assert incarnations == {7} and Ether(data)[TCP].sport == port, "the held flow"
     assert flow_table_problems(e.dp) == []
 
 
