@@ -239,40 +239,12 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 		rec_outcome(s, rc == -EEXIST ? S_REC_CONFLICT : S_REC_FULL);
 		return;
 	}
-	if (r->kind == KIND_NAT_OUT) {
-		/* the port is taken here too: this node never gives it to another flow toward
-		 * the same destination, and takes over the reservation on failover */
-		struct nat_resv_key rk = {};
-		resv_key_of(&reply, &rk);
-		struct nat_resv_value rv = {};
-		rv.orig = key;
-		rv.taken_ns = now;
-		rc = nat_resv.insert(&rk, &rv);
-		if (rc == -EEXIST) {
-			struct nat_resv_value *old = nat_resv.lookup(&rk);
-			if (old && (old->orig.src_ip != key.src_ip || old->orig.src_port != key.src_port)) {
-				/* the holder still uses this port (a race: its reply entry
-				 * would have been found above): two live flows on one port,
-				 * the record's is undone; else the reservation is stale (its
-				 * flow gone, or on another port now) and passes to this one */
-				struct flow_key holder = old->orig;
-				struct flow_value *h = flow_find(&holder);
-				if (h && h->kind == KIND_NAT_OUT && h->new_src_ip == rk.nat_ip &&
-				    h->new_src_port == rk.nat_port) {
-					if (confirmed) {
-						flows.delete(&reply);
-						flows.delete(&key);
-					} else {
-						pending.delete(&reply);
-						pending.delete(&key);
-					}
-					rec_outcome(s, S_REC_CONFLICT);
-					return;
-				}
-				nat_resv.update(&rk, &rv);
-			}
-		}
-	}
+	/* A replica reserves no NAT port (nat_resv): the node whose block holds the port
+	 * alone takes ports from it, and the insert was a quarter of a new record's cost.
+	 * When a block moves here, the agent reserves the ports of the flows held in it
+	 * before this node takes ports from it (hyperplane/fleet/dataplane.py
+	 * reserve_held_ports); a port still missed is refused by the flows table (the new
+	 * flow's reply key is this flow's: V_DROP_TUPLE_TAKEN), never given twice. */
 	if (confirmed) {
 		res_count(r->kind, resource, RES_CONFIRMED);
 		/* a closed flow's record (its entries here were already gone): held until it

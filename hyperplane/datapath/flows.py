@@ -277,7 +277,7 @@ def _delete(table, keys: list) -> list[bool]:
 
 def collect_garbage(dp, on_deleted=None) -> GcResult:
     """Delete expired flow entries (both keys of a flow, in every flow table) and the
-    reservations whose flow is gone or expired from all of them. on_deleted((key, value)
+    reservations whose flow is gone, expired, or on another port now. on_deleted((key, value)
     list): the entries deleted, as read just before (their final counts: flow logs).
 
     The data path already treats an expired flow as absent; this frees the table space and
@@ -302,10 +302,17 @@ def collect_garbage(dp, on_deleted=None) -> GcResult:
         result.flows_removed += len(deleted)
         if on_deleted is not None and deleted:
             on_deleted(deleted)
+    def holds(k, v) -> bool:
+        """Does the reservation's flow live and still use its port? (A flow that has
+        another port now left this one stale: bpf/nat.h resv_reclaim says the same.)"""
+        e = entries.get(bytes(v.orig))
+        return (e is not None and entry_live(e[1], e[2], timeouts, now) and
+                e[2].new_src_ip == k.nat_ip and e[2].new_src_port == k.nat_port)
+
     resv = dp.table("nat_resv")
     stale = [k for k, v in resv.items_lookup_batch()
              # a young reservation's flow may be being created right now (the C's grace)
-             if now - v.taken_ns > RESV_GRACE_S * NSEC and not live(bytes(v.orig))]
+             if now - v.taken_ns > RESV_GRACE_S * NSEC and not holds(k, v)]
     result.reservations_removed = sum(_delete(resv, stale))
     return result
 

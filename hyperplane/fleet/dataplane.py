@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hyperplane.codec import be16_to_port
 from hyperplane.datapath import cheaders
+from hyperplane.datapath.flows import flow_entries, now_ns
 from hyperplane.datapath.settings import F_EVENT_WAKEUP, F_FLEET, F_PEER_EVENTS, set_flags, \
     update_config
+from hyperplane.datapath.verdicts import FlowKind
 from hyperplane.errors import ConfigError
 from hyperplane.fleet.owner import block_owners, block_size, blocks_in_range
 from hyperplane.nat.gateway import write_blocks
@@ -46,6 +49,7 @@ class GatewayBlocks:
 class FleetDataplane:
     def __init__(self, dp):
         self.dp = dp
+        self._usable: dict[int, set[tuple[int, int]]] = {}   # gw id -> blocks written
 
     def set_identity(self, node_id: int, sync_ifindex: int) -> None:
         """This node's id and sync interface; turns fleet mode on (HP_F_FLEET), and the
@@ -104,8 +108,45 @@ class FleetDataplane:
                 table[table.Key(idx)] = table.Leaf(0 if owner is None else owner + 1)
         mine = [b for b, owner in sorted(owners.items(), key=lambda kv: (kv[0][1], kv[0][0]))
                 if owner == node_id and (usable is None or b in usable)]
+        self.reserve_held_ports(gw, set(mine) - self._usable.get(gw.gw_id, set()))
         write_blocks(self.dp, gw.gw_id, mine, size)
+        self._usable[gw.gw_id] = set(mine)
         return owners
+
+    def reserve_held_ports(self, gw: GatewayBlocks, blocks: set[tuple[int, int]]) -> int:
+        """Reserve the port of every NAT flow held here that lies in `blocks` of gw (NAT
+        IP index, block), before this node takes ports from them. A replica reserves no
+        port of another node's block (bpf/install.h: that node alone takes ports from
+        it), so a block that moves here, on failover or a rebalance, holds flows whose
+        ports no other flow toward the same destination may get. Records installed
+        from now on reserve their ports themselves (the block's owner is written
+        first). Returns how many reservations were added."""
+        if not blocks:
+            return 0
+        size = block_size(gw.port_min, gw.port_max)
+        where = {int(k.value): (int(v.gw_id), int(v.ip_idx))
+                 for k, v in self.dp.table("nat_ips").items()}
+        resv = self.dp.table("nat_resv")
+        now = now_ns()
+        added = 0
+        for k, v in flow_entries(self.dp):
+            if v.kind != FlowKind.NAT_OUT:
+                continue
+            gw_id, ip_idx = where.get(int(v.new_src_ip), (None, None))
+            port = be16_to_port(v.new_src_port)
+            if gw_id != gw.gw_id or not gw.port_min <= port <= gw.port_max or \
+                    (ip_idx, (port - gw.port_min) // size) not in blocks:
+                continue
+            rk = resv.Key(dst_ip=v.new_dst_ip, nat_ip=v.new_src_ip, dst_port=v.new_dst_port,
+                          nat_port=v.new_src_port, proto=k.proto)
+            if rk in resv:
+                continue
+            leaf = resv.Leaf()
+            leaf.orig = type(leaf.orig).from_buffer_copy(k)
+            leaf.taken_ns = now
+            resv[rk] = leaf
+            added += 1
+        return added
 
 
 def all_blocks(gw: GatewayBlocks) -> list[tuple[int, int]]:

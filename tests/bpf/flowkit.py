@@ -117,7 +117,9 @@ def flow_table_problems(dp) -> list[str]:
       - every entry's twin is in the same table and names it back, with the partner kind;
       - an entry translates its packets into its twin's key reversed;
       - no (NAT IP, NAT port, proto, dst IP, dst port) is held by two NAT flows;
-      - every NAT flow holds the reservation of its port, for itself;
+      - every NAT flow this node created holds the reservation of its port, for itself
+        (a replica installed from a record holds none, or the one the agent took when
+        the port's block moved here);
       - every reservation belongs to a NAT flow that exists."""
     partner = {FlowKind.NAT_OUT: FlowKind.NAT_IN, FlowKind.NAT_IN: FlowKind.NAT_OUT,
                FlowKind.NLB_IN: FlowKind.NLB_OUT, FlowKind.NLB_OUT: FlowKind.NLB_IN}
@@ -157,6 +159,8 @@ def flow_table_problems(dp) -> list[str]:
             key_tuple(rv.orig) for rk, rv in dp.table("nat_resv").items()}
     for (nat_ip, nat_port, proto, dst_ip, dst_port), ks in holders.items():
         owner = resv.get((dst_ip, nat_ip, dst_port, nat_port, proto))
+        if owner is None and not both[ks[0]].created_here:
+            continue    # a replica (a block that moves here has them reserved first)
         if owner is None:
             problems.append(f"NAT flow {ks[0]} holds no reservation of its port")
         elif owner not in ks:

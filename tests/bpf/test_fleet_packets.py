@@ -22,8 +22,9 @@ from scapy.layers.l2 import Ether
 
 from bpf_env import CLIENT, CLIENT2, INET, INET2, MAC, NAT_IP, NAT_IP2, TARGETS, VIP, Env
 from flowkit import (ISN_CLIENT, ISN_SERVER, client_tcp, drain_events,  # noqa: F401
-                     flow_table_problems, from_target, nat_handshake, nat_port_of, nlb,
-                     table_len)
+                     flow_table_problems, from_target, key_tuple, nat_handshake, nat_port_of,
+                     nlb, port_num, table_len)
+from hyperplane.codec import ip_to_be32, port_to_be16
 from hyperplane.datapath.flows import flow_entries, list_flows
 from hyperplane.datapath.sandbox import PEER_MACS, SYNC_IF
 from hyperplane.datapath.verdicts import FlowEventType, FlowKind, TcpState, Verdict
@@ -542,7 +543,59 @@ def test_record_of_a_real_nat_flow_makes_another_node_translate_alike(fleet):
     assert verdict == Verdict.TX_NAT_OUT
     assert (Ether(data)[IP].src, Ether(data)[TCP].sport) == (NAT_IP, port)
     assert flow_table_problems(e.dp) == []
-    assert len(e.dp.table("nat_resv")) == 1, "the replica holds its NAT port"
+    assert len(e.dp.table("nat_resv")) == 0, \
+        "a replica reserves no port of another node's block (that node takes ports from it)"
+
+
+def test_a_block_that_moves_here_has_its_held_ports_reserved_first(fleet):
+    """A replica of node 2's flow reserves no port. When node 2 leaves and the port's
+    block passes to node 1, node 1 reserves the ports of the flows it holds in the block
+    before it takes ports from it: a new flow toward the same destination, whose search
+    starts at that very port, gets another one. A replica installed after the move holds
+    no reservation; a search that meets its port is refused by the flows table, counted,
+    and the client's next SYN gets another port: never one port for two flows."""
+    e = fleet.e
+    after = block_owners({1, 3}, GW.gw_id, GW.n_nat_ips, GW.port_min, GW.port_max, fleet.seed)
+    moved = sorted(b for b, owner in fleet.owners.items() if owner == SELF and after[b] == 1)
+    assert len(moved) >= 2, "two of node 2's blocks pass to node 1"
+    port = GW.port_min + moved[0][1] * SIZE + 7
+    e.reset()
+    fleet.become(node=1)
+    assert install(e.dp, _rec(new_sport=port).pack()).installed == 1   # 41000 -> INET:80
+    assert table_len(e.dp, "nat_resv") == 0, "a replica reserves no port"
+    fleet.become(node=1, live=(1, 3))                 # node 2 is gone
+    assert fleet.port_owner(port) == 1
+    resv = {(port_num(k.nat_port), key_tuple(v.orig)) for k, v in e.dp.table("nat_resv").items()}
+    orig = (ip_to_be32(CLIENT), ip_to_be32(INET), port_to_be16(41000), port_to_be16(80), TCP_P)
+    assert resv == {(port, orig)}, resv
+    assert flow_table_problems(e.dp) == []
+    owned = [b for b, owner in sorted(fleet.owners.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+             if owner == 1]
+    cursor = e.dp.table("nat_cursor")
+    ck = cursor.Key(dst_ip=ip_to_be32(INET), dst_port=port_to_be16(80), proto=TCP_P,
+                    gw_id=GW.gw_id)
+
+    def syn_from_a_port_searching_at(nat_port, block, cport):
+        """The client's SYN toward INET:80, the search starting at nat_port."""
+        cursor[ck] = cursor.Leaf((nat_port - GW.port_min - block[1] * SIZE) * len(owned) +
+                                 owned.index(block))
+        return e.run(from_client(IP(src=CLIENT, dst=INET) /
+                                 TCP(sport=cport, dport=80, flags="S")), "in0")
+
+    cport = fleet.cport_owned_by(1, start=42000)
+    verdict, _, data = syn_from_a_port_searching_at(port, moved[0], cport)
+    assert verdict == Verdict.TX_NAT_OUT, verdict
+    assert nat_port_of(data) != port, "the held flow's port went to another flow"
+    # a replica installed after the move: its port is refused by the flows table
+    late_port = GW.port_min + moved[1][1] * SIZE + 9
+    assert install(e.dp, _rec(sport=41001, new_sport=late_port).pack()).installed == 1
+    cport2 = fleet.cport_owned_by(1, start=cport + 1)
+    verdict, _, _ = syn_from_a_port_searching_at(late_port, moved[1], cport2)
+    assert verdict == Verdict.DROP_TUPLE_TAKEN, verdict
+    verdict, _, data = e.run(from_client(IP(src=CLIENT, dst=INET) /
+                                         TCP(sport=cport2, dport=80, flags="S")), "in0")
+    assert verdict == Verdict.TX_NAT_OUT and nat_port_of(data) != late_port
+    assert flow_table_problems(e.dp) == []
 
 
 def test_a_fleet_member_alone_on_the_ring_gets_one_event_per_new_flow(fleet):
@@ -1116,12 +1169,12 @@ def test_a_refresh_record_built_from_a_flow_entry_says_its_age(fleet):
     assert rec == dataclasses_replace(c_rec, idle_ms=rec.idle_ms, age_ms=rec.age_ms)
 
 
-def test_stale_reservation_of_a_flow_now_on_another_port_gives_way(fleet):
+def test_stale_reservation_of_a_flow_now_on_another_port_goes_with_the_gc(fleet):
     """A reservation left from a flow's earlier incarnation (its entries collected, the
-    reservation not yet) names a flow that lives on another port now: it is stale, and a
-    record of another flow on that port installs once, holding the reservation."""
-    from hyperplane.codec import ip_to_be32, port_to_be16
-    from hyperplane.datapath.flows import now_ns
+    reservation not yet) names a flow that lives on another port now. A record of another
+    flow on that port installs anyway (a replica reserves nothing), and the garbage
+    collection removes the stale reservation once past its grace."""
+    from hyperplane.datapath.flows import RESV_GRACE_S, collect_garbage, now_ns
     e = fleet.e
     old_port, new_port = fleet.port_in(SELF, 1), fleet.port_in(SELF, 2)
     assert install(e.dp, _rec(new_sport=new_port).pack()).installed == 1
@@ -1131,8 +1184,10 @@ def test_stale_reservation_of_a_flow_now_on_another_port_gives_way(fleet):
     v = resv.Leaf()
     v.orig.src_ip, v.orig.dst_ip = ip_to_be32(CLIENT), ip_to_be32(INET)
     v.orig.src_port, v.orig.dst_port, v.orig.proto = port_to_be16(41000), port_to_be16(80), TCP_P
-    v.taken_ns = now_ns()
+    v.taken_ns = now_ns() - int(2 * RESV_GRACE_S * 1e9)
     resv[k] = v
     result = install(e.dp, _rec(src=CLIENT2, new_sport=old_port).pack())
     assert (result.installed, result.total()) == (1, 1), result
+    assert collect_garbage(e.dp).reservations_removed == 1
+    assert table_len(e.dp, "nat_resv") == 0 and table_len(e.dp, "flows") == 4
     assert flow_table_problems(e.dp) == []

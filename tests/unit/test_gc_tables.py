@@ -18,11 +18,21 @@ class Key(ctypes.Structure):
     _fields_ = [("src_ip", ctypes.c_uint32), ("proto", ctypes.c_uint8)]
 
 
+class ResvKey(ctypes.Structure):
+    """A reservation's key: src_ip names it in the tests; the NAT IP and port it holds."""
+    _fields_ = [("src_ip", ctypes.c_uint32), ("proto", ctypes.c_uint8),
+                ("nat_ip", ctypes.c_uint32), ("nat_port", ctypes.c_uint16)]
+
+
 class Value(ctypes.Structure):
     _fields_ = [("twin", Key), ("orig", Key), ("kind", ctypes.c_uint8),
                 ("tcp_state", ctypes.c_uint8), ("flags", ctypes.c_uint8),
                 ("resource", ctypes.c_uint16), ("last_seen_ns", ctypes.c_uint64),
-                ("taken_ns", ctypes.c_uint64)]
+                ("taken_ns", ctypes.c_uint64), ("new_src_ip", ctypes.c_uint32),
+                ("new_src_port", ctypes.c_uint16)]
+
+
+NAT_PORT = 7    # every stand-in flow's translated port (its NAT IP: its own key's ip)
 
 
 class Table:
@@ -84,11 +94,14 @@ class Maps:
                                        twin_idle_s)):
             self.tables[table].put(key, Value(twin=twin, kind=kind, tcp_state=state,
                                               flags=flags, resource=resource,
-                                              last_seen_ns=NOW - int(idle * NSEC)))
+                                              last_seen_ns=NOW - int(idle * NSEC),
+                                              new_src_ip=key.src_ip, new_src_port=NAT_PORT))
         return k
 
-    def reservation(self, ip, orig, age_s):
-        self.tables["nat_resv"].put(Key(ip, 17), Value(orig=orig, taken_ns=NOW - int(age_s * NSEC)))
+    def reservation(self, ip, orig, age_s, port=NAT_PORT):
+        """Reservation `ip` of (orig's NAT IP, port), naming flow orig."""
+        self.tables["nat_resv"].put(ResvKey(ip, 17, orig.src_ip, port),
+                                    Value(orig=orig, taken_ns=NOW - int(age_s * NSEC)))
 
 
 @pytest.fixture(autouse=True)
@@ -111,13 +124,14 @@ def test_gc_sweeps_every_flow_table_and_keeps_ports_of_live_flows_anywhere():
     m.reservation(102, young, old)                            # its flow lives in `second`
     m.reservation(103, Key(9, 17), RESV_GRACE_S / 2)          # within the grace
     m.reservation(104, Key(9, 17), old)                       # its flow is nowhere
+    m.reservation(105, live, old, port=NAT_PORT + 1)          # its flow has another port
     res = collect_garbage(m)
     left = {t: sorted(k.src_ip for k, _ in m.tables[t].entries.values()) for t in m.tables}
     assert sorted(ip for t in flows.flow_tables() for ip in left[t]) == \
         [1, 3, 5, 1001, 1003, 1005]
     assert 5 in left[second] and 1005 in left[second]
     assert left["nat_resv"] == [100, 102, 103]
-    assert (res.flows_removed, res.reservations_removed) == (4, 2)
+    assert (res.flows_removed, res.reservations_removed) == (4, 3)
 
 
 def test_gc_counts_the_open_confirmed_flows_it_deletes_per_resource():
