@@ -302,6 +302,7 @@ def collect_garbage(dp, on_deleted=None) -> GcResult:
         result.flows_removed += len(deleted)
         if on_deleted is not None and deleted:
             on_deleted(deleted)
+
     def holds(k, v) -> bool:
         """Does the reservation's flow live and still use its port? (A flow that has
         another port now left this one stale: bpf/nat.h resv_reclaim says the same.)"""

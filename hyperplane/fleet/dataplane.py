@@ -116,11 +116,13 @@ class FleetDataplane:
     def reserve_held_ports(self, gw: GatewayBlocks, blocks: set[tuple[int, int]]) -> int:
         """Reserve the port of every NAT flow held here that lies in `blocks` of gw (NAT
         IP index, block), before this node takes ports from them. A replica reserves no
-        port of another node's block (bpf/install.h: that node alone takes ports from
+        port (bpf/install.h: the node whose block holds it alone takes ports from
         it), so a block that moves here, on failover or a rebalance, holds flows whose
-        ports no other flow toward the same destination may get. Records installed
-        from now on reserve their ports themselves (the block's owner is written
-        first). Returns how many reservations were added."""
+        ports no other flow toward the same destination may get. A replica installed
+        after this holds none: a port search that meets its port is refused by the flows
+        table (the reply key is taken: DROP_TUPLE_TAKEN), never given twice. One pass
+        over the flow tables, only when a block becomes usable here. Returns how many
+        reservations were added."""
         if not blocks:
             return 0
         size = block_size(gw.port_min, gw.port_max)
