@@ -113,6 +113,12 @@ class FleetDataplane:
         self._usable[gw.gw_id] = set(mine)
         return owners
 
+    def reserve_usable_ports(self, gw: GatewayBlocks) -> int:
+        """reserve_held_ports over every block of gw this node takes ports from now: once
+        a joining node holds its peers' copies (member readiness), whose flows in its own
+        blocks came after the blocks were written."""
+        return self.reserve_held_ports(gw, set(self._usable.get(gw.gw_id, ())))
+
     def reserve_held_ports(self, gw: GatewayBlocks, blocks: set[tuple[int, int]]) -> int:
         """Reserve the port of every NAT flow held here that lies in `blocks` of gw (NAT
         IP index, block), before this node takes ports from them. A replica reserves no

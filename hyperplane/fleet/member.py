@@ -692,8 +692,21 @@ class FleetMember:
         if (quiet and not held) or now - self.started >= self.config.ready_max_s:
             if expected and quiet and not held:   # every copy is in (not the time limit)
                 self._reconcile()
+            # the copies' flows in this node's own blocks hold no reservation yet (a
+            # replica takes none): reserved before others send it new flows
+            reserved = self.reserve_own_ports()
+            if reserved:
+                log.info("reserved the NAT ports of %d flows held in its own blocks", reserved)
             self.ready = True
             log.info("node %s is ready (holds its shards' flows)", self.name)
+
+    def reserve_own_ports(self) -> int:
+        """Reserve the NAT port of every flow held here in a block this node takes ports
+        from (FleetDataplane.reserve_usable_ports); returns how many were missing. At
+        readiness (the peers' copies), and with each garbage collection: a record a
+        block's old owner sent before it saw this node take the block over."""
+        return sum(self.fleet.reserve_usable_ports(gw)
+                   for gw, _ in list(self._block_owners.values()))
 
     # --- status ---------------------------------------------------------------------------
 

@@ -83,6 +83,7 @@ class AgentConfig:
     store_url: str = DEFAULT_STORE     # a path, file:PATH or etcd://HOST:PORT
     tick_s: float = 0.2          # how often the store and the health checks are looked at
     gc_every_s: float = 10.0     # garbage collection of expired flows and reservations
+                                 # (fleet: and the reservations of own blocks' flows)
     count_every_s: float = 5.0   # flows per target (drains, status): a scan of the table
     sync_dev: str | None = None  # the sync network's interface: set, the node is a fleet member
     # hpctl node up: the agent loads and attaches the data path on these interfaces (when
@@ -250,6 +251,8 @@ class Agent:
         if now - self.last_gc >= self.config.gc_every_s:
             collect_garbage(self.dp, on_deleted=self.flow_logs.aggregator.on_deleted
                             if self.flow_logs else None)  # their last counts
+            if self.member is not None:
+                self.member.reserve_own_ports()
             self.last_gc = now
         self._write_status(cfg, health)
 

@@ -598,6 +598,22 @@ def test_a_block_that_moves_here_has_its_held_ports_reserved_first(fleet):
     assert flow_table_problems(e.dp) == []
 
 
+def test_a_joining_nodes_copies_in_its_own_blocks_are_reserved_when_it_is_ready(fleet):
+    """A joining node writes its blocks at start, before its peers' copies arrive; the
+    copies' flows in its own blocks hold no reservation until it is ready, when the
+    member reserves them (reserve_usable_ports). Flows in other nodes' blocks stay
+    unreserved."""
+    e = fleet.e
+    mine, theirs = fleet.port_in(SELF), fleet.port_in(1)
+    assert install(e.dp, _rec(sport=41000, new_sport=mine).pack()).installed == 1
+    assert install(e.dp, _rec(sport=41001, new_sport=theirs).pack()).installed == 1
+    assert table_len(e.dp, "nat_resv") == 0
+    assert fleet.plane.reserve_usable_ports(GW) == 1
+    assert {port_num(k.nat_port) for k in e.dp.table("nat_resv").keys()} == {mine}
+    assert fleet.plane.reserve_usable_ports(GW) == 0, "once"
+    assert flow_table_problems(e.dp) == []
+
+
 def test_a_fleet_member_alone_on_the_ring_gets_one_event_per_new_flow(fleet):
     """HP_F_PEER_EVENTS (set by the event hub while only the fleet member and readers like
     it subscribe): an unconfirmed flow's creation and change are not written, its

@@ -456,6 +456,36 @@ def stats(fleet) -> dict[int, dict[str, int]]:
     return {i: stat_counts(maps) for i, maps in node_maps(fleet)}
 
 
+def own_block_flows(fleet, i: int) -> tuple[int, list[tuple]]:
+    """Node i's NAT flows whose port lies in a block it takes ports from (gw_blocks): how
+    many, and those that hold no reservation there ((NAT port, destination port) each)."""
+    from hyperplane.datapath.flows import flow_entries
+    from hyperplane.datapath.verdicts import FlowKind
+    own, missing = 0, []
+    for node, maps in node_maps(fleet):
+        if node != i:
+            continue
+        where = {int(k.value): (int(v.gw_id), int(v.ip_idx))
+                 for k, v in maps.table("nat_ips").items()}
+        gateways, blocks = maps.table("gateways"), maps.table("gw_blocks")
+        resv = {(int(k.nat_ip), int(k.nat_port), int(k.dst_ip), int(k.dst_port))
+                for k in maps.table("nat_resv").keys()}
+        for k, v in flow_entries(maps):
+            if v.kind != FlowKind.NAT_OUT or int(v.new_src_ip) not in where:
+                continue
+            gw_id, ip_idx = where[int(v.new_src_ip)]
+            gw, gb = gateways[gateways.Key(gw_id)], blocks[blocks.Key(gw_id)]
+            usable = {(o >> 8, o & 0xff) for o in list(gb.owned)[:gb.n]}
+            port = socket.ntohs(v.new_src_port)
+            if not gb.block_size or (ip_idx, (port - gw.port_min) // gb.block_size) not in usable:
+                continue
+            own += 1
+            if (int(v.new_src_ip), int(v.new_src_port), int(v.new_dst_ip),
+                    int(v.new_dst_port)) not in resv:
+                missing.append((port, socket.ntohs(v.new_dst_port)))
+    return own, missing
+
+
 def wait_gone(fleet, i: int, timeout: float = 30.0) -> float:
     """Seconds until node i's member record is gone (its lease ran out)."""
     t0 = time.monotonic()
@@ -813,16 +843,38 @@ def test_the_killed_node_rejoins_under_traffic(streams):
     fleet = streams
     victim = getattr(fleet, "victim", None)
     assert victim is not None, "the kill test did not run first"
-    dl = Download(fleet.ns["client"], (INET, STREAM_PORT), DOWNLOAD, seed=14, src=CLIENT)
-    dl.wait_bytes(10 * MB)
-    r = subprocess.run(LAB_CLI + ["restore-node", str(victim), "--prefix", fleet.cfg.prefix],
-                       capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
-    dl.check()
+    # connections opened while it is away take ports of its blocks from the survivors;
+    # it gets them back with their flows as the survivors' copies
+    idle = open_idle(fleet.ns["client"], (INET, STREAM_PORT), 200, CLIENT)
+    try:
+        assert use(idle) == 200
+        dl = Download(fleet.ns["client"], (INET, STREAM_PORT), DOWNLOAD, seed=14, src=CLIENT)
+        dl.wait_bytes(10 * MB)
+        r = subprocess.run(LAB_CLI + ["restore-node", str(victim), "--prefix",
+                                      fleet.cfg.prefix],
+                           capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        dl.check()
+        wait_every_shard_steered(fleet, 10, f"restore-node {victim}")   # the controller
+        # the copies' flows in blocks now its own hold their reservations: taken when it
+        # became ready, and by its next garbage collection (10 s) for records after that
+        deadline = time.monotonic() + 15
+        while True:
+            own, missing = own_block_flows(fleet, victim)
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert own > 0, f"node {victim} holds no NAT flow in its own blocks"
+        assert not missing, (f"node {victim} holds {len(missing)} of its {own} NAT flows in "
+                             f"its own blocks without a reservation, e.g. (NAT port, dst "
+                             f"port) {missing[:3]}")
+        assert not broken(idle), "a connection opened while the node was away broke"
+    finally:
+        for sock in idle:
+            sock.close()
     st = fleet.status()
     node = st["nodes"][victim - 1]
     assert node["live"] and node["ready"] and node["agent_running"], node
-    wait_every_shard_steered(fleet, 10, f"restore-node {victim}")   # the controller
     shards = fleet.store_shards()
     fleet.victim = None
     c0 = fleet.counters()
