@@ -114,9 +114,9 @@ class FleetDataplane:
         return owners
 
     def reserve_usable_ports(self, gw: GatewayBlocks) -> int:
-        """reserve_held_ports over every block of gw this node takes ports from now: once
+        """reserve_held_ports over every block of gw this node takes ports from now: when
         a joining node holds its peers' copies (member readiness), whose flows in its own
-        blocks came after the blocks were written."""
+        blocks came after the blocks were written, and at each garbage collection."""
         return self.reserve_held_ports(gw, set(self._usable.get(gw.gw_id, ())))
 
     def reserve_held_ports(self, gw: GatewayBlocks, blocks: set[tuple[int, int]]) -> int:
@@ -126,15 +126,16 @@ class FleetDataplane:
         it), so a block that moves here, on failover or a rebalance, holds flows whose
         ports no other flow toward the same destination may get. A replica installed
         after this holds none: a port search that meets its port is refused by the flows
-        table (the reply key is taken: DROP_TUPLE_TAKEN), never given twice. One pass
-        over the flow tables, only when a block becomes usable here. Returns how many
-        reservations were added."""
+        table (the reply key is taken: DROP_TUPLE_TAKEN), never given twice. One batched
+        read of the flow tables and of nat_resv; called when a block becomes usable here,
+        and through reserve_usable_ports. Returns how many reservations were added."""
         if not blocks:
             return 0
         size = block_size(gw.port_min, gw.port_max)
         where = {int(k.value): (int(v.gw_id), int(v.ip_idx))
                  for k, v in self.dp.table("nat_ips").items()}
         resv = self.dp.table("nat_resv")
+        reserved = {bytes(k) for k, _ in resv.items_lookup_batch()}
         now = now_ns()
         added = 0
         for k, v in flow_entries(self.dp):
@@ -147,7 +148,7 @@ class FleetDataplane:
                 continue
             rk = resv.Key(dst_ip=v.new_dst_ip, nat_ip=v.new_src_ip, dst_port=v.new_dst_port,
                           nat_port=v.new_src_port, proto=k.proto)
-            if rk in resv:
+            if bytes(rk) in reserved:
                 continue
             leaf = resv.Leaf()
             leaf.orig = type(leaf.orig).from_buffer_copy(k)
