@@ -39,20 +39,6 @@ MB = 1 << 20
 TARGET_S = 1.0
 
 
-def carrier(cfg, verdict: str, nodes: list[int], sample_s: float = 0.5) -> int:
-    """The node whose `verdict` count grows most over sample_s: the bulk goes through it."""
-    from hyperplane.lab import fleet_plan
-    from hyperplane.node.lifecycle import read_counters
-    names = {i: fleet_plan.node_name(cfg, i) for i in nodes}
-    before = {i: read_counters(n).get(verdict, 0) for i, n in names.items()}
-    time.sleep(sample_s)
-    grown = {i: read_counters(n).get(verdict, 0) - before[i] for i, n in names.items()}
-    node = max(grown, key=grown.get)
-    if grown[node] <= 0:
-        raise RuntimeError(f"no node forwards {verdict}: {grown}")
-    return node
-
-
 def start_targets(cfg, nodes: list[int], timeout_s: float = 30.0) -> list:
     """The targets' servers, once every node that health-checks them finds all healthy."""
     import json
@@ -84,24 +70,13 @@ def download(ns: str, dst: tuple[str, int], src: str, nbytes: int, rate: int, se
     return StreamDownload(ns, dst, nbytes, rate, seed, src=src, timeout=90.0).start()
 
 
-def wait_bytes(dl, n: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while dl.received < n:
-        if dl.done.is_set() or time.monotonic() > deadline:
-            raise RuntimeError(f"the download to {dl.dst} has {dl.received} bytes, not "
-                               f"{n}: {dl.error or 'still running after %s s' % timeout}")
-        time.sleep(0.02)
-
-
 def outcome(dl) -> dict:
     """The download's gap, and whether it arrived whole and byte-exact without error."""
-    from hyperplane.lab.servers import stream_sha256
-    dl.done.wait(95)
-    whole = (dl.done.is_set() and dl.error is None and dl.received == dl.nbytes and
-             dl.sha.hexdigest() == stream_sha256(dl.seed, dl.nbytes))
-    out = {"gap_s": round(dl.max_gap, 4), "ok": whole}
-    if not whole:
-        out["error"] = dl.error or f"{dl.received} of {dl.nbytes} bytes"
+    dl.wait(95)
+    problem = dl.problem() if dl.done.is_set() else "it did not end"
+    out = {"gap_s": round(dl.max_gap, 4), "ok": problem is None}
+    if problem:
+        out["error"] = problem
     return out
 
 
@@ -117,6 +92,7 @@ def kill_and_restore(cfg, victim: int, downloads: dict) -> dict:
 
 def run(rounds: int, nbytes: int, rate: int) -> dict:
     from hyperplane import lab, netns
+    from hyperplane.lab import fleet_build
     from hyperplane.lab.servers import target_server_argv
     from lab_traffic import raise_nofile, wait_tcp
     raise_nofile()
@@ -139,14 +115,14 @@ def run(rounds: int, nbytes: int, rate: int) -> dict:
             print(f"  round {r + 1}/{rounds}: kill the NAT carrier", file=sys.stderr, flush=True)
             nat = download(ns["client"], stream, client, nbytes, rate, seed=100 + r)
             nlb = download(ns["inet"], (lab.FLEET_VIP, 80), inet, nbytes, rate, seed=200 + r)
-            wait_bytes(nat, 20 * MB)
-            wait_bytes(nlb, 20 * MB)
-            victim = carrier(cfg, "TX_NAT_IN", nodes)
+            nat.wait_bytes(20 * MB)
+            nlb.wait_bytes(20 * MB)
+            victim = fleet_build.busiest_node(cfg, "TX_NAT_IN")
             events["nat"].append(kill_and_restore(cfg, victim, {"nat": nat, "nlb": nlb}))
             print(f"  round {r + 1}/{rounds}: kill the NLB carrier", file=sys.stderr, flush=True)
             nlb = download(ns["inet"], (lab.FLEET_VIP, 80), inet, nbytes, rate, seed=300 + r)
-            wait_bytes(nlb, 20 * MB)
-            victim = carrier(cfg, "TX_NLB_OUT", nodes)
+            nlb.wait_bytes(20 * MB)
+            victim = fleet_build.busiest_node(cfg, "TX_NLB_OUT")
             events["nlb"].append(kill_and_restore(cfg, victim, {"nlb": nlb}))
     finally:
         for proc in [server, *targets]:

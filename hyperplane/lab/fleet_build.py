@@ -323,6 +323,20 @@ def forward_packets(cfg: LabConfig, i: int) -> int:
 
 # --- failures (for tests) ---------------------------------------------------------------------
 
+def busiest_node(cfg: LabConfig, verdict: str, sample_s: float = 0.5) -> int:
+    """The node whose `verdict` count (e.g. TX_NAT_IN) grows most over sample_s: the one a
+    bulk transfer goes through, to kill. Raises when no node's count grows."""
+    from hyperplane.node.lifecycle import read_counters
+    names = {i: node_name(cfg, i) for i in range(1, cfg.nodes + 1)}
+    before = {i: read_counters(name).get(verdict, 0) for i, name in names.items()}
+    time.sleep(sample_s)
+    grown = {i: read_counters(name).get(verdict, 0) - before[i] for i, name in names.items()}
+    node = max(grown, key=grown.get)
+    if grown[node] <= 0:
+        raise HyperplaneError(f"no node forwards {verdict}: {grown}")
+    return node
+
+
 def kill_node(cfg: LabConfig, i: int) -> dict:
     """Node i crashes: its links are cut (Fabric.cut: the routers drop it from every group
     at once) and its agent is killed with SIGKILL (its member record goes when its lease

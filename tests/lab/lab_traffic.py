@@ -363,3 +363,25 @@ class StreamDownload:
 
     def wait(self, timeout: float) -> bool:
         return self.done.wait(timeout)
+
+    def wait_bytes(self, n: int, timeout: float = 30.0) -> None:
+        """Wait until n bytes arrived; raises if the download ended or `timeout` passed
+        first."""
+        deadline = time.monotonic() + timeout
+        while self.received < n:
+            if self.done.is_set() or time.monotonic() > deadline:
+                raise RuntimeError(f"the download from {self.dst} has {self.received} bytes, "
+                                   f"not {n}: {self.error or f'still running after {timeout} s'}")
+            time.sleep(0.02)
+
+    def problem(self) -> str | None:
+        """Why the ended download is not whole and byte-exact without an error (None: it
+        is)."""
+        from hyperplane.lab.servers import stream_sha256
+        if self.error is not None:
+            return f"the download broke: {self.error}"
+        if self.received != self.nbytes:
+            return f"{self.received} of {self.nbytes} bytes"
+        if self.sha.hexdigest() != stream_sha256(self.seed, self.nbytes):
+            return "the bytes differ"
+        return None
