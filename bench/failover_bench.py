@@ -39,32 +39,6 @@ MB = 1 << 20
 TARGET_S = 1.0
 
 
-def start_targets(cfg, nodes: list[int], timeout_s: float = 30.0) -> list:
-    """The targets' servers, once every node that health-checks them finds all healthy."""
-    import json
-    from hyperplane import lab
-    from hyperplane.lab import fleet_plan
-    from hyperplane.node.agent import status_path
-    procs = [lab.start_target_server(cfg, name) for name in lab.TARGET_ROLES]
-    healthy = {f"{ip}:{lab.TARGET_HTTP_PORT}": "healthy" for ip in lab.TARGET_IPS}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        states = []
-        for i in nodes:
-            try:
-                with open(status_path(fleet_plan.node_name(cfg, i))) as f:
-                    tgs = json.load(f).get("target_groups", {}).get(lab.WEB_GROUP, {})
-            except (FileNotFoundError, ValueError):
-                tgs = {}
-            if tgs:
-                states.append({ident: info.get("state") for ident, info in tgs.items()})
-        if states and all(s == healthy for s in states):
-            return procs
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the targets are not healthy on every node: {states}")
-        time.sleep(0.2)
-
-
 def download(ns: str, dst: tuple[str, int], src: str, nbytes: int, rate: int, seed: int):
     from lab_traffic import StreamDownload
     return StreamDownload(ns, dst, nbytes, rate, seed, src=src, timeout=90.0).start()
@@ -109,8 +83,8 @@ def run(rounds: int, nbytes: int, rate: int) -> dict:
         lab_up_s = round(time.monotonic() - t0, 1)
         server = netns.popen_in(ns["inet"], target_server_argv("inet", inet, udp_port=None))
         wait_tcp(ns["inet"], inet, lab.TARGET_HTTP_PORT)
-        nodes = list(range(1, cfg.nodes + 1))
-        targets = start_targets(cfg, nodes)
+        targets = [lab.start_target_server(cfg, name) for name in lab.TARGET_ROLES]
+        fleet_build.wait_targets_healthy(cfg)
         for r in range(rounds):
             print(f"  round {r + 1}/{rounds}: kill the NAT carrier", file=sys.stderr, flush=True)
             nat = download(ns["client"], stream, client, nbytes, rate, seed=100 + r)

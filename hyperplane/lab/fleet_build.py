@@ -321,6 +321,35 @@ def forward_packets(cfg: LabConfig, i: int) -> int:
                              NFT_TABLE, NFT_FORWARD_COUNTER)["packets"]
 
 
+def wait_targets_healthy(cfg: LabConfig, timeout_s: float = 30.0) -> None:
+    """Wait until every node of the NLB's shard (as the store names it) finds every web
+    target healthy: its health checks run once the targets' servers are up. Raises with
+    what each node says when timeout_s passes first."""
+    import json
+    from hyperplane.fleet.store import open_store
+    from hyperplane.lab.plan import LB_NAME, TARGET_HTTP_PORT, TARGET_IPS, WEB_GROUP, store_url
+    from hyperplane.node.agent import status_path
+    with open_store(store_url(cfg)) as store:
+        shard = controller.view(store.list(""), cfg)["shards"][LB_NAME]["indexes"]
+    healthy = {f"{ip}:{TARGET_HTTP_PORT}": "healthy" for ip in TARGET_IPS}
+
+    def states(i: int) -> dict[str, str]:
+        try:
+            with open(status_path(node_name(cfg, i))) as f:
+                tgs = json.load(f).get("target_groups", {}).get(WEB_GROUP, {})
+        except (FileNotFoundError, ValueError):
+            tgs = {}
+        return {ident: info.get("state") for ident, info in tgs.items()}
+
+    deadline = time.monotonic() + timeout_s
+    while not all(states(i) == healthy for i in shard):
+        if time.monotonic() > deadline:
+            raise HyperplaneError(f"the web targets are not healthy on every node of the "
+                                  f"NLB's shard after {timeout_s:.0f} s: "
+                                  f"{ {i: states(i) for i in shard} }")
+        time.sleep(0.2)
+
+
 # --- failures (for tests) ---------------------------------------------------------------------
 
 def busiest_node(cfg: LabConfig, verdict: str, sample_s: float = 0.5) -> int:

@@ -163,10 +163,6 @@ class Fleet:
         except (FileNotFoundError, ValueError):
             return {}
 
-    def web_states(self, i: int) -> dict[str, str]:
-        tgs = self.agent_status(i).get("target_groups", {}).get(lab.WEB_GROUP, {})
-        return {ident: info.get("state") for ident, info in tgs.items()}
-
     def save_logs(self) -> str:
         from hyperplane.node.lifecycle import state_path
         dest = os.path.join(LOG_DIR, self.cfg.prefix)
@@ -265,13 +261,7 @@ def fleet(request):
     for name in lab.TARGET_ROLES:
         the_fleet.servers[name] = lab.start_target_server(cfg, name)
     # every node of the NLB's shard health-checks the targets: wait until each says healthy
-    healthy = {f"{ip}:{lab.TARGET_HTTP_PORT}": "healthy" for ip in lab.TARGET_IPS}
-    deadline = time.monotonic() + 30
-    shard = the_fleet.store_shards()[NLB]
-    while not all(the_fleet.web_states(i) == healthy for i in shard):
-        assert time.monotonic() < deadline, \
-            {i: the_fleet.web_states(i) for i in the_fleet.nodes}
-        time.sleep(0.2)
+    fleet_build.wait_targets_healthy(cfg, 30)
     server = PeerServer(the_fleet.ns["inet"], (INET, NAT_SERVER_PORT))
     request.addfinalizer(server.close)
     return the_fleet
