@@ -579,8 +579,7 @@ def test_a_block_that_moves_here_has_its_held_ports_reserved_first(fleet):
         """The client's SYN toward INET:80, the search starting at nat_port."""
         cursor[ck] = cursor.Leaf((nat_port - GW.port_min - block[1] * SIZE) * len(owned) +
                                  owned.index(block))
-        return e.run(from_client(IP(src=CLIENT, dst=INET) /
-                                 TCP(sport=cport, dport=80, flags="S")), "in0")
+        return e.run(client_tcp(cport, "S", 0), "in0")
 
     cport = fleet.cport_owned_by(1, start=42000)
     verdict, _, data = syn_from_a_port_searching_at(port, moved[0], cport)
@@ -592,8 +591,7 @@ def test_a_block_that_moves_here_has_its_held_ports_reserved_first(fleet):
     cport2 = fleet.cport_owned_by(1, start=cport + 1)
     verdict, _, _ = syn_from_a_port_searching_at(late_port, moved[1], cport2)
     assert verdict == Verdict.DROP_TUPLE_TAKEN, verdict
-    verdict, _, data = e.run(from_client(IP(src=CLIENT, dst=INET) /
-                                         TCP(sport=cport2, dport=80, flags="S")), "in0")
+    verdict, _, data = e.run(client_tcp(cport2, "S", 0), "in0")
     assert verdict == Verdict.TX_NAT_OUT and nat_port_of(data) != late_port
     assert flow_table_problems(e.dp) == []
 
