@@ -209,6 +209,9 @@ enum hp_timeout {
  * predecessor is kept for the TCP closing timeout (10 s by default) after its last
  * packet, so a flow of generation 0 comes that much later than one it did not see. */
 #define INC_GEN_SHIFT 24
+/* flow_value.synced counts in 2^30 ns (1.07 s): a u32 of them lasts 146 years of
+ * uptime. Keep in sync: hyperplane/fleet/sweep.py SYNC_STAMP_SHIFT. */
+#define SYNC_STAMP_SHIFT 30
 #ifndef INC_GEN_WINDOW_NS
 #define INC_GEN_WINDOW_NS (5 * HP_NSEC)
 #endif

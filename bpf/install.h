@@ -59,6 +59,7 @@ static __always_inline void install_merge(struct flow_record *r, struct flow_key
 	__u16 resource = v->resource;
 	v->tcp_state = state;
 	v->fin_seen = fin;
+	v->synced = now >> SYNC_STAMP_SHIFT;
 	/* a flow installed from a record that named no incarnation takes the first one
 	 * it hears of (the merge is of the same flow by age) */
 	__u32 inc = v->incarnation ? v->incarnation : r->incarnation;
@@ -70,6 +71,7 @@ static __always_inline void install_merge(struct flow_record *r, struct flow_key
 	if (t) {
 		t->tcp_state = state;
 		t->incarnation = inc;
+		t->synced = v->synced;
 		t->fin_seen = ((fin & 1) << 1) | ((fin >> 1) & 1);
 		if (r->flags & REC_F_REPLY_SEEN)
 			t->flags |= FLOW_F_REPLY_SEEN;
@@ -211,6 +213,7 @@ static __always_inline void install_record(struct hp_config *cfg, struct scratch
 	f->tcp_state = r->tcp_state;
 	f->fin_seen = r->fin_seen;
 	f->incarnation = r->incarnation;
+	f->synced = now >> SYNC_STAMP_SHIFT;
 	f->twin = reply;
 	f->kind = r->kind;
 	f->new_src_ip = r->new_src_ip;

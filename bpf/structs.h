@@ -61,7 +61,11 @@ struct flow_value {
 	 * incarnation always merges, however late it comes (ages cannot tell a delayed
 	 * record from a next flow on the tuple). 0: from a record that had none. */
 	__u32 incarnation;
-	__u32 pad3;
+	/* Fleet: when a peer's record last installed or merged into this entry, in units
+	 * of 2^SYNC_STAMP_SHIFT ns of bpf_ktime_get_coarse_ns(); 0: never (made here). A
+	 * replica whose owner stopped sending a flow it holds, sweeps included, learns
+	 * that the owner no longer holds it (hyperplane/fleet/sweep.py prunable). */
+	__u32 synced;
 };
 #define FLOW_F_PENDING 1      /* in the unconfirmed (LRU) table, not the flow table */
 #define FLOW_F_ACK_SEEN 2     /* this direction has sent an ACK (ack/win are valid) */

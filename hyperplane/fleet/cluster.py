@@ -116,6 +116,8 @@ class Member:
     mac: str                 # its sync interface's MAC (second chance sends there)
     epoch: int               # this agent's start (larger every start)
     ready: bool = False      # holds its shards' flows: the routers may send it traffic
+    sweep_s: float = 0.0     # every flow it owns reaches its replicas this often (0: not
+                             # swept: they keep what they hold until it expires)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,10 +125,15 @@ class Member:
     @classmethod
     def from_dict(cls, data: Any) -> "Member":
         try:
-            return cls(**data)
+            m = cls(**data)
         except TypeError as exc:
             raise ConfigError(f"a node record must name name, id, sync_ip, mac, epoch "
                               f"({exc})") from None
+        if isinstance(m.sweep_s, bool) or not isinstance(m.sweep_s, (int, float)) or \
+                not 0 <= m.sweep_s < float("inf"):
+            raise ConfigError(f"node {m.name}: sweep_s must be seconds >= 0, "
+                              f"not {m.sweep_s!r}")
+        return m
 
 
 def members(store_or_listing: Store | Mapping[str, Any]) -> dict[str, Member]:

@@ -162,7 +162,7 @@ class FleetMember:
         self.counts = {"events_read": 0, "events_replicated": 0, "records_sent": 0,
                        "installed": 0, "merged": 0, "rejected": 0, "conflict": 0, "full": 0,
                        "replaced": 0, "dumps_sent": 0, "refreshed": 0, "swept": 0,
-                       "handed_over": 0, "stale_removed": 0}
+                       "handed_over": 0, "stale_removed": 0, "replicas_pruned": 0}
         self._sync_stats: dict = {}
         # port blocks: (gw_id, block) -> (owner, since) for the hold-down
         self._block_owner: dict[tuple[int, tuple[int, int]], int] = {}
@@ -176,6 +176,10 @@ class FleetMember:
         self._synced_keys: set[bytes] = set()
         self._started_ns = _coarse_ns()
         self._greeted_at: float | None = None
+        # for pruning replicas (fleet.sweep.prune_after): since when each peer's stream
+        # has been up (sync id -> (epoch, monotonic)), and the owners unchanged
+        self._peer_up: dict[int, tuple[int, float]] = {}
+        self._owners_since = time.monotonic()
         self._mac = ""
         self._sync_ip = ""
 
@@ -263,7 +267,8 @@ class FleetMember:
     # --- membership ----------------------------------------------------------------------
 
     def _member(self) -> Member:
-        return Member(self.name, self.node_id, self._sync_ip, self._mac, self.epoch, self.ready)
+        return Member(self.name, self.node_id, self._sync_ip, self._mac, self.epoch, self.ready,
+                      sweep.period_s(self.config.refresh_s, self.config.sweep_s))
 
     def _announce(self) -> None:
         self.store.put(cluster.NODES_PREFIX + self.name, self._member().to_dict(),
@@ -337,6 +342,7 @@ class FleetMember:
         # second chance, until it says ready. Replication goes to every live node of the
         # shard, ready or not: that is how a joining node gets its copy.
         ready = {m.id for m in v.members.values() if m.ready} | {me}
+        owners_before = (dict(self._shard_owners), v.seed)
         self._set_seed(v.seed)
         self.fleet.set_peers({m.id: m.mac for m in v.members.values()} | {me: self._mac}, ready)
         targets: dict[tuple[str, int], list[int]] = {}
@@ -364,6 +370,8 @@ class FleetMember:
         for lb_name, lb_id in self.lb_ids().items():
             program(("lb", lb_id), lb_slot(self.dp, lb_id), cluster.lb_resource(lb_name))
         self._programmed = (tuple(sorted(self.gateways())), tuple(sorted(self.lb_ids().items())))
+        if (self._shard_owners, v.seed) != owners_before:
+            self._owners_since = now
         peers = {m.id + 1: (m.sync_ip, v.sync_port) for m in v.members.values()
                  if m.id in partners}
         with self.lock:
@@ -461,6 +469,8 @@ class FleetMember:
             if now - self._last_refresh >= cfg.refresh_s:
                 self._last_refresh = now
                 self._refresh(node)
+                if self.ready:
+                    self._prune_replicas(now)
             with self.lock:
                 due, self._handover_due = self._handover_due, False
             if due:
@@ -473,6 +483,7 @@ class FleetMember:
             node.flush(now)
             self._check_ready(node, now)
             self._sync_stats = node.stats(now)
+            self._track_peers(self._sync_stats["peers"], now)
 
     def _set_sync_scheduling(self) -> None:
         """This thread (the sync task) under SCHED_FIFO at config.sync_rt_priority. Its
@@ -568,6 +579,59 @@ class FleetMember:
         self._sweep_round += 1
         self.counts["refreshed"] += self._queue_by_resource(node, fresh)
         self.counts["swept"] += self._queue_by_resource(node, swept)
+
+    def _track_peers(self, peers: dict, now: float) -> None:
+        """Since when each peer's stream has been up: heard within dead_s, same epoch,
+        no gap waiting to be filled (what prune_after trusts)."""
+        up = self._peer_up
+        for pid, p in peers.items():
+            ok = p["member"] and p["alive"] and p["epoch"] and not p["receive_buffered"]
+            was = up.get(pid)
+            if not ok:
+                up.pop(pid, None)
+            elif was is None or was[0] != p["epoch"]:
+                up[pid] = (p["epoch"], now)
+
+    def _prune_replicas(self, now: float) -> None:
+        """Anti-entropy, the replicas' half (fleet.sweep): delete the flows held here for
+        another owner that neither saw a packet nor got a record from it for
+        PRUNE_SWEEPS of its sweep periods: it no longer holds them (it closed them and
+        this node missed the close, or it lost them). Only confirmed flows: the ones
+        owners sweep."""
+        from hyperplane.datapath.flows import delete_flow_entries, now_ns
+        with self.lock:
+            members = list(self.view.members.values())
+        me = self.node_id
+        periods = {m.id: float(m.sweep_s) for m in members if m.id != me}
+        up_for = {pid - 1: now - since for pid, (_, since) in self._peer_up.items()}
+        after = sweep.prune_after(periods, up_for, now - self._owners_since)
+        if not after:
+            return
+        least = min(after.values())
+        t_ns = now_ns()
+        nat_ip_idx = self._nat_ip_index()
+        entries = {bytes(k): (k, v) for k, v in self.dp.table("flows").items_lookup_batch()}
+        doomed = []
+        for kb, (k, v) in entries.items():
+            if v.kind not in (FlowKind.NAT_OUT, FlowKind.NLB_IN):
+                continue
+            quiet = sweep.quiet_s(v.last_seen_ns, v.synced, t_ns)
+            if quiet < least:
+                continue
+            rec = records.record_of(kb, bytes(v), t_ns, me)
+            owner = self._owner_of(rec, nat_ip_idx)
+            if owner is None or quiet < after.get(owner, float("inf")):
+                continue
+            doomed.append((k, v))
+            twin = entries.get(bytes(v.twin))
+            if twin is not None:
+                doomed.append(twin)
+        if not doomed:
+            return
+        removed = len(delete_flow_entries(self.dp, "flows", doomed))
+        self.counts["replicas_pruned"] += (removed + 1) // 2
+        log.info("pruned %d flows whose owners no longer send them (no record for %d of "
+                 "their sweeps)", (removed + 1) // 2, sweep.PRUNE_SWEEPS)
 
     def _nat_ip_index(self) -> dict[bytes, int]:
         """NAT IP (its 4 bytes) -> its index in its gateway, as the data path holds them."""
@@ -726,7 +790,8 @@ class FleetMember:
                            "records_sent": c["records_sent"], "dumped": c["dumps_sent"],
                            "refreshed": c["refreshed"], "swept": c["swept"],
                            "handed_over": c["handed_over"],
-                           "stale_removed": c["stale_removed"]},
+                           "stale_removed": c["stale_removed"],
+                           "replicas_pruned": c["replicas_pruned"]},
                 "held_blocks": len(self._held), "sync_scheduling": self.sync_scheduling}
 
 

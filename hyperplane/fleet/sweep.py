@@ -13,13 +13,28 @@ key.
 Only the owner sends an idle flow, because its copy is the authority. A replica's stale
 copy of a flow that ended would bring the flow back to life on the other holders.
 Receivers merge records only forward (bpf/install.h), so a sweep changes nothing where
-the replica is already right."""
+the replica is already right.
+
+The other half: a replica that missed a flow's end (its close record lost in a way the
+protocol did not see, or the owner lost the flow) holds it until it expires, 350 s for
+an established TCP flow, and a failover to that replica would revive it. Every record
+a peer installs or merges stamps the entries (flow_value.synced), so a replica knows
+when the owner last sent the flow. A flow the owner still holds reaches it at least once
+per sweep period; one that neither saw a packet nor reached it for PRUNE_SWEEPS of its
+owner's periods is one the owner no longer holds, and the replica deletes it (prune_after
+says when a replica may trust that: only while the owner's stream has been up and the
+owners unchanged for that long)."""
 from __future__ import annotations
 
 import zlib
 from typing import Callable
 
+from hyperplane.datapath import cheaders
 from hyperplane.fleet import records
+
+# flow_value.synced counts in 2^SYNC_STAMP_SHIFT ns (bpf/consts.h)
+SYNC_STAMP_SHIFT = cheaders.define("consts.h", "SYNC_STAMP_SHIFT")
+PRUNE_SWEEPS = 3       # sweep periods of the owner's without a record before a replica prunes
 
 _IDLE = slice(records.OFFSETS["idle_ms"], records.OFFSETS["idle_ms"] + 4)
 
@@ -30,6 +45,37 @@ def rounds(refresh_s: float, sweep_s: float) -> int:
     if sweep_s <= 0:
         return 0
     return max(1, round(sweep_s / refresh_s))
+
+
+def period_s(refresh_s: float, sweep_s: float) -> float:
+    """How long one whole sweep takes (every owned flow sent once); 0 when off. A node
+    announces it (cluster.Member.sweep_s), so its replicas know how long to wait."""
+    return rounds(refresh_s, sweep_s) * refresh_s
+
+
+def prune_after(periods: dict[int, float], up_for: dict[int, float],
+                owners_for_s: float) -> dict[int, float]:
+    """Owner node id -> seconds after which its replicas here may prune a flow that
+    neither saw a packet nor got a record from it, for the owners that may be trusted:
+    those that sweep (periods: each owner's announced period, 0: it does not), whose
+    stream to this node has been up (up_for, seconds) and with the owners of every
+    resource unchanged here (owners_for_s) for at least that long. An owner that is
+    missing here, silent, restarted or newly in charge gets no entry: nothing of its
+    flows is pruned."""
+    out = {}
+    for owner, period in periods.items():
+        after = PRUNE_SWEEPS * period
+        if period > 0 and up_for.get(owner, 0.0) >= after and owners_for_s >= after:
+            out[owner] = after
+    return out
+
+
+def quiet_s(last_seen_ns: int, synced: int, now_ns: int) -> float:
+    """Seconds since a flow held here last saw a packet or a peer's record, whichever
+    is later (a stamp counts from the end of its 2^30 ns unit, so it never looks older
+    than it is)."""
+    latest = max(last_seen_ns, (synced + 1) << SYNC_STAMP_SHIFT if synced else 0)
+    return max(0, now_ns - latest) / 1e9
 
 
 def slice_of(key: bytes, n_rounds: int) -> int:

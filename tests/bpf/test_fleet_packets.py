@@ -1016,6 +1016,58 @@ def test_merge_only_moves_forward(fleet):
     assert flow_table_problems(e.dp) == []
 
 
+def _synced(dp) -> dict:
+    """(kind, source port, destination port) of every entry in the flows table -> its
+    synced stamp."""
+    return {(FlowKind(v.kind).name, socket.ntohs(k.src_port), socket.ntohs(k.dst_port)):
+            v.synced for k, v in dp.table("flows").items()}
+
+
+def test_a_peers_record_stamps_the_entries_it_installs_or_merges_and_no_other(fleet):
+    """flow_value.synced: when a peer's record last reached the flow (in 2^30 ns of the
+    coarse clock), which tells a replica that its owner still holds the flow
+    (fleet.sweep.prunable). A flow made here from packets carries none; a record that
+    installs or merges stamps both entries; a refused one (an older flow's late record)
+    stamps nothing."""
+    from hyperplane.datapath.flows import now_ns
+    from hyperplane.fleet.sweep import SYNC_STAMP_SHIFT
+    e = fleet.e
+    cport = fleet.cport_owned_by(SELF)
+    _nat_handshake(e, cport)
+    assert set(_synced(e.dp).values()) == {0}, "a flow made here from packets"
+    before = now_ns() >> SYNC_STAMP_SHIFT
+    assert install(e.dp, _rec(age_ms=60000, incarnation=7).pack()).installed == 1
+    after = now_ns() >> SYNC_STAMP_SHIFT
+
+    def stamped(lo: int, hi: int) -> list:
+        """The stamps that are not 0, and fail unless exactly the record's two entries
+        carry one, from lo to hi."""
+        got = {k: v for k, v in _synced(e.dp).items() if v}
+        assert set(got) == {("NAT_OUT", 41000, 80), ("NAT_IN", 80, 20000)} and \
+            all(lo <= v <= hi for v in got.values()), (lo, hi, _synced(e.dp))
+        return sorted(got.values())
+
+    stamped(before, after)
+    flows = e.dp.table("flows")
+
+    def age_stamps() -> None:
+        for k, v in flows.items():
+            if v.synced:
+                v.synced = 1
+                flows[k] = v
+
+    age_stamps()
+    # a merge of the same flow (another node's later state) stamps both entries again
+    before = now_ns() >> SYNC_STAMP_SHIFT
+    assert install(e.dp, _rec(age_ms=60000, incarnation=7, idle_ms=1).pack()).merged == 1
+    stamped(before, now_ns() >> SYNC_STAMP_SHIFT)
+    age_stamps()
+    # an older flow's late record on the tuple is refused: it keeps nothing alive
+    old = _rec(age_ms=600000, incarnation=5, new_sport=fleet.port_in(SELF, 3))
+    assert install(e.dp, old.pack()).conflict == 1
+    assert stamped(1, 1) == [1, 1]
+
+
 def test_newer_incarnation_replaces_the_flow(fleet):
     e = fleet.e
     old_port, new_port = fleet.port_in(SELF, 1), fleet.port_in(SELF, 2)

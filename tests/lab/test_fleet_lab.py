@@ -433,6 +433,25 @@ def stats(fleet) -> dict[int, dict[str, int]]:
     return {i: stat_counts(maps) for i, maps in node_maps(fleet)}
 
 
+def in_own_blocks(maps):
+    """A test of a NAT_OUT entry's value: does its NAT port lie in a block this node takes
+    ports from (gw_blocks)?"""
+    where = {int(k.value): (int(v.gw_id), int(v.ip_idx))
+             for k, v in maps.table("nat_ips").items()}
+    gateways, blocks = maps.table("gateways"), maps.table("gw_blocks")
+
+    def test(v) -> bool:
+        if int(v.new_src_ip) not in where:
+            return False
+        gw_id, ip_idx = where[int(v.new_src_ip)]
+        gw, gb = gateways[gateways.Key(gw_id)], blocks[blocks.Key(gw_id)]
+        usable = {(o >> 8, o & 0xff) for o in list(gb.owned)[:gb.n]}
+        port = socket.ntohs(v.new_src_port)
+        return bool(gb.block_size) and \
+            (ip_idx, (port - gw.port_min) // gb.block_size) in usable
+    return test
+
+
 def own_block_flows(fleet, i: int) -> tuple[int, list[tuple]]:
     """Node i's NAT flows whose port lies in a block it takes ports from (gw_blocks): how
     many, and those that hold no reservation there ((NAT port, destination port) each)."""
@@ -442,24 +461,16 @@ def own_block_flows(fleet, i: int) -> tuple[int, list[tuple]]:
     for node, maps in node_maps(fleet):
         if node != i:
             continue
-        where = {int(k.value): (int(v.gw_id), int(v.ip_idx))
-                 for k, v in maps.table("nat_ips").items()}
-        gateways, blocks = maps.table("gateways"), maps.table("gw_blocks")
+        mine = in_own_blocks(maps)
         resv = {(int(k.nat_ip), int(k.nat_port), int(k.dst_ip), int(k.dst_port))
                 for k in maps.table("nat_resv").keys()}
         for k, v in flow_entries(maps):
-            if v.kind != FlowKind.NAT_OUT or int(v.new_src_ip) not in where:
-                continue
-            gw_id, ip_idx = where[int(v.new_src_ip)]
-            gw, gb = gateways[gateways.Key(gw_id)], blocks[blocks.Key(gw_id)]
-            usable = {(o >> 8, o & 0xff) for o in list(gb.owned)[:gb.n]}
-            port = socket.ntohs(v.new_src_port)
-            if not gb.block_size or (ip_idx, (port - gw.port_min) // gb.block_size) not in usable:
+            if v.kind != FlowKind.NAT_OUT or not mine(v):
                 continue
             own += 1
             if (int(v.new_src_ip), int(v.new_src_port), int(v.new_dst_ip),
                     int(v.new_dst_port)) not in resv:
-                missing.append((port, socket.ntohs(v.new_dst_port)))
+                missing.append((socket.ntohs(v.new_src_port), socket.ntohs(v.new_dst_port)))
     return own, missing
 
 
@@ -681,15 +692,24 @@ def stream_flow_entries(maps, originals: set[bytes] | None = None,
     return out
 
 
-def test_an_owner_sends_idle_flows_a_replica_lost_back_to_it(streams):
-    """Anti-entropy: node X of the NAT gateway's shard loses its replicas of 60 idle
-    connections (the entries of the flows it does not own, deleted from its maps, as a
-    record lost in a way the sync protocol did not see would leave it). Owner O's agent runs
-    with --refresh-s 1 --sweep-s 2, so its sweep comes every 2 s instead of every 60 s. The
-    flows are idle past every node's refresh window (11 s at the default), so only O's
-    sweep sends them. X holds O's flows again, both keys, and every connection still works
-    (the third owner's flows, still missing on X, by second chance)."""
+def test_anti_entropy_restores_lost_replicas_and_prunes_what_the_owner_no_longer_holds(
+        streams):
+    """Anti-entropy, both halves. Node X of the NAT gateway's shard loses its replicas of
+    60 idle connections (the entries of the flows it does not own, deleted from its maps,
+    as a record lost in a way the sync protocol did not see would leave it). Owner O's
+    agent runs with --refresh-s 1 --sweep-s 2, so its sweep comes every 2 s instead of
+    every 60 s. The flows are idle past every node's refresh window (11 s at the default),
+    so only O's sweep sends them. X holds O's flows again, both keys, and every connection
+    still works (the third owner's flows, still missing on X, by second chance).
+
+    Then O forgets half of its flows (deleted from its maps, as if they had closed and the
+    replicas missed the close). O's replicas, X and the third node Y at the default
+    settings, prune them within 3 of O's sweep periods (6 s) and their next refresh round;
+    they keep O's other idle flows, which O's sweeps keep stamping, for longer than that,
+    and those connections still work."""
     fleet = streams
+    from hyperplane.datapath.verdicts import FlowKind
+    from hyperplane.fleet import records
     from hyperplane.fleet.cluster import CLUSTER_KEY
     from hyperplane.fleet.owner import shard_owner
     from hyperplane.fleet.store import open_store
@@ -751,11 +771,57 @@ def test_an_owner_sends_idle_flows_a_replica_lost_back_to_it(streams):
                 < len(held) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert swept >= len(held), f"node {owner_i} swept {swept} records"
-        bad = broken(socks)
-        assert not bad, {p: (owner_of[p], where(fleet, p))
-                         for p in (s.getsockname()[1] for s in bad[:3])}
         print(f"\nnode {lost_i} held node {owner_i}'s {len(held)} idle flows again "
               f"{took:.1f} s after losing them (sweep every 2 s)")
+
+        # The other half, with every flow still idle (a flow that saw a packet lately is
+        # refreshed by every node that saw it, and would come back to O): O forgets half
+        # of the flows it owns (their NAT ports in its blocks); its replicas prune them.
+        third_i = shard[2]
+        with open_node(fleet.names[owner_i]) as maps:
+            mine = in_own_blocks(maps)
+            at_owner = stream_flow_entries(maps, client_ports=set(owner_of))
+            its = sorted(o for o, es in at_owner.items()
+                         if any(v.kind == FlowKind.NAT_OUT and mine(v) for _, v in es))
+            assert len(its) >= 4, f"node {owner_i} owns {len(its)} of the 60 flows"
+            forgotten, kept = set(its[:len(its) // 2]), set(its[len(its) // 2:])
+            pruned0 = {i: fleet.agent_status(i)["fleet"]["events"]["replicas_pruned"]
+                       for i in (lost_i, third_i)}
+            doomed = [e for o in forgotten for e in at_owner[o]]
+            assert len(delete_flow_entries(maps, "flows", doomed)) == 2 * len(forgotten)
+        forgot_at = time.monotonic()
+        deadline = forgot_at + 30       # 6 s, a refresh round (10 s at Y) and slack
+
+        def holding(i: int, originals: set) -> dict:
+            with open_node(fleet.names[i]) as maps:
+                return stream_flow_entries(maps, originals=originals)
+
+        while (left := {i: len(holding(i, forgotten)) for i in (lost_i, third_i)}) \
+                and any(left.values()):
+            assert time.monotonic() < deadline, (
+                f"30 s after node {owner_i} forgot {len(forgotten)} flows, its replicas "
+                f"still hold {left}; their status: "
+                f"{ {i: fleet.agent_status(i)['fleet']['events'] for i in left} }")
+            time.sleep(0.5)
+        pruned_in = time.monotonic() - forgot_at
+        # O's sweeps keep its other idle flows on both replicas: held, both keys, for
+        # longer than the 6 s after which an unswept one goes
+        time.sleep(7)
+        for i in (lost_i, third_i):
+            still = holding(i, kept)
+            assert len(still) == len(kept) and all(len(e) == 2 for e in still.values()), \
+                f"node {i} holds {len(still)} of node {owner_i}'s {len(kept)} swept flows"
+            pruned = fleet.agent_status(i)["fleet"]["events"]["replicas_pruned"] - pruned0[i]
+            assert pruned >= len(forgotten), f"node {i} counted {pruned} pruned"
+        # every connection but the forgotten ones still works
+        at = records.OFFSETS["key.src_port"]
+        gone = {int.from_bytes(o[at:at + 2], "big") for o in forgotten}
+        bad = broken([s for s in socks if s.getsockname()[1] not in gone])
+        assert not bad, {p: (owner_of[p], where(fleet, p))
+                         for p in (s.getsockname()[1] for s in bad[:3])}
+        print(f"node {owner_i} forgot {len(forgotten)} of its flows: nodes {lost_i} and "
+              f"{third_i} pruned them within {pruned_in:.1f} s and kept its {len(kept)} "
+              f"other idle flows")
     finally:
         for s in socks:
             s.close()

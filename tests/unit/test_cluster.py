@@ -58,6 +58,35 @@ def test_members_are_the_leased_records_and_damaged_ones_are_skipped(store):
     assert cluster.members(store) == {}
 
 
+@pytest.mark.parametrize("sweep_s, kept", [
+    (None, 0.0),       # an older agent's record: it does not say, so it does not sweep
+    (60.0, 60.0), (2, 2), (0, 0),
+    (-1, None), ("60", None), (True, None)])
+def test_a_node_says_how_often_it_sweeps_and_a_bad_value_damages_the_record(store, sweep_s,
+                                                                             kept):
+    record = Member("a", 0, "10.253.0.1", "02:00:00:00:00:01", 1).to_dict()
+    if sweep_s is None:
+        del record["sweep_s"]
+    else:
+        record["sweep_s"] = sweep_s
+    store.put("/nodes/a", record)
+    live = cluster.members(store)
+    if kept is None:
+        assert live == {}, "a damaged record counts as not live"
+        with pytest.raises(ConfigError, match="sweep_s"):
+            Member.from_dict(record)
+    else:
+        assert live["a"].sweep_s == kept
+
+
+@pytest.mark.parametrize("sweep_s", [float("inf"), float("nan")])
+def test_a_sweep_period_that_is_no_number_of_seconds_is_refused(sweep_s):
+    # (the store refuses them first: they are not JSON)
+    record = dict(Member("a", 0, "10.253.0.1", "02:00:00:00:00:01", 1).to_dict(), sweep_s=sweep_s)
+    with pytest.raises(ConfigError, match="sweep_s"):
+        Member.from_dict(record)
+
+
 def _configure(store, lb_size=None):
     store.put(cluster.NAT_KEY, {"gateways": [{"name": "gw", "shard_size": 2}]})
     store.put("/nlb", {"load_balancers": [{"name": "web", "shard_size": lb_size}]})

@@ -84,3 +84,41 @@ def test_a_cut_off_tail_is_ignored_and_the_owner_rule_sees_whole_records():
                                 owned=owned)
     assert (fresh, swept) == (b"", _rec(5, 60_000))
     assert seen == [_rec(5, 60_000)] and isinstance(seen[0], bytes)
+
+
+# --- the replicas' half: pruning what an owner no longer sends ---------------------------
+
+def test_period_is_the_rounds_a_sweep_takes_times_the_refresh():
+    assert sweep.period_s(10, 60) == 60 and sweep.period_s(1, 2) == 2
+    assert sweep.period_s(10, 65) == 60 and sweep.period_s(10, 3) == 10
+    assert sweep.period_s(10, 0) == 0
+
+
+@pytest.mark.parametrize("periods, up_for, owners_for, expected", [
+    # an owner sweeping every 60 s, its stream up and the owners unchanged for 3 periods
+    ({1: 60.0}, {1: 180.0}, 180.0, {1: 180.0}),
+    # its stream up for less (a restart, a silence, a gap): not yet
+    ({1: 60.0}, {1: 179.0}, 500.0, {}),
+    ({1: 60.0}, {}, 500.0, {}),
+    # the owners changed lately here (a node joined or left): nobody yet
+    ({1: 60.0, 3: 2.0}, {1: 500.0, 3: 500.0}, 5.0, {}),
+    ({1: 60.0, 3: 2.0}, {1: 500.0, 3: 500.0}, 6.0, {3: 6.0}),
+    # an owner that does not sweep (0: an older agent, or --sweep-s 0): never
+    ({1: 0.0, 3: 2.0}, {1: 10**6, 3: 10**6}, 10**6, {3: 6.0}),
+])
+def test_prune_after_trusts_only_sweeping_owners_with_a_steady_stream(periods, up_for,
+                                                                       owners_for, expected):
+    assert sweep.prune_after(periods, up_for, owners_for) == expected
+
+
+def test_quiet_counts_from_the_later_of_the_last_packet_and_the_last_record():
+    unit = 1 << sweep.SYNC_STAMP_SHIFT
+    now = 1000 * unit
+    # never synced (made here): from its last packet
+    assert sweep.quiet_s(now - 5 * 10**9, 0, now) == 5.0
+    # a record 10 units ago, its last packet long before: from the record's unit's end
+    assert sweep.quiet_s(0, 990, now) == 9 * unit / 1e9
+    # a stamp never makes a flow look older than it is: the unit now is 0 s quiet
+    assert sweep.quiet_s(0, 1000, now) == 0.0
+    # a packet later than the record
+    assert sweep.quiet_s(now - 10**9, 900, now) == 1.0
