@@ -469,8 +469,6 @@ class FleetMember:
             if now - self._last_refresh >= cfg.refresh_s:
                 self._last_refresh = now
                 self._refresh(node)
-                if self.ready:
-                    self._prune_replicas(now)
             with self.lock:
                 due, self._handover_due = self._handover_due, False
             if due:
@@ -576,9 +574,11 @@ class FleetMember:
         fresh, swept = sweep.select(
             blob, idle_below_ms=int(cfg.refresh_s * 1000) + 1000, round_no=self._sweep_round,
             n_rounds=n_rounds, owned=lambda rec: self._owner_of(rec, nat_ip_idx) == me)
-        self._sweep_round += 1
         self.counts["refreshed"] += self._queue_by_resource(node, fresh)
         self.counts["swept"] += self._queue_by_resource(node, swept)
+        if self.ready:
+            self._prune_replicas(time.monotonic(), self._sweep_round, n_rounds, nat_ip_idx)
+        self._sweep_round += 1
 
     def _track_peers(self, peers: dict, now: float) -> None:
         """Since when each peer's stream has been up: heard within dead_s, same epoch,
@@ -592,12 +592,15 @@ class FleetMember:
             elif was is None or was[0] != p["epoch"]:
                 up[pid] = (p["epoch"], now)
 
-    def _prune_replicas(self, now: float) -> None:
+    def _prune_replicas(self, now: float, round_no: int, n_rounds: int,
+                        nat_ip_idx: dict[bytes, int]) -> None:
         """Anti-entropy, the replicas' half (fleet.sweep): delete the flows held here for
         another owner that neither saw a packet nor got a record from it for
         PRUNE_SWEEPS of its sweep periods: it no longer holds them (it closed them and
         this node missed the close, or it lost them). Only confirmed flows: the ones
-        owners sweep."""
+        owners sweep. Each round looks at the sweep's slice of this round (sweep.slice_of,
+        from this node's own rounds), so that its cost is the sweep's: a flow is looked
+        at once a sweep period of this node's."""
         from hyperplane.datapath.flows import delete_flow_entries, now_ns
         with self.lock:
             members = list(self.view.members.values())
@@ -607,25 +610,38 @@ class FleetMember:
         after = sweep.prune_after(periods, up_for, now - self._owners_since)
         if not after:
             return
-        least = min(after.values())
         t_ns = now_ns()
-        nat_ip_idx = self._nat_ip_index()
-        entries = {bytes(k): (k, v) for k, v in self.dp.table("flows").items_lookup_batch()}
+        # the cheap tests first, a column at a time: no packet and no record for the
+        # shortest wait of any owner (sweep.quiet_s, stamps from their unit's end), in this
+        # round's slice; the owner and its own wait only for those
+        before = t_ns - int(min(after.values()) * 1e9)
+        stamped_before = (before >> sweep.SYNC_STAMP_SHIFT) - 1
+        want = round_no % max(n_rounds, 1)
+        twin_at = records.VALUE_OFFSETS["twin.src_ip"]
+        table = self.dp.table("flows")
         doomed = []
-        for kb, (k, v) in entries.items():
-            if v.kind not in (FlowKind.NAT_OUT, FlowKind.NLB_IN):
-                continue
-            quiet = sweep.quiet_s(v.last_seen_ns, v.synced, t_ns)
-            if quiet < least:
-                continue
-            rec = records.record_of(kb, bytes(v), t_ns, me)
-            owner = self._owner_of(rec, nat_ip_idx)
-            if owner is None or quiet < after.get(owner, float("inf")):
-                continue
-            doomed.append((k, v))
-            twin = entries.get(bytes(v.twin))
-            if twin is not None:
-                doomed.append(twin)
+        for keys, values, n, ks, vs in records.entry_batches(table):
+            seen = records.value_column(values, n, vs, "last_seen_ns", 8)
+            synced = records.value_column(values, n, vs, "synced", 4)
+            quiet = [i for i, (t, st) in enumerate(zip(seen, synced))
+                     if t <= before and st <= stamped_before]
+            for i in quiet:
+                key, value = keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs]
+                if n_rounds > 1 and sweep.slice_of(key[:records.KEY_SIZE], n_rounds) != want:
+                    continue
+                rec = records.record_of(key, value, t_ns, me)     # None: a reply entry
+                if rec is None:
+                    continue
+                v = table.Leaf.from_buffer_copy(value)
+                owner = self._owner_of(rec, nat_ip_idx)
+                if owner not in after or \
+                        sweep.quiet_s(v.last_seen_ns, v.synced, t_ns) < after[owner]:
+                    continue
+                doomed.append((table.Key.from_buffer_copy(key), v))
+                twin = table.Key.from_buffer_copy(value[twin_at:twin_at + ks])
+                twin_value = table.get(twin)
+                if twin_value is not None:
+                    doomed.append((twin, twin_value))
         if not doomed:
             return
         removed = len(delete_flow_entries(self.dp, "flows", doomed))
