@@ -28,6 +28,7 @@ import sys
 import threading
 import traceback
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,6 +44,7 @@ from hyperplane.fleet.sync import SyncNode
 from hyperplane.observe.events import REC_OFFSET, EventHub
 
 log = logging.getLogger("hyperplane.fleet.member")
+SWITCH_INTERVAL_S = 0.0005     # sys.setswitchinterval for the agent: see FleetMember.start
 
 
 def _coarse_ns() -> int:
@@ -145,7 +147,7 @@ class FleetMember:
         self.error: str | None = None
         self.ready = False
         self.started = time.monotonic()
-        self.heartbeat = {"membership": 0.0, "sync": 0.0}
+        self.heartbeat = {"membership": 0.0, "sync": 0.0, "refresh": 0.0}
         self.sync_scheduling = "not started"   # the sync task's (status)
         self._threads: list[threading.Thread] = []
         # sync task state (only the sync thread touches these)
@@ -157,8 +159,9 @@ class FleetMember:
         self._targets: dict[tuple[str, int], list[int]] = {}       # resource -> sync ids
         self._lb_of_listener: dict[int, int] = {}
         self._last_delivery = 0.0
-        self._last_refresh = time.monotonic()
-        self._sweep_round = 0
+        self._sweep_round = 0               # the refresh task's
+        # a refresh round's (fresh, swept) records, for the sync task to queue
+        self._refreshed: deque[tuple[bytes, bytes]] = deque()
         self.counts = {"events_read": 0, "events_replicated": 0, "records_sent": 0,
                        "installed": 0, "merged": 0, "rejected": 0, "conflict": 0, "full": 0,
                        "replaced": 0, "dumps_sent": 0, "refreshed": 0, "swept": 0,
@@ -197,7 +200,12 @@ class FleetMember:
             info.seed, info.sync_port, info.keyring
         self.fleet.set_identity(self.node_id, self._sync_ifindex)
         self._set_seed(info.seed)
-        for target, name in ((self._membership_task, "membership"), (self._sync_task, "sync")):
+        # The refresh task's Python work holds the GIL, and the sync task, woken by a
+        # datagram or a flow event, waits until it is handed over: at most this long
+        # (Python's default is 5 ms, five times the lag target).
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        for target, name in ((self._membership_task, "membership"), (self._sync_task, "sync"),
+                             (self._refresh_task, "refresh")):
             t = threading.Thread(target=self._forever, args=(target, name), name=name,
                                  daemon=True)
             t.start()
@@ -466,9 +474,10 @@ class FleetMember:
             if now >= next_lbs:
                 self._lb_of_listener = self._listener_lbs()
                 next_lbs = now + 1.0
-            if now - self._last_refresh >= cfg.refresh_s:
-                self._last_refresh = now
-                self._refresh(node)
+            while self._refreshed:
+                fresh, swept = self._refreshed.popleft()
+                self.counts["refreshed"] += self._queue_by_resource(node, fresh)
+                self.counts["swept"] += self._queue_by_resource(node, swept)
             with self.lock:
                 due, self._handover_due = self._handover_due, False
             if due:
@@ -563,9 +572,26 @@ class FleetMember:
             self.counts["dumps_sent"] += self._queue_by_resource(self._sync, blob,
                                                                  only=peer_sync_ids)
 
-    def _refresh(self, node: SyncNode) -> None:
+    def _refresh_task(self) -> None:
+        """Every refresh_s, a refresh round, on a thread of its own: it reads the whole
+        flows table (178 ms for a full default one, bench/refresh_bench.py), and on the
+        sync task's thread nothing was replicated meanwhile."""
+        cfg = self.config
+        due = time.monotonic() + cfg.refresh_s
+        while not self.stop.is_set():
+            now = time.monotonic()
+            self.heartbeat["refresh"] = now
+            if now < due:
+                self.stop.wait(min(1.0, due - now))
+                continue
+            due = now + cfg.refresh_s
+            if self._sync is not None:      # the sync task has its peers (a first view)
+                self._refresh()
+
+    def _refresh(self) -> None:
         """One refresh round: the flows that saw a packet lately, and this round's slice
-        of the idle flows this node owns (fleet.sweep)."""
+        of the idle flows this node owns (fleet.sweep), handed to the sync task; then
+        the replicas' prune."""
         cfg = self.config
         blob = records.dump(self.dp, self.node_id)
         n_rounds = sweep.rounds(cfg.refresh_s, cfg.sweep_s)
@@ -574,8 +600,7 @@ class FleetMember:
         fresh, swept = sweep.select(
             blob, idle_below_ms=int(cfg.refresh_s * 1000) + 1000, round_no=self._sweep_round,
             n_rounds=n_rounds, owned=lambda rec: self._owner_of(rec, nat_ip_idx) == me)
-        self.counts["refreshed"] += self._queue_by_resource(node, fresh)
-        self.counts["swept"] += self._queue_by_resource(node, swept)
+        self._refreshed.append((fresh, swept))
         if self.ready:
             self._prune_replicas(time.monotonic(), self._sweep_round, n_rounds, nat_ip_idx)
         self._sweep_round += 1
@@ -606,7 +631,8 @@ class FleetMember:
             members = list(self.view.members.values())
         me = self.node_id
         periods = {m.id: float(m.sweep_s) for m in members if m.id != me}
-        up_for = {pid - 1: now - since for pid, (_, since) in self._peer_up.items()}
+        up_for = {pid - 1: now - since   # (a copy: the sync task writes it)
+                  for pid, (_, since) in dict(self._peer_up).items()}
         after = sweep.prune_after(periods, up_for, now - self._owners_since)
         if not after:
             return
@@ -617,9 +643,8 @@ class FleetMember:
         before = t_ns - int(min(after.values()) * 1e9)
         stamped_before = (before >> sweep.SYNC_STAMP_SHIFT) - 1
         want = round_no % max(n_rounds, 1)
-        twin_at = records.VALUE_OFFSETS["twin.src_ip"]
         table = self.dp.table("flows")
-        doomed = []
+        chosen = []
         for keys, values, n, ks, vs in records.entry_batches(table):
             seen = records.value_column(values, n, vs, "last_seen_ns", 8)
             synced = records.value_column(values, n, vs, "synced", 4)
@@ -634,14 +659,22 @@ class FleetMember:
                     continue
                 v = table.Leaf.from_buffer_copy(value)
                 owner = self._owner_of(rec, nat_ip_idx)
-                if owner not in after or \
-                        sweep.quiet_s(v.last_seen_ns, v.synced, t_ns) < after[owner]:
-                    continue
-                doomed.append((table.Key.from_buffer_copy(key), v))
-                twin = table.Key.from_buffer_copy(value[twin_at:twin_at + ks])
-                twin_value = table.get(twin)
-                if twin_value is not None:
-                    doomed.append((twin, twin_value))
+                if owner in after and \
+                        sweep.quiet_s(v.last_seen_ns, v.synced, t_ns) >= after[owner]:
+                    chosen.append((table.Key.from_buffer_copy(key), after[owner]))
+        # Read again just before the delete: the sync task may have installed a record
+        # (or the data path seen a packet) since the scan; this leaves microseconds.
+        t_ns = now_ns()
+        doomed = []
+        for k, wait_s in chosen:
+            v = table.get(k)
+            if v is None or sweep.quiet_s(v.last_seen_ns, v.synced, t_ns) < wait_s:
+                continue
+            doomed.append((k, v))
+            twin = table.Key.from_buffer_copy(bytes(v.twin))
+            twin_value = table.get(twin)
+            if twin_value is not None:
+                doomed.append((twin, twin_value))
         if not doomed:
             return
         removed = len(delete_flow_entries(self.dp, "flows", doomed))

@@ -236,7 +236,6 @@ def install(dp, blob: bytes) -> InstallResult:
 
 
 _VFMT, _VFIELDS, _VOFF = _layout("flow_value")
-VALUE_OFFSETS = _VOFF            # struct flow_value: field name -> byte offset
 _NEW_TUPLE = slice(_VOFF["new_src_ip"], _VOFF["new_src_ip"] + 12)   # ips then ports
 _TAIL = struct.Struct("<BBBBHHIII")      # kind .. incarnation, as in struct flow_record
 assert KEY_SIZE + 12 + _TAIL.size == RECORD_SIZE and OFFSETS["kind"] == KEY_SIZE + 12
