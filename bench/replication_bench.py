@@ -50,6 +50,16 @@ empties its flow tables. Each process reports its CPU time per flow (getrusage):
 three processes on two cores, the flows/s figure is bounded by whichever is slowest, and
 the per-flow CPU cost says what each stage could do on a core of its own.
 
+--refresh-flows N --refresh-mode inline|thread: the agent's refresh round too. The gen
+fills A's flows table with N idle NAT flows (installed as records, again after every
+clear), and agent A runs a refresh round every --refresh-s (default 1 s; the agent's
+default is 10 s): records.dump of the whole table and sweep.select of it (a sixth of the
+idle flows, all owned here), as FleetMember._refresh does. inline: on the sync loop's
+thread, as before 2026-12-01; thread: on a thread of its own, with the agent's
+sys.setswitchinterval (member.SWITCH_INTERVAL_S), as now. The round's records are
+counted, not sent: B's expectations count the phase's flows only. So this measures what
+the table's read and selection do to the lag, not the cost of sending the records.
+
     sudo .venv/bin/python bench/replication_bench.py --json bench/results/replication.json
 """
 from __future__ import annotations
@@ -167,7 +177,7 @@ def run_gen(args) -> None:
     from hyperplane.datapath.sandbox import NAT_IP
     from hyperplane.observe.metrics import stat_counts, verdict_counts
 
-    dp = Datapath(Sizes(ringbuf_pages=args.ring_pages), args.pin_a)
+    dp = Datapath(Sizes(ringbuf_pages=args.ring_pages, max_flows=args.max_flows), args.pin_a)
     write_config(dp, Timeouts(), hash_seed=0x5EED)
     from hyperplane.datapath.settings import F_EVENT_WAKEUP, set_flags
     if args.wakeup:      # as a fleet member's data path (FleetDataplane.set_identity)
@@ -182,7 +192,27 @@ def run_gen(args) -> None:
     ctl = Control()
     from array import array
     done_at = array("Q")
-    reply({"ready": True, "pid": os.getpid()})
+
+    def fill() -> int:
+        """--refresh-flows idle NAT flows in A's table, as a peer's records would leave
+        them (to servers of their own, so the gen's flows find their NAT ports free)."""
+        if not args.refresh_flows:
+            return 0
+        from hyperplane.datapath.verdicts import FlowKind, TcpState
+        from hyperplane.fleet import records
+        from hyperplane.fleet.records import REC_F_CONFIRMED, FlowRecord
+        dp.install_fd()
+        blob = b"".join(FlowRecord(
+            f"10.10.0.{10 + i % 200}", f"198.18.60.{1 + i // 60000}", 1024 + i // 200 % 60000,
+            443, 6, NAT_IP, f"198.18.60.{1 + i // 60000}", 1024 + i % 60000, 443,
+            FlowKind.NAT_OUT, TcpState.ESTABLISHED, 0, REC_F_CONFIRMED, GW_ID, B_ID, 60_000,
+            120_000, 0x1000 + i).pack() for i in range(args.refresh_flows))
+        step = 4096 * records.RECORD_SIZE
+        return sum(records.install(dp, blob[i:i + step]).installed
+                   for i in range(0, len(blob), step))
+
+    filled = fill()
+    reply({"ready": True, "pid": os.getpid(), "filler_flows": filled})
 
     def one_flow(cport: int, dport: int) -> bool:
         r_in.once(pk.make(pk.syn, cport, dport))
@@ -208,7 +238,7 @@ def run_gen(args) -> None:
                 return
             if cmd["cmd"] == "clear":
                 n = sum(trkit.clear_table(dp.table(t)) for t in ("flows", "pending", "nat_resv"))
-                reply({"cleared": n})
+                reply({"cleared": n, "filler_flows": fill()})
                 continue
             # a phase: count flows at rate (None: as fast as possible), within limit_s
             count, rate, limit = cmd["count"], cmd.get("rate"), cmd["limit_s"]
@@ -278,7 +308,8 @@ def run_agent(args) -> None:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
     peer = B_ID if me == A_ID else A_ID
     pin = args.pin_a if me == A_ID else args.pin_b
-    dp = Datapath(Sizes(ringbuf_pages=args.ring_pages), pin, load_program=False)  # as the agent
+    dp = Datapath(Sizes(ringbuf_pages=args.ring_pages, max_flows=args.max_flows), pin,
+                  load_program=False)  # as the agent
     if me == B_ID:
         # node B's own configuration (node up would have written it): the gateway, so
         # the installer knows the NAT IP
@@ -371,6 +402,38 @@ def run_agent(args) -> None:
     holding = False          # A: not reading the ring (the drain phase's backlog builds)
     released_ns = 0
 
+    # the agent's refresh round (FleetMember._refresh): read the whole table, select
+    refreshed: list = []     # (records refreshed, swept, seconds) per round
+    refresh_state = {"round": 0}
+    if me == A_ID and args.refresh_mode != "off":
+        from hyperplane.datapath.pinned import PinnedNode
+        node_maps = PinnedNode(pin)      # the agent's view of its maps (open_node)
+
+    def refresh_round() -> None:
+        from hyperplane.fleet import sweep
+        t0 = time.perf_counter()
+        blob = records.dump(node_maps, A_ID)
+        n_rounds = sweep.rounds(1.0, 6.0)
+        fresh, swept = sweep.select(blob, idle_below_ms=11_000,
+                                    round_no=refresh_state["round"], n_rounds=n_rounds,
+                                    owned=lambda rec: True)
+        refresh_state["round"] += 1
+        refreshed.append((len(fresh) // records.RECORD_SIZE,
+                          len(swept) // records.RECORD_SIZE, time.perf_counter() - t0))
+
+    next_refresh = time.monotonic() + args.refresh_s
+    if me == A_ID and args.refresh_mode == "thread":
+        import threading
+        from hyperplane.fleet.member import SWITCH_INTERVAL_S
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+
+        def refresh_task() -> None:
+            while True:
+                time.sleep(args.refresh_s)
+                refresh_round()
+
+        threading.Thread(target=refresh_task, daemon=True).start()
+
     def replicate(blob: bytes) -> None:          # member._replicate
         for res, group in records.group_by_resource(blob, {}).items():
             peers = targets.get(res)
@@ -405,6 +468,10 @@ def run_agent(args) -> None:
                 replicate(bytes(events))
                 events.clear()
         now = time.monotonic()
+        if me == A_ID and args.refresh_mode == "inline" and now >= next_refresh:
+            next_refresh = now + args.refresh_s
+            refresh_round()
+            now = time.monotonic()
         node.tick(now)
         install_inbox()
         node.flush(now)
@@ -448,6 +515,13 @@ def run_agent(args) -> None:
                                              for k, v in by_type.items()}
                     out["released_ns"] = released_ns
                     out["mapped_reader"] = event_ring.mapped
+                    if args.refresh_mode != "off":
+                        rounds_done, refreshed[:] = list(refreshed), []
+                        out["refresh"] = {
+                            "mode": args.refresh_mode, "rounds": len(rounds_done),
+                            "records_per_round": max((r[0] + r[1] for r in rounds_done),
+                                                     default=0),
+                            "seconds": [round(r[2], 4) for r in rounds_done]}
                 else:
                     out.update(analyse_b(dp, records, delivered, waiting["log"]))
                     last_blobs[:] = [d[0] for d in delivered]
@@ -684,6 +758,13 @@ def show(res: dict) -> None:
         print(f"  pipeline alone (A released a backlog{backlog}): "
               f"{b['received']:,} flows in {p['span_s'] * 1e3:,.1f} ms = "
               f"{p['flows_per_s']:,.0f} flows/s (the lag above includes the hold)")
+    rf = res["agent_a"].get("refresh")
+    if rf:
+        secs = rf["seconds"]
+        print(f"  A's refresh ({rf['mode']}): {rf['rounds']} rounds, "
+              f"{(sorted(secs)[len(secs) // 2] if secs else 0) * 1000:.1f} ms median, "
+              f"{max(secs, default=0) * 1000:.1f} ms max, up to {rf['records_per_round']:,} "
+              f"records a round")
     print(f"  A events by type {res['agent_a']['events_by_type']}; B counts "
           f"{ {k: v for k, v in b['counts'].items() if v} }")
 
@@ -721,6 +802,15 @@ def main() -> None:
     ap.add_argument("--rt-priority", type=int, default=None, metavar="0-99",
                     help="the agents' SCHED_FIFO priority (member FleetConfig."
                          "sync_rt_priority, whose default this is; 0: normal scheduling)")
+    ap.add_argument("--max-flows", type=int, default=262144,
+                    help="flow table entries (2 a flow) on both nodes (the default's)")
+    ap.add_argument("--refresh-flows", type=int, default=0, metavar="N",
+                    help="idle flows in A's table for the refresh round (0: none)")
+    ap.add_argument("--refresh-mode", choices=["off", "inline", "thread"], default="off",
+                    help="agent A's refresh round: none, on the sync loop's thread, or on "
+                         "a thread of its own")
+    ap.add_argument("--refresh-s", type=float, default=1.0,
+                    help="seconds between refresh rounds (the agent's default: 10)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--role", choices=["gen", "agent-a", "agent-b"], help=argparse.SUPPRESS)
     ap.add_argument("--pin-a", help=argparse.SUPPRESS)
@@ -757,7 +847,9 @@ def main() -> None:
                 *([] if args.wakeup else ["--no-wakeup"]),
                 *(["--all-events"] if args.all_events else []),
                 *(["--libbpf-reader"] if args.libbpf_reader else []),
-                *([] if args.rt_priority is None else ["--rt-priority", str(args.rt_priority)])]
+                *([] if args.rt_priority is None else ["--rt-priority", str(args.rt_priority)]),
+                "--refresh-flows", str(args.refresh_flows), "--refresh-mode", args.refresh_mode,
+                "--refresh-s", str(args.refresh_s), "--max-flows", str(args.max_flows)]
         gen = Proc("gen", base + ["--role", "gen"])
         procs.append(gen)
         print("gen:", gen.read(300))                       # compiles, creates A's pins
