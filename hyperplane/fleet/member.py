@@ -350,7 +350,7 @@ class FleetMember:
         # second chance, until it says ready. Replication goes to every live node of the
         # shard, ready or not: that is how a joining node gets its copy.
         ready = {m.id for m in v.members.values() if m.ready} | {me}
-        owners_before = (dict(self._shard_owners), v.seed)
+        owners_before = dict(self._shard_owners)
         self._set_seed(v.seed)
         self.fleet.set_peers({m.id: m.mac for m in v.members.values()} | {me: self._mac}, ready)
         targets: dict[tuple[str, int], list[int]] = {}
@@ -378,7 +378,7 @@ class FleetMember:
         for lb_name, lb_id in self.lb_ids().items():
             program(("lb", lb_id), lb_slot(self.dp, lb_id), cluster.lb_resource(lb_name))
         self._programmed = (tuple(sorted(self.gateways())), tuple(sorted(self.lb_ids().items())))
-        if (self._shard_owners, v.seed) != owners_before:
+        if self._shard_owners != owners_before:
             self._owners_since = now
         peers = {m.id + 1: (m.sync_ip, v.sync_port) for m in v.members.values()
                  if m.id in partners}
@@ -589,21 +589,32 @@ class FleetMember:
                 self._refresh()
 
     def _refresh(self) -> None:
-        """One refresh round: the flows that saw a packet lately, and this round's slice
-        of the idle flows this node owns (fleet.sweep), handed to the sync task; then
-        the replicas' prune."""
+        """One refresh round, from one read of the flows table: the flows that saw a
+        packet lately and this round's slice of the idle flows this node owns
+        (fleet.sweep), handed to the sync task; and the replicas' prune."""
+        from hyperplane.datapath.flows import now_ns
         cfg = self.config
-        blob = records.dump(self.dp, self.node_id)
         n_rounds = sweep.rounds(cfg.refresh_s, cfg.sweep_s)
-        nat_ip_idx = self._nat_ip_index() if n_rounds else {}
+        round_no = self._sweep_round
+        self._sweep_round += 1
+        prune_after = self._prune_after(time.monotonic()) if self.ready else {}
+        nat_ip_idx = self._nat_ip_index() if n_rounds or prune_after else {}
+        table = self.dp.table("flows")
+        now = now_ns()
+        parts, chosen = [], []
+        for batch in records.entry_batches(table):
+            parts.append(records.records_of_entries(*batch, now, self.node_id))
+            if prune_after:
+                chosen += self._prune_candidates(table, batch, now, prune_after, round_no,
+                                                 n_rounds, nat_ip_idx)
         me = self.node_id
         fresh, swept = sweep.select(
-            blob, idle_below_ms=int(cfg.refresh_s * 1000) + 1000, round_no=self._sweep_round,
-            n_rounds=n_rounds, owned=lambda rec: self._owner_of(rec, nat_ip_idx) == me)
+            b"".join(parts), idle_below_ms=int(cfg.refresh_s * 1000) + 1000,
+            round_no=round_no, n_rounds=n_rounds,
+            owned=lambda rec: self._owner_of(rec, nat_ip_idx) == me)
         self._refreshed.append((fresh, swept))
-        if self.ready:
-            self._prune_replicas(time.monotonic(), self._sweep_round, n_rounds, nat_ip_idx)
-        self._sweep_round += 1
+        if chosen:
+            self._prune(table, chosen)
 
     def _track_peers(self, peers: dict, now: float) -> None:
         """Since when each peer's stream has been up: heard within dead_s, same epoch,
@@ -617,58 +628,58 @@ class FleetMember:
             elif was is None or was[0] != p["epoch"]:
                 up[pid] = (p["epoch"], now)
 
-    def _prune_replicas(self, now: float, round_no: int, n_rounds: int,
-                        nat_ip_idx: dict[bytes, int]) -> None:
-        """Anti-entropy, the replicas' half (fleet.sweep): delete the flows held here for
-        another owner that neither saw a packet nor got a record from it for
-        PRUNE_SWEEPS of its sweep periods: it no longer holds them (it closed them and
-        this node missed the close, or it lost them). Only confirmed flows: the ones
-        owners sweep. Each round looks at the sweep's slice of this round (sweep.slice_of,
-        from this node's own rounds), so that its cost is the sweep's: a flow is looked
-        at once a sweep period of this node's."""
-        from hyperplane.datapath.flows import delete_flow_entries, now_ns
+    # Anti-entropy, the replicas' half (fleet.sweep): delete the flows held here for
+    # another owner that neither saw a packet nor got a record from it for PRUNE_SWEEPS
+    # of its sweep periods: it no longer holds them (it closed them and this node missed
+    # the close, or it lost them). Only confirmed flows: the ones owners sweep.
+
+    def _prune_after(self, now: float) -> dict[int, float]:
+        """Owner node id -> seconds after which its flows here may go (sweep.prune_after)."""
         with self.lock:
             members = list(self.view.members.values())
-        me = self.node_id
-        periods = {m.id: float(m.sweep_s) for m in members if m.id != me}
+        periods = {m.id: float(m.sweep_s) for m in members if m.id != self.node_id}
         up_for = {pid - 1: now - since   # (a copy: the sync task writes it)
                   for pid, (_, since) in dict(self._peer_up).items()}
-        after = sweep.prune_after(periods, up_for, now - self._owners_since)
-        if not after:
-            return
-        t_ns = now_ns()
-        # the cheap tests first, a column at a time: no packet and no record for the
-        # shortest wait of any owner (sweep.quiet_s, stamps from their unit's end), in this
-        # round's slice; the owner and its own wait only for those
-        before = t_ns - int(min(after.values()) * 1e9)
+        return sweep.prune_after(periods, up_for, now - self._owners_since)
+
+    def _prune_candidates(self, table, batch: tuple, now_ns: int, after: dict[int, float],
+                          round_no: int, n_rounds: int, nat_ip_idx: dict[bytes, int]) -> list:
+        """(key, wait) of the entries of one raw batch (records.entry_batches) to prune.
+        The cheap tests first, a column at a time: no packet and no record for the
+        shortest wait of any owner (sweep.quiet_s: a stamp counts from its unit's end),
+        and in this round's sweep slice, so that the prune costs what the sweep does (a
+        flow is looked at once a sweep period of this node's); the owner and its own wait
+        only for those."""
+        keys, values, n, ks, vs = batch
+        before = now_ns - int(min(after.values()) * 1e9)
         stamped_before = (before >> sweep.SYNC_STAMP_SHIFT) - 1
+        seen = records.value_column(values, n, vs, "last_seen_ns", 8)
+        synced = records.value_column(values, n, vs, "synced", 4)
         want = round_no % max(n_rounds, 1)
-        table = self.dp.table("flows")
-        chosen = []
-        for keys, values, n, ks, vs in records.entry_batches(table):
-            seen = records.value_column(values, n, vs, "last_seen_ns", 8)
-            synced = records.value_column(values, n, vs, "synced", 4)
-            quiet = [i for i, (t, st) in enumerate(zip(seen, synced))
-                     if t <= before and st <= stamped_before]
-            for i in quiet:
-                key, value = keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs]
-                if n_rounds > 1 and sweep.slice_of(key[:records.KEY_SIZE], n_rounds) != want:
-                    continue
-                rec = records.record_of(key, value, t_ns, me)     # None: a reply entry
-                if rec is None:
-                    continue
-                v = table.Leaf.from_buffer_copy(value)
-                owner = self._owner_of(rec, nat_ip_idx)
-                if owner in after and \
-                        sweep.quiet_s(v.last_seen_ns, v.synced, t_ns) >= after[owner]:
-                    chosen.append((table.Key.from_buffer_copy(key), after[owner]))
-        # Read again just before the delete: the sync task may have installed a record
-        # (or the data path seen a packet) since the scan; this leaves microseconds.
-        t_ns = now_ns()
+        out = []
+        for i in [i for i, (t, st) in enumerate(zip(seen, synced))
+                  if t <= before and st <= stamped_before]:
+            key, value = keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs]
+            if n_rounds > 1 and sweep.slice_of(key[:records.KEY_SIZE], n_rounds) != want:
+                continue
+            rec = records.record_of(key, value, now_ns, self.node_id)   # None: a reply entry
+            if rec is None:
+                continue
+            owner = self._owner_of(rec, nat_ip_idx)
+            if owner in after and sweep.quiet_s(seen[i], synced[i], now_ns) >= after[owner]:
+                out.append((table.Key.from_buffer_copy(key), after[owner]))
+        return out
+
+    def _prune(self, table, chosen: list) -> None:
+        """Delete the chosen flows (both entries), each read again just before: the sync
+        task may have installed a record (or the data path seen a packet) since the
+        scan; this leaves microseconds."""
+        from hyperplane.datapath.flows import delete_flow_entries, now_ns
+        now = now_ns()
         doomed = []
         for k, wait_s in chosen:
             v = table.get(k)
-            if v is None or sweep.quiet_s(v.last_seen_ns, v.synced, t_ns) < wait_s:
+            if v is None or sweep.quiet_s(v.last_seen_ns, v.synced, now) < wait_s:
                 continue
             doomed.append((k, v))
             twin = table.Key.from_buffer_copy(bytes(v.twin))

@@ -287,12 +287,16 @@ def entry_batches(table) -> Iterator[tuple[bytes, bytes, int, int, int]]:
     ks, vs = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
     raw = getattr(table, "raw_batches", None)
     if raw is not None:
+        started = False
         try:
             for keys, values, n in raw():
+                started = True
                 yield ctypes.string_at(keys, n * ks), ctypes.string_at(values, n * vs), n, ks, vs
             return
-        except OSError:       # a kernel without batch lookups: the slow way below
-            pass
+        except OSError:
+            if started:
+                raise
+            # a kernel without batch lookups: the slow way below
     items = list(table.items())
     yield (b"".join(bytes(k) for k, _ in items), b"".join(bytes(v) for _, v in items),
            len(items), ks, vs)
