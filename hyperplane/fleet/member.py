@@ -1,4 +1,4 @@
-"""A node's part in the fleet, run by its agent (hyperplane.node.agent) in two tasks:
+"""A node's part in the fleet, run by its agent (hyperplane.node.agent) in three tasks:
 
 membership  holds the node's lease and member record in the store (/nodes/<name>: the
             failure detector), watches the store and turns each view of it into the data
@@ -9,11 +9,15 @@ sync        one UDP socket on the sync network driving a SyncNode (hyperplane.fl
             flow events from the data path's ring buffer go to the other nodes of the
             flow's shard; records from peers are installed (hyperplane.fleet.records);
             a peer that says HELLO (it restarted or joined) gets every flow of the shards
-            it shares with this node; flows that saw traffic lately are sent again every
-            refresh_s so replicas never expire while the flow lives, and every flow this
-            node owns, idle ones too, once per sweep_s (anti-entropy: fleet.sweep).
+            it shares with this node; it queues what the refresh task hands over.
+refresh     every refresh_s, one read of the flows table: the flows that saw traffic
+            lately are sent again, so replicas never expire while the flow lives, and
+            every flow this node owns, idle ones too, once per sweep_s; replicas of flows
+            their owner no longer sends are pruned (anti-entropy: fleet.sweep). It is a
+            task of its own because the read takes hundreds of milliseconds for a full
+            table, during which the sync task would replicate nothing.
 
-Either task catches and logs its errors and starts over after a pause: a store that is
+Each task catches and logs its errors and starts over after a pause: a store that is
 down or a bad record stops nothing else. A node is "ready" (the routers may send it
 traffic) once it has greeted every live peer it shares a shard with and the copies they
 sent have stopped arriving (or ready_max_s passed)."""
