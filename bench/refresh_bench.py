@@ -75,15 +75,12 @@ def per_entry_dump(dp, origin: int) -> bytes:
 def prune_scan(dp) -> int:
     """The prune's cheap test over every entry (FleetMember._prune_replicas): how many
     had no packet and no record for 30 s."""
-    t_ns = now_ns()
-    before = t_ns - 30 * 10**9
-    stamped_before = (before >> sweep.SYNC_STAMP_SHIFT) - 1
+    before = now_ns() - 30 * 10**9
     hits = 0
     for keys, values, n, ks, vs in records.entry_batches(dp.table("flows")):
-        seen = records.value_column(values, n, vs, "last_seen_ns", 8)
-        synced = records.value_column(values, n, vs, "synced", 4)
-        hits += len([i for i, (t, st) in enumerate(zip(seen, synced))
-                     if t <= before and st <= stamped_before])
+        hits += len(sweep.quiet_rows(records.value_column(values, n, vs, "last_seen_ns", 8),
+                                     records.value_column(values, n, vs, "synced", 4),
+                                     before))
     return hits
 
 

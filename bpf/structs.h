@@ -64,7 +64,7 @@ struct flow_value {
 	/* Fleet: when a peer's record last installed or merged into this entry, in units
 	 * of 2^SYNC_STAMP_SHIFT ns of bpf_ktime_get_coarse_ns(); 0: never (made here). A
 	 * replica whose owner stopped sending a flow it holds, sweeps included, learns
-	 * that the owner no longer holds it (hyperplane/fleet/sweep.py prunable). */
+	 * that the owner no longer holds it (hyperplane/fleet/sweep.py quiet_s). */
 	__u32 synced;
 };
 #define FLOW_F_PENDING 1      /* in the unconfirmed (LRU) table, not the flow table */

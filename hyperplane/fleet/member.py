@@ -655,14 +655,11 @@ class FleetMember:
         flow is looked at once a sweep period of this node's); the owner and its own wait
         only for those."""
         keys, values, n, ks, vs = batch
-        before = now_ns - int(min(after.values()) * 1e9)
-        stamped_before = (before >> sweep.SYNC_STAMP_SHIFT) - 1
         seen = records.value_column(values, n, vs, "last_seen_ns", 8)
         synced = records.value_column(values, n, vs, "synced", 4)
         want = round_no % max(n_rounds, 1)
         out = []
-        for i in [i for i, (t, st) in enumerate(zip(seen, synced))
-                  if t <= before and st <= stamped_before]:
+        for i in sweep.quiet_rows(seen, synced, now_ns - int(min(after.values()) * 1e9)):
             key, value = keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs]
             if n_rounds > 1 and sweep.slice_of(key[:records.KEY_SIZE], n_rounds) != want:
                 continue

@@ -304,19 +304,23 @@ def entry_batches(table) -> Iterator[tuple[bytes, bytes, int, int, int]]:
 
 def value_column(values: bytes, n: int, vs: int, name: str, width: int) -> array:
     """One unsigned field (width 1, 2, 4 or 8 bytes) of n entries' values, as an array."""
-    at = _VOFF[name]
     buf = bytearray(width * n)
-    for j in range(width):
-        buf[j::width] = values[at + j:at + j + n * vs:vs]
+    _lanes(buf, 0, width, values, _VOFF[name], vs, width, n)
     return array({1: "B", 2: "H", 4: "I", 8: "Q"}[width], bytes(buf))
 
 
-def _lanes(out: bytearray, at: int, src: bytes, src_at: int, stride: int, width: int,
-           n: int) -> None:
-    """Copy `width` bytes of each of n entries (stride apart from src_at) into each of n
-    records (at `at`): one strided slice per byte, so the loop is C's, not Python's."""
+def _lanes(out: bytearray, at: int, out_stride: int, src: bytes, src_at: int, stride: int,
+           width: int, n: int) -> None:
+    """Copy `width` bytes of each of n entries (stride apart from src_at) into n slots of
+    out (out_stride apart from at): one strided slice per byte, so the loop is C's, not
+    Python's."""
     for j in range(width):
-        out[at + j::RECORD_SIZE] = src[src_at + j:src_at + j + n * stride:stride]
+        out[at + j::out_stride] = src[src_at + j:src_at + j + n * stride:stride]
+
+
+def _ms_since(now_ns: int, times: array) -> bytes:
+    """now - each time, in whole ms, clamped to 0..u32 (record_of's clamp), as u32s."""
+    return array("I", [min(max(now_ns - t, 0) // 1_000_000, _MAX_MS) for t in times]).tobytes()
 
 
 def records_of_entries(keys: bytes, values: bytes, n: int, ks: int, vs: int, now_ns: int,
@@ -336,23 +340,22 @@ def records_of_entries(keys: bytes, values: bytes, n: int, ks: int, vs: int, now
                 out += rec
         return bytes(out)
     out = bytearray(n * RECORD_SIZE)
-    _lanes(out, 0, keys, 0, ks, KEY_SIZE, n)
+    rs = RECORD_SIZE
+    _lanes(out, 0, rs, keys, 0, ks, KEY_SIZE, n)
     for name, width in _COPIED:
-        _lanes(out, OFFSETS[name], values, _VOFF[name], vs, width, n)
+        _lanes(out, OFFSETS[name], rs, values, _VOFF[name], vs, width, n)
     at = _VOFF["flags"]
     out[OFFSETS["flags"]::RECORD_SIZE] = values[at:at + n * vs:vs].translate(_REC_FLAGS)
     for j, byte in enumerate(origin.to_bytes(2, "little")):
         out[OFFSETS["origin"] + j::RECORD_SIZE] = bytes((byte,)) * n
-    idle = [min(max(now_ns - t, 0) // 1_000_000, _MAX_MS)
-            for t in value_column(values, n, vs, "last_seen_ns", 8)]
-    age = [min(max(now_ns - t, 0) // 1_000_000, _MAX_MS)
-           for t in value_column(values, n, vs, "created_ns", 8)]
-    _lanes(out, OFFSETS["idle_ms"], array("I", idle).tobytes(), 0, 4, 4, n)
-    _lanes(out, OFFSETS["age_ms"], array("I", age).tobytes(), 0, 4, 4, n)
+    idle = _ms_since(now_ns, value_column(values, n, vs, "last_seen_ns", 8))
+    age = _ms_since(now_ns, value_column(values, n, vs, "created_ns", 8))
+    _lanes(out, OFFSETS["idle_ms"], rs, idle, 0, 4, 4, n)
+    _lanes(out, OFFSETS["age_ms"], rs, age, 0, 4, 4, n)
     at = _VOFF["kind"]
     keep = values[at:at + n * vs:vs].translate(_ORIGINAL)
     if idle_below_ms is not None:
-        keep = bytes(k and i < idle_below_ms for k, i in zip(keep, idle))
+        keep = bytes(k and i < idle_below_ms for k, i in zip(keep, array("I", idle)))
     if keep.count(1) == n:
         return bytes(out)
     rows = [out[i:i + RECORD_SIZE] for i in range(0, n * RECORD_SIZE, RECORD_SIZE)]

@@ -1026,7 +1026,7 @@ def _synced(dp) -> dict:
 def test_a_peers_record_stamps_the_entries_it_installs_or_merges_and_no_other(fleet):
     """flow_value.synced: when a peer's record last reached the flow (in 2^30 ns of the
     coarse clock), which tells a replica that its owner still holds the flow
-    (fleet.sweep.prunable). A flow made here from packets carries none; a record that
+    (fleet.sweep.quiet_s). A flow made here from packets carries none; a record that
     installs or merges stamps both entries; a refused one (an older flow's late record)
     stamps nothing."""
     from hyperplane.datapath.flows import now_ns

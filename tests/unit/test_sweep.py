@@ -122,3 +122,18 @@ def test_quiet_counts_from_the_later_of_the_last_packet_and_the_last_record():
     assert sweep.quiet_s(0, 1000, now) == 0.0
     # a packet later than the record
     assert sweep.quiet_s(now - 10**9, 900, now) == 1.0
+
+
+def test_quiet_rows_are_exactly_the_rows_quiet_s_finds_quiet_that_long():
+    """The prune's cheap test a column at a time (sweep.quiet_rows) keeps every row, and
+    only the rows, that quiet_s finds quiet since `before` (stamps in 2^30 ns units)."""
+    rng = random.Random(11)
+    unit = 1 << sweep.SYNC_STAMP_SHIFT
+    now = 5000 * unit
+    before = now - 180 * 10**9
+    seen = [now - rng.randrange(400 * 10**9) for _ in range(5000)]
+    synced = [rng.choice([0, rng.randrange(4700, 5001)]) for _ in range(5000)]
+    want = [i for i in range(5000)
+            if sweep.quiet_s(seen[i], synced[i], now) >= (now - before) / 1e9]
+    assert 100 < len(want) < 4900, "the case holds both kinds"
+    assert sweep.quiet_rows(seen, synced, before) == want
